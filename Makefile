@@ -19,10 +19,10 @@ quickstart: setup
 	$(PYTHON) -m ditscale.quickstart
 
 test: setup
-	$(PYTHON) -m pytest
+	PATH=$(abspath $(VENV))/bin:$$PATH $(PYTHON) -m pytest
 
 test-fast: setup
-	$(PYTHON) -m pytest -m "not slow and not distributed and not slurm"
+	PATH=$(abspath $(VENV))/bin:$$PATH $(PYTHON) -m pytest -m "not slow and not distributed and not slurm"
 
 constraints:
 	$(PIP) freeze --exclude-editable | grep -v '^-e' > constraints.txt.new

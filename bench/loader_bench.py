@@ -1,0 +1,125 @@
+"""Samples/s that ditscale.data delivers from MDS (and webdataset) shards of 4×32×32 posteriors.
+
+Goal (issue 7): 8 GPUs × 650 images/s = 5,200 samples/s per node from at most 2 loader processes,
+i.e. ≥ 2,600 samples/s per loader process. Baseline in the same run: a bare StreamingDataset read per
+sample with numpy posterior sampling (what a plain reader does). Every setting reads one warm-up
+epoch (fills the cache, starts workers), then is timed over the next epoch from its first batch on.
+
+    python bench/loader_bench.py                      # 20,000 synthetic samples in a temp dir
+    python bench/loader_bench.py --samples 50000 --batch-size 256 --data /tmp/latents
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import platform
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from data_prep.testing import write_synthetic_latents  # noqa: E402
+from ditscale.data import build_dataloader, build_dataset, flip_of, sample_latents  # noqa: E402
+
+_caches = itertools.count()
+
+
+def timed(batches, count) -> float:
+    """samples/s over an iterable, from its first element to its end."""
+    it = iter(batches)
+    first = next(it)
+    n, start = 0, time.perf_counter()
+    for b in it:
+        n += count(b)
+    del first
+    return n / (time.perf_counter() - start)
+
+
+def bare_streaming(root: str, cache: str, batch: int) -> float:
+    from streaming import StreamingDataset
+
+    ds = StreamingDataset(remote=root, local=cache, shuffle=True, batch_size=batch)
+    rng = np.random.default_rng(0)
+
+    def samples():
+        for s in ds:
+            f = flip_of(0, 0, 0)
+            yield s["mean"][f] + np.exp(0.5 * s["logvar"][f].astype(np.float32)) * \
+                rng.standard_normal(s["mean"].shape[1:], dtype=np.float32)
+
+    for _ in samples():
+        pass
+    return timed(samples(), lambda _: 1)
+
+
+def ours(root: str, cache_root: str, batch: int, workers: int | None, sample: bool = False) -> float:
+    kw = {"local": os.path.join(cache_root, f"c{next(_caches)}")} if "mds" in os.path.basename(root) else {}
+    ds = build_dataset(root, batch_size=batch, seed=0, **kw)
+    if workers is None:                       # per-sample iteration in this process
+        for _ in ds:
+            pass
+        return timed(ds, lambda _: 1)
+    loader = build_dataloader(ds, batch_size=batch, num_workers=workers, drop_last=False)
+    gen = torch.Generator().manual_seed(0)
+    scale = ds.metadata["scale_factor"]
+
+    def run():
+        for b in loader:
+            if sample:
+                sample_latents(b["mean"], b["logvar"], scale, gen)
+            yield b
+
+    for _ in run():
+        pass
+    return timed(run(), lambda b: len(b["index"]))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--samples", type=int, default=20_000)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--data", help="directory for the synthetic datasets (default: a temp dir)")
+    p.add_argument("--no-wds", action="store_true", help="skip the webdataset reader")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    from streaming.base.util import clean_stale_shared_memory
+
+    clean_stale_shared_memory()
+    base = args.data or tempfile.mkdtemp(prefix="loader-bench-")
+    roots = {"mds": os.path.join(base, "mds"), "wds": os.path.join(base, "wds")}
+    for fmt, root in roots.items():
+        if fmt == "wds" and args.no_wds:
+            continue
+        if not os.path.exists(os.path.join(root, "dataset.json")):
+            print(f"writing {args.samples} synthetic samples ({fmt}) to {root}", file=sys.stderr)
+            write_synthetic_latents(root, args.samples, format=fmt, num_slices=2)
+    caches = tempfile.mkdtemp(prefix="loader-bench-cache-")
+    b = args.batch_size
+    rows = [("bare StreamingDataset, per sample + numpy sampling (baseline)", 1,
+             bare_streaming(roots["mds"], os.path.join(caches, "bare"), b))]
+    rows.append(("build_dataset (mds), per sample, in process", 1, ours(roots["mds"], caches, b, None)))
+    for w in (1, 2):
+        rows.append((f"build_dataset (mds) + DataLoader, {w} worker(s)", w, ours(roots["mds"], caches, b, w)))
+    rows.append(("mds, 2 workers + sample_latents on this CPU (trainer: on GPU)", 2,
+                 ours(roots["mds"], caches, b, 2, True)))
+    if not args.no_wds:
+        for w in (1, 2):
+            rows.append((f"build_dataset (wds) + DataLoader, {w} worker(s)", w, ours(roots["wds"], caches, b, w)))
+    base_rate = rows[0][2]
+    print(f"\nloader bench: {args.samples} samples of 2×(2,4,32,32) fp16, batch {b}, "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"load average {os.getloadavg()[0]:.1f}, {time.strftime('%Y-%m-%d')}")
+    print(f"{'setting':<62} {'samples/s':>10} {'per process':>12} {'vs baseline':>12}")
+    for name, procs, rate in rows:
+        print(f"{name:<62} {rate:>10,.0f} {rate / procs:>12,.0f} {rate / base_rate:>11.2f}x")
+    print("goal: ≥ 2,600 samples/s per loader process (5,200 per node from 2 processes)")
+    clean_stale_shared_memory()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,204 @@
+"""Image inputs: an ImageNet-layout folder or webdataset tars of images; ADM's center crop; decoding.
+
+Every input is decoded by content, whatever its extension, and anything that fails (unreadable,
+truncated, not an image, empty) becomes a `bad` record with the reason, never an exception: the job
+counts and lists those and carries on.
+"""
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+import tarfile
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+IMAGE_EXTS = {"jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm", "pgm", "pbm", "gif"}
+LABEL_EXTS = ("cls", "class", "label")
+
+
+# --- listing -----------------------------------------------------------------------------------------
+
+def list_image_folder(root: str) -> tuple[list[tuple[str, int]], list[str]]:
+    """(items (relative path, label) sorted by path, class names): torchvision ImageFolder's labels
+    (sorted class folder names), every non-hidden file under a class folder, symlinks followed."""
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"--input {root}: not a directory")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise ValueError(f"--input {root}: no class folders (expected the ImageNet train layout "
+                         f"root/<class>/<image>)")
+    items = []
+    for label, name in enumerate(classes):
+        for dirpath, dirnames, filenames in os.walk(os.path.join(root, name), followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            rel = os.path.relpath(dirpath, root)
+            items += [(os.path.join(rel, f), label) for f in filenames if not f.startswith(".")]
+    items.sort()
+    return items, classes
+
+
+def list_tars(spec: str) -> list[str]:
+    """Tar shards named by a directory (its *.tar), a brace pattern (a-{000..099}.tar), a glob or a file."""
+    if os.path.isdir(spec):
+        tars = glob.glob(os.path.join(spec, "*.tar"))
+    elif "{" in spec:
+        from braceexpand import braceexpand
+
+        tars = list(braceexpand(spec))
+        missing = [t for t in tars if not os.path.isfile(t)]
+        if missing:
+            raise FileNotFoundError(f"--input {spec}: {len(missing)} shards missing, e.g. {missing[0]}")
+    else:
+        tars = glob.glob(spec)
+    if not tars:
+        raise FileNotFoundError(f"--input {spec}: no tar shards found")
+    return sorted(tars)
+
+
+def read_class_names(path: str) -> list[str]:
+    """Class names from a JSON list or a text file with one name per line (index = label)."""
+    with open(path) as f:
+        text = f.read()
+    try:
+        names = json.loads(text)
+    except json.JSONDecodeError:
+        names = [line.strip() for line in text.splitlines() if line.strip()]
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"--classes {path}: expected a JSON list of names or one name per line")
+    return names
+
+
+# --- ADM center crop and decoding ------------------------------------------------------------------
+
+def center_crop_arr(image: Image.Image, size: int) -> np.ndarray:
+    """ADM's (and DiT's) center crop: halve with BOX filtering while the short side is ≥ 2 × size, resize
+    with BICUBIC so the short side is `size`, then crop the center. Returns (size, size[, C]) uint8."""
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
+    arr = np.asarray(image)
+    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return arr[top:top + size, left:left + size]
+
+
+def decode_image(source, size: int, channels: int) -> np.ndarray:
+    """Decode a path or file object, convert to RGB (or L), center-crop: (size, size, channels) uint8."""
+    with Image.open(source) as image:
+        image.load()
+        if min(image.size) < 1:
+            raise ValueError(f"empty image {image.size}")
+        image = image.convert("RGB" if channels == 3 else "L")
+    arr = center_crop_arr(image, size)
+    return arr.reshape(size, size, channels)
+
+
+def _bad(key: str, error: BaseException) -> dict[str, Any]:
+    return {"ok": False, "key": key, "reason": f"{type(error).__name__}: {error}"}
+
+
+class FolderImages(Dataset):
+    """Map-style dataset over (relative path, label) items of an image folder."""
+
+    def __init__(self, root: str, items: list[tuple[str, int]], size: int, channels: int):
+        self.root, self.items, self.size, self.channels = root, items, size, channels
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        rel, label = self.items[i]
+        try:
+            image = decode_image(os.path.join(self.root, rel), self.size, self.channels)
+        except Exception as e:  # any failure of one file makes it a skipped input
+            return _bad(rel, e)
+        return {"ok": True, "image": image, "label": label, "key": rel}
+
+
+class TarImages(IterableDataset):
+    """Samples of webdataset image tars (an image member + a `cls` member per key), split over
+    DataLoader workers by shard. A shard that breaks off (truncated, unreadable) is reported once."""
+
+    def __init__(self, tars: list[str], size: int, channels: int, num_classes: int | None = None):
+        self.tars, self.size, self.channels, self.num_classes = tars, size, channels, num_classes
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        for tar in self.tars[worker::workers]:
+            yield from self._shard(tar)
+
+    def _shard(self, tar: str) -> Iterator[dict[str, Any]]:
+        name, count = os.path.basename(tar), 0
+        try:
+            with tarfile.open(tar, "r:*") as stream:
+                for key, members in _group_by_key(stream):
+                    count += 1
+                    yield self._sample(f"{name}/{key}", members)
+                if tar.endswith(".tar"):
+                    _check_end_of_archive(tar, stream.offset)
+        except Exception as e:  # a broken tar: what was read is kept, the rest is reported
+            yield {"ok": False, "key": name, "reason": f"tar unreadable after {count} samples: "
+                                                       f"{type(e).__name__}: {e}"}
+
+    def _sample(self, key: str, members: dict[str, bytes]) -> dict[str, Any]:
+        image = next((members[e] for e in members if e.lower() in IMAGE_EXTS), None)
+        label = next((members[e] for e in LABEL_EXTS if e in members), None)
+        try:
+            if image is None:
+                raise ValueError(f"no image member (has {sorted(members)})")
+            if label is None:
+                raise ValueError(f"no class member {LABEL_EXTS} (has {sorted(members)})")
+            label = int(label.decode().strip())
+            if label < 0 or (self.num_classes is not None and label >= self.num_classes):
+                raise ValueError(f"label {label} outside [0, {self.num_classes})")
+            array = decode_image(io.BytesIO(image), self.size, self.channels)
+        except Exception as e:
+            return _bad(key, e)
+        return {"ok": True, "image": array, "label": label, "key": key}
+
+
+def _check_end_of_archive(path: str, offset: int) -> None:
+    """tarfile ends quietly at a truncated header; a whole archive ends with two zero blocks."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        tail = f.read(1024)
+    if len(tail) < 1024 or tail.strip(b"\0"):
+        raise tarfile.ReadError(f"truncated: no end-of-archive marker at byte {offset}")
+
+
+def _group_by_key(stream: tarfile.TarFile) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Consecutive tar members sharing a key (path up to the first dot of the file name), as
+    webdataset groups them: yields (key, {extension: bytes})."""
+    key, group = None, {}
+    for member in stream:
+        if not member.isfile():
+            continue
+        dirname, base = os.path.split(member.name)
+        if base.startswith(".") or "." not in base:
+            continue
+        stem, ext = base.split(".", 1)
+        this = os.path.join(dirname, stem)
+        if this != key and group:
+            yield key, group
+            group = {}
+        key = this
+        group[ext] = stream.extractfile(member).read()
+    if group:
+        yield key, group
+
+
+def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    """Good images stacked (n, H, W, C) uint8 with labels and keys; bad ones as (key, reason)."""
+    good = [b for b in batch if b["ok"]]
+    images = torch.from_numpy(np.stack([b["image"] for b in good])) if good else None
+    return {"images": images,
+            "labels": torch.tensor([b["label"] for b in good], dtype=torch.int64),
+            "keys": [b["key"] for b in good],
+            "bad": [(b["key"], b["reason"]) for b in batch if not b["ok"]]}

@@ -1,0 +1,521 @@
+"""Experiment configuration: dataclasses that validate themselves, loaded from YAML plus dotted overrides.
+
+    cfg = load_config("configs/dit_xl_2_256.yaml", ["train.max_steps=10", "data.root=/data/in1k_256"])
+    cfg = resolve_with_dataset(cfg, read_metadata(cfg.data.root))  # latent size, channels, classes
+    save_config(cfg, "runs/x/config.yaml")
+
+Every key is typed. An unknown key (with the closest valid ones), a value of the wrong type or out of
+range is a `ConfigError` naming the dotted key; the trainer turns it into exit code 2. Sections:
+model, diffusion, data, optim, train, engine, log, sample; `run_dir` is top level.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration key or value (exit code 2: fixing it needs a human, not a retry)."""
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _choice(value, key: str, choices) -> None:
+    _require(value in choices, key, f"{value!r} is not one of {', '.join(map(str, choices))}")
+
+
+#################################################################################
+#                                    Sections                                   #
+#################################################################################
+
+@dataclass
+class ModelConfig:
+    """The DiT: a preset, optionally reshaped. input_size / in_channels / num_classes come from the
+    dataset's dataset.json unless given (a given value must agree with it)."""
+
+    preset: str = "DiT-XL/2"
+    depth: int | None = None            # preset overrides, e.g. for tiny test models
+    hidden_size: int | None = None
+    num_heads: int | None = None
+    patch_size: int | None = None
+    mlp_ratio: float = 4.0
+    input_size: int | None = None       # latent side (dataset latent_size)
+    in_channels: int | None = None      # latent channels (dataset latent_channels)
+    num_classes: int | None = None      # dataset classes
+    class_dropout_prob: float = 0.1     # label dropout for classifier-free guidance
+    learn_sigma: bool = True
+    block: str = "adaln_zero"           # adaln_zero | adaln | cross_attention | in_context
+    qk_norm: str | None = None          # None | layernorm | rmsnorm
+    checkpoint_every: int = 0           # activation checkpointing: 0 off, k = every k-th block
+
+    def validate(self) -> None:
+        from ditscale.models.dit import BLOCKS, DIT_PRESETS, QK_NORMS
+
+        if self.preset not in DIT_PRESETS:
+            close = difflib.get_close_matches(self.preset, list(DIT_PRESETS), n=3)
+            raise ConfigError(f"model.preset: unknown preset {self.preset!r}"
+                              + (f"; did you mean {', '.join(close)}?" if close else
+                                 f"; valid: {', '.join(DIT_PRESETS)}"))
+        for name in ("depth", "hidden_size", "num_heads", "patch_size", "input_size", "in_channels", "num_classes"):
+            value = getattr(self, name)
+            _require(value is None or value >= 1, f"model.{name}", f"must be >= 1, got {value}")
+        _require(self.mlp_ratio > 0, "model.mlp_ratio", f"must be > 0, got {self.mlp_ratio}")
+        _require(0 <= self.class_dropout_prob < 1, "model.class_dropout_prob",
+                 f"must be in [0, 1), got {self.class_dropout_prob}")
+        _choice(self.block, "model.block", BLOCKS)
+        _choice(self.qk_norm, "model.qk_norm", QK_NORMS)
+        _require(self.checkpoint_every >= 0, "model.checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
+
+    def dit_kwargs(self) -> dict:
+        """Keyword arguments of `ditscale.models.DiT` (needs input_size / in_channels / num_classes resolved)."""
+        from ditscale.models.dit import DIT_PRESETS, validate_config
+
+        missing = [k for k in ("input_size", "in_channels", "num_classes") if getattr(self, k) is None]
+        if missing:
+            raise ConfigError(f"model.{missing[0]} is not resolved: give it, or resolve it from the dataset")
+        kwargs = dict(DIT_PRESETS[self.preset])
+        kwargs.update({k: getattr(self, k) for k in ("depth", "hidden_size", "num_heads", "patch_size")
+                       if getattr(self, k) is not None})
+        kwargs.update(mlp_ratio=self.mlp_ratio, input_size=self.input_size, in_channels=self.in_channels,
+                      num_classes=self.num_classes, class_dropout_prob=self.class_dropout_prob,
+                      learn_sigma=self.learn_sigma, block=self.block, qk_norm=self.qk_norm,
+                      checkpoint_every=self.checkpoint_every)
+        try:
+            validate_config(kwargs)
+        except ValueError as e:
+            raise ConfigError(f"model: {e}") from None
+        return kwargs
+
+
+@dataclass
+class DiffusionConfig:
+    """The Gaussian diffusion (ditscale.diffusion.create_diffusion); the defaults are the paper's."""
+
+    noise_schedule: str = "linear"      # linear | cosine
+    diffusion_steps: int = 1000
+    predict_xstart: bool = False
+    use_kl: bool = False
+    rescale_learned_sigmas: bool = False
+    sigma_small: bool = False
+
+    def validate(self) -> None:
+        _choice(self.noise_schedule, "diffusion.noise_schedule", ("linear", "cosine"))
+        _require(self.diffusion_steps >= 2, "diffusion.diffusion_steps", f"must be >= 2, got {self.diffusion_steps}")
+
+
+@dataclass
+class DataConfig:
+    """Where the data_prep dataset lives and how it is read."""
+
+    root: str = ""                      # dataset root (local dir or remote URL such as s3://...)
+    cache: str | None = None            # local cache for a remote root (default: $DITSCALE_DATA_CACHE/...)
+    format: str = "auto"                # auto (dataset.json) | mds | wds
+    num_workers: int = 2                # loader processes per rank
+    prefetch_factor: int = 4            # batches each worker keeps ready
+    shuffle: bool = True
+    shuffle_seed: int | None = None     # None: train.seed
+
+    def validate(self) -> None:
+        _require(bool(self.root), "data.root", "is required (the dataset directory written by data_prep)")
+        _choice(self.format, "data.format", ("auto", "mds", "wds"))
+        _require(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
+        _require(self.prefetch_factor >= 1, "data.prefetch_factor", f"must be >= 1, got {self.prefetch_factor}")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW; the paper: lr 1e-4 constant, no weight decay. warmup_steps > 0 ramps lr linearly from 0."""
+
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 0.0              # max global grad norm; 0 = off
+    warmup_steps: int = 0
+
+    def validate(self) -> None:
+        _require(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
+                 f"must be two values in [0, 1), got {self.betas}")
+        _require(self.eps > 0, "optim.eps", f"must be > 0, got {self.eps}")
+        _require(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _require(self.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 = off), got {self.grad_clip}")
+        _require(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+
+
+@dataclass
+class TrainConfig:
+    """The schedule. global_batch is over all ranks; micro_batch per rank per forward (None: no
+    accumulation), gradient accumulation = global_batch / (micro_batch × ranks)."""
+
+    global_batch: int = 256
+    micro_batch: int | None = None
+    max_steps: int = 400_000
+    ckpt_every: int = 5_000             # steps between checkpoints (also one at exit)
+    keep_last: int = 3                  # complete checkpoints kept
+    ema_decay: float = 0.9999
+    seed: int = 0
+    max_nonfinite: int = 20             # non-finite steps in a row before stopping (exit 3)
+    resume: str = "auto"                # auto (newest complete checkpoint, else fresh) | none | a checkpoint dir
+    resume_ignore: list[str] = field(default_factory=list)  # keys allowed to differ from the checkpoint's
+    stop_check_every: int = 1           # steps between the ranks' agreement on a stop signal
+    deterministic: bool = False         # deterministic kernels (bit-exact resume on GPUs; slower)
+
+    def validate(self) -> None:
+        for name in ("global_batch", "max_steps", "ckpt_every", "keep_last", "max_nonfinite", "stop_check_every"):
+            _require(getattr(self, name) >= 1, f"train.{name}", f"must be >= 1, got {getattr(self, name)}")
+        _require(self.micro_batch is None or self.micro_batch >= 1, "train.micro_batch",
+                 f"must be >= 1, got {self.micro_batch}")
+        _require(self.micro_batch is None or self.global_batch % self.micro_batch == 0, "train.micro_batch",
+                 f"{self.micro_batch} does not divide train.global_batch={self.global_batch}")
+        _require(0 <= self.ema_decay < 1, "train.ema_decay", f"must be in [0, 1), got {self.ema_decay}")
+        _require(self.seed >= 0, "train.seed", f"must be >= 0, got {self.seed}")
+        _require(bool(self.resume), "train.resume", "must be auto, none or a checkpoint directory")
+
+    def batch_split(self, world_size: int) -> tuple[int, int]:
+        """(micro_batch, gradient accumulation steps) for `world_size` ranks."""
+        if self.micro_batch is None:
+            _require(self.global_batch % world_size == 0, "train.global_batch",
+                     f"{self.global_batch} is not divisible by the {world_size} ranks")
+            return self.global_batch // world_size, 1
+        per_step = self.micro_batch * world_size
+        _require(self.global_batch % per_step == 0, "train.global_batch",
+                 f"{self.global_batch} is not a multiple of train.micro_batch × ranks = "
+                 f"{self.micro_batch} × {world_size}")
+        return self.micro_batch, self.global_batch // per_step
+
+
+@dataclass
+class EngineConfig:
+    """DeepSpeed: the JSON with the ZeRO stage and bf16 settings; batch, optimizer and clipping
+    come from this file's sections."""
+
+    ds_config: str = "ds_configs/zero2_bf16.json"
+    device: str = "auto"                # auto (cuda if available) | cuda | cpu; $DITSCALE_DEVICE overrides
+    dist_timeout_min: int = 30
+
+    def validate(self) -> None:
+        _require(bool(self.ds_config), "engine.ds_config", "is required (a JSON in ds_configs/)")
+        _choice(self.device, "engine.device", ("auto", "cuda", "cpu"))
+        _require(self.dist_timeout_min >= 1, "engine.dist_timeout_min", f"must be >= 1, got {self.dist_timeout_min}")
+
+
+@dataclass
+class LogConfig:
+    """Rank 0 writes run_dir/metrics.jsonl and TensorBoard events every `every` steps."""
+
+    every: int = 100
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "ditscale"
+    peak_tflops: float | None = None    # per device, for MFU; None: known GPUs' bf16 dense peak, else no MFU
+    progress: str = "auto"              # auto (when stderr is a terminal) | on | off
+
+    def validate(self) -> None:
+        _require(self.every >= 1, "log.every", f"must be >= 1, got {self.every}")
+        _require(self.peak_tflops is None or self.peak_tflops > 0, "log.peak_tflops",
+                 f"must be > 0, got {self.peak_tflops}")
+        _choice(self.progress, "log.progress", ("auto", "on", "off"))
+        if self.wandb:
+            try:
+                import wandb  # noqa: F401
+            except ImportError:
+                raise ConfigError("log.wandb: true, but wandb is not installed (pip install wandb)") from None
+
+
+@dataclass
+class SampleConfig:
+    """In-training sample grids from the EMA weights (ditscale.sampling.grid.ema_grid) written to
+    run_dir/samples every `every` steps (0 = off)."""
+
+    every: int = 0
+    classes: list[int] | None = None    # None: the official showcase for 1000 classes, else the first 8
+    num_per_class: int = 4
+    sampler: str = "ddim"               # ddim | ddpm
+    steps: int = 50
+    cfg_scale: float = 4.0
+    seed: int = 0
+    vae: str | None = None              # AutoencoderKL directory; None: the dataset's (dataset.json vae)
+
+    def validate(self) -> None:
+        _require(self.every >= 0, "sample.every", f"must be >= 0 (0 = off), got {self.every}")
+        _require(self.num_per_class >= 1, "sample.num_per_class", f"must be >= 1, got {self.num_per_class}")
+        _choice(self.sampler, "sample.sampler", ("ddim", "ddpm"))
+        _require(self.steps >= 1, "sample.steps", f"must be >= 1, got {self.steps}")
+        _require(self.cfg_scale >= 1, "sample.cfg_scale", f"must be >= 1, got {self.cfg_scale}")
+        _require(self.classes is None or len(self.classes) > 0, "sample.classes", "needs at least one class")
+
+
+@dataclass
+class ExperimentConfig:
+    run_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def validate(self) -> ExperimentConfig:
+        """Check every section and the keys that relate across sections; returns self."""
+        _require(bool(self.run_dir), "run_dir", "is required")
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if dataclasses.is_dataclass(section):
+                section.validate()
+        if self.sample.every and self.sample.classes and self.model.num_classes is not None:
+            bad = [y for y in self.sample.classes if not 0 <= y < self.model.num_classes]
+            _require(not bad, "sample.classes", f"{bad} outside the {self.model.num_classes} classes")
+        unknown = [k for k in self.train.resume_ignore if k not in flatten(to_dict(self))]
+        _require(not unknown, "train.resume_ignore", f"unknown key(s) {unknown}")
+        return self
+
+
+#################################################################################
+#                        Building from dicts, typed and strict                  #
+#################################################################################
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _all_keys(cls=ExperimentConfig, prefix="") -> list[str]:
+    keys = []
+    for name, hint in _hints(cls).items():
+        if dataclasses.is_dataclass(hint):
+            keys += _all_keys(hint, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def _unknown_key(key: str) -> ConfigError:
+    keys = _all_keys()
+    leaf = key.rsplit(".", 1)[-1]
+    close = [k for k in keys if k.rsplit(".", 1)[-1] == leaf]
+    close += [k for k in difflib.get_close_matches(key, keys, n=3, cutoff=0.75) if k not in close]
+    hint = f"; did you mean {', '.join(close[:3])}?" if close else ""
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _type_name(hint) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _coerce(value: Any, hint, key: str, raw: str | None = None) -> Any:
+    """`value` checked against the type hint (int, float, bool, str, X | None, list[X]); `raw` is the
+    override's text, used where YAML's guess differs from the field's type (a str field, "1e-4")."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (raw is not None and raw.strip().lower() in ("null", "none", "~")):
+            return None
+        inner = [a for a in args if a is not type(None)][0]
+        return _coerce(value, inner, key, raw)
+    if origin is list:
+        if isinstance(value, str):      # an override such as "1,2,3"
+            value = [v.strip() for v in value.split(",") if v.strip()]
+            value = [v if args[0] is str else yaml.safe_load(v) for v in value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if hint is str:
+        if raw is not None:
+            return raw
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {_type_name(hint)}")
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = _hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in hints:
+            raise _unknown_key(full)
+        hint = hints[key]
+        kwargs[key] = _build(hint, value or {}, full + ".") if dataclasses.is_dataclass(hint) \
+            else _coerce(value, hint, full)
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    """{"train": {"seed": 0}} → {"train.seed": 0}."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def apply_override(data: dict, override: str) -> None:
+    """Set `a.b=value` in the nested dict `data`, typed by the field it names."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r}: expected key=value, e.g. train.max_steps=10")
+    key, raw = (s.strip() for s in override.split("=", 1))
+    parts = key.split(".")
+    cls, node = ExperimentConfig, data
+    for i, part in enumerate(parts):
+        hints = _hints(cls)
+        if part not in hints:
+            raise _unknown_key(key)
+        hint = hints[part]
+        if dataclasses.is_dataclass(hint):
+            if i == len(parts) - 1:
+                raise ConfigError(f"override {override!r}: '{key}' is a section; set one of its keys")
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node, cls = node[part], hint
+            continue
+        if i != len(parts) - 1:
+            raise _unknown_key(key)
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        node[part] = _coerce(value, hint, key, raw=raw)
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> ExperimentConfig:
+    """Defaults ← YAML file ← dotted overrides, typed and validated."""
+    data: dict = {}
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"config file {path}: {e.strerror}") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path}: not valid YAML ({e})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path}: expected a mapping of sections, got {type(data).__name__}")
+    for override in overrides:
+        apply_override(data, override)
+    return config_from_dict(data)
+
+
+def config_from_dict(data: dict) -> ExperimentConfig:
+    return _build(ExperimentConfig, data).validate()
+
+
+def model_from_dict(data: dict) -> ModelConfig:
+    """The model section alone (e.g. from a checkpoint's saved config), checked."""
+    model = _build(ModelConfig, data, "model.")
+    model.validate()
+    return model
+
+
+def save_config(cfg: ExperimentConfig, path: str | os.PathLike) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    os.replace(tmp, path)
+
+
+#################################################################################
+#                        Dataset resolution and resume identity                 #
+#################################################################################
+
+def resolve_with_dataset(cfg: ExperimentConfig, meta: dict) -> ExperimentConfig:
+    """Fill model.input_size / in_channels / num_classes from dataset.json; a value given in the
+    config must agree with the dataset (a latent model cannot read other latents)."""
+    found = {"input_size": meta["latent_size"], "in_channels": meta["latent_channels"],
+             "num_classes": len(meta["classes"])}
+    model = dataclasses.replace(cfg.model)
+    for key, value in found.items():
+        given = getattr(model, key)
+        if given is None:
+            setattr(model, key, value)
+        elif key != "num_classes" and given != value:
+            raise ConfigError(f"model.{key}={given} but the dataset at {cfg.data.root} has {value}")
+        elif key == "num_classes" and given < value:
+            raise ConfigError(f"model.num_classes={given} but the dataset at {cfg.data.root} has {value} classes")
+    if cfg.data.format != "auto" and cfg.data.format != meta["format"]:
+        raise ConfigError(f"data.format={cfg.data.format} but {cfg.data.root}/dataset.json says {meta['format']}")
+    out = dataclasses.replace(cfg, model=model)
+    out.validate()
+    out.model.dit_kwargs()
+    return out
+
+
+# Keys that may change when a run resumes: where things are, how often to save / log, how the work is
+# split over ranks. Everything else (model, diffusion, optimizer, batch, seeds, data order) must match.
+RESUME_MAY_CHANGE = (
+    "run_dir", "train.max_steps", "train.ckpt_every", "train.keep_last", "train.max_nonfinite",
+    "train.resume", "train.resume_ignore", "train.stop_check_every", "train.micro_batch", "train.deterministic",
+    "model.checkpoint_every", "data.root", "data.cache", "data.num_workers", "data.prefetch_factor",
+    "engine.", "log.", "sample.",
+)
+
+
+def identity(cfg: ExperimentConfig | dict) -> dict[str, Any]:
+    """The flattened keys that define the training trajectory (what a resume must match)."""
+    flat = flatten(cfg if isinstance(cfg, dict) else to_dict(cfg))
+    return {k: v for k, v in flat.items() if not any(k == p or (p.endswith(".") and k.startswith(p))
+                                                     for p in RESUME_MAY_CHANGE)}
+
+
+def config_hash(cfg: ExperimentConfig | dict) -> str:
+    blob = json.dumps(identity(cfg), sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def config_diff(saved: dict, now: ExperimentConfig, ignore: list[str] = ()) -> list[str]:
+    """'key: checkpoint X, now Y' for each trajectory key that differs (keys in `ignore` excepted)."""
+    a, b = identity(saved), identity(now)
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if key in ignore or a.get(key, "<absent>") == b.get(key, "<absent>"):
+            continue
+        out.append(f"{key}: checkpoint {a.get(key, '<absent>')!r}, now {b.get(key, '<absent>')!r}")
+    return out

@@ -1,0 +1,224 @@
+"""Reader of data_prep's webdataset shards, giving the same items as the MDS reader.
+
+Tar shards are read front to back, so an epoch is planned in contiguous sample ranges: the shard order
+is permuted from (seed, epoch), every rank takes an equal contiguous range of that stream (the
+remainder of N / ranks is dropped, so ranks never disagree on the number of steps), and each DataLoader
+worker a contiguous part of its rank's range. A seeded buffer shuffles within a worker. Sample indices
+count through the shards in index order, as MDS numbers them, so both formats show the same flip.
+
+Resume: `state_dict(num_samples)` / `load_state_dict` keep (epoch, samples consumed). The epoch's plan is
+deterministic, and the DataLoader hands out workers' batches in turn, so each worker knows how many of
+its samples were consumed and skips them (reading, not decoding, them); worker 0 of the resumed loader
+takes the part whose batch was next. The batch sequence after a resume equals the uninterrupted one
+when batch size, drop_last, ranks and workers are unchanged. Not elastic: with another number of ranks
+or workers the epoch is re-planned and resumes at the same fraction of it, so a few samples of that
+epoch may repeat or be missed. Remote shards are streamed by webdataset's gopen (http(s)://, gs://, pipe:)
+or fetched whole by streaming's clients (s3://, oci://, azure://, …).
+"""
+from __future__ import annotations
+
+import io
+import math
+import random
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from ditscale.data.flip import flip_of
+from ditscale.data.storage import is_remote, join, local_path, read_bytes
+from ditscale.data.tario import tar_samples
+
+
+# --- the plan of an epoch (pure functions) ---------------------------------------------------------
+
+def split_range(total: int, parts: int, part: int) -> tuple[int, int]:
+    """The part-th of `parts` contiguous, near-equal pieces of range(total)."""
+    return total * part // parts, total * (part + 1) // parts
+
+
+def plan_epoch(counts: Sequence[int], *, seed: int, epoch: int, shuffle: bool, num_ranks: int, rank: int,
+               num_workers: int, worker: int) -> list[tuple[int, int, int]]:
+    """This worker's (shard, start, stop) sample ranges for the epoch, in reading order."""
+    order = np.random.default_rng([seed, epoch]).permutation(len(counts)) if shuffle \
+        else np.arange(len(counts))
+    per_rank = sum(counts) // num_ranks
+    lo, hi = split_range(per_rank, num_workers, worker)
+    lo, hi = rank * per_rank + lo, rank * per_rank + hi
+    ranges, at = [], 0
+    for shard in order:
+        n = counts[shard]
+        a, b = max(lo, at), min(hi, at + n)
+        if a < b:
+            ranges.append((int(shard), a - at, b - at))
+        at += n
+    return ranges
+
+
+def consumed_per_worker(counts: Sequence[int], batch_size: int, drop_last: bool,
+                        consumed: int) -> tuple[list[int], int]:
+    """(samples each worker had produced, the worker whose batch comes next) once the DataLoader
+    yielded `consumed` samples of this rank. DataLoader takes one batch from each worker in turn and
+    passes over a worker with no batch left."""
+    batches = [c // batch_size if drop_last else math.ceil(c / batch_size) for c in counts]
+    taken = [0] * len(counts)
+    for r in range(max(batches, default=0)):
+        for w, c in enumerate(counts):
+            if r >= batches[w]:
+                continue
+            size = min(batch_size, c - r * batch_size)
+            if consumed < size:
+                return taken, w
+            taken[w] += size
+            consumed -= size
+    return taken, 0
+
+
+# --- the dataset ---------------------------------------------------------------------------------------
+
+def _world() -> tuple[int, int]:
+    from streaming.base.world import World
+
+    world = World.detect()
+    return world.rank, world.num_ranks
+
+
+class LatentWdsDataset(IterableDataset):
+    """Items `{"mean": (C, h, w) fp16, "logvar": (C, h, w) fp16, "label": int, "index": int}`."""
+
+    def __init__(self, root: str, metadata: dict, shards: list[dict], *, seed: int = 0, shuffle: bool = True,
+                 shuffle_buffer: int = 2000):
+        super().__init__()
+        self.root, self.metadata, self.seed, self.shuffle = root, metadata, int(seed), shuffle
+        self.shuffle_buffer = shuffle_buffer
+        self.urls = [join(root, s["basename"]) for s in shards]
+        self.counts = [int(s["samples"]) for s in shards]
+        self.offsets = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64).tolist()
+        c, size = metadata["latent_channels"], metadata["latent_size"]
+        self._shape, self._plane = (c, size, size), c * size * size
+        self._npy_header = _npy_header((2, c, size, size))
+        self.next_epoch = 0
+        self._resume: tuple[int, int] | None = None     # (epoch, samples consumed over all ranks)
+        self._active: tuple[int, int, int, bool] | None = None  # (epoch, consumed, batch size, drop_last)
+        self._current_epoch = 0
+
+    def __len__(self) -> int:
+        return sum(self.counts) // _world()[1]
+
+    # --- epochs and checkpoints (called in the main process) ------------------------------------
+
+    def set_epoch(self, epoch: int) -> None:
+        self.next_epoch = int(epoch)
+
+    def begin_epoch(self, batch_size: int | None = None, drop_last: bool = False) -> None:
+        """Fix the epoch (and any resume offset) that workers started now will read."""
+        if self._resume is not None:
+            epoch, consumed = self._resume
+            self._resume = None
+        else:
+            epoch, consumed = self.next_epoch, 0
+        self.next_epoch = epoch + 1
+        self._current_epoch = epoch
+        self._active = (epoch, consumed, batch_size or 1, drop_last)
+
+    def end_epoch(self) -> None:
+        self._active = None
+
+    def state_dict(self, num_samples: int, from_beginning: bool) -> dict[str, Any]:
+        """Like StreamingDataset.state_dict: num_samples counts samples yielded over all ranks."""
+        start = 0 if from_beginning or self._active is None else self._active[1]
+        return {"format": "wds", "epoch": self._current_epoch, "sample_in_epoch": start + int(num_samples),
+                "seed": self.seed}
+
+    def load_state_dict(self, obj: dict[str, Any]) -> None:
+        if obj.get("format") != "wds":
+            raise ValueError(f"not a webdataset reader state: {obj}")
+        self.seed = int(obj["seed"])
+        self._resume = (int(obj["epoch"]), int(obj["sample_in_epoch"]))
+
+    # --- iteration (in each worker) -------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        if self._active is None:
+            self.begin_epoch()
+        epoch, consumed, batch_size, drop_last = self._active
+        rank, num_ranks = _world()
+        info = get_worker_info()
+        physical, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        per_rank = sum(self.counts) // num_ranks
+        sizes = [hi - lo for lo, hi in (split_range(per_rank, num_workers, w) for w in range(num_workers))]
+        taken, next_worker = consumed_per_worker(sizes, batch_size, drop_last, consumed // num_ranks)
+        # DataLoader starts its round with worker 0: worker 0 plays the part whose batch is next
+        worker = (physical + next_worker) % num_workers
+        skip = taken[worker]
+        ranges = plan_epoch(self.counts, seed=self.seed, epoch=epoch, shuffle=self.shuffle,
+                            num_ranks=num_ranks, rank=rank, num_workers=num_workers, worker=worker)
+        stream = self._samples(ranges)
+        if self.shuffle:
+            rng = random.Random(f"{self.seed}/{epoch}/{rank}/{worker}")
+            stream = _buffer_shuffle(stream, self.shuffle_buffer, rng)
+        for i, (index, sample) in enumerate(stream):
+            if i >= skip:
+                yield self._decode(index, sample, epoch)
+        if info is None:
+            self._active = None
+
+    def _samples(self, ranges: list[tuple[int, int, int]]) -> Iterator[tuple[int, dict]]:
+        for shard, start, stop in ranges:
+            url, seen = self.urls[shard], 0
+            with _open(url) as stream:
+                for _, sample in tar_samples(stream):
+                    if seen >= start:
+                        yield self.offsets[shard] + seen, sample
+                    seen += 1
+                    if seen >= stop:
+                        break
+            if seen < stop:
+                raise RuntimeError(f"{url}: {seen} samples, the index says {self.counts[shard]}")
+
+    def _decode(self, index: int, sample: dict, epoch: int) -> dict[str, Any]:
+        flip = flip_of(self.seed, epoch, index)
+        out = {}
+        for name in ("mean", "logvar"):
+            data = sample[f"{name}.npy"]
+            if data.startswith(self._npy_header) and len(data) == len(self._npy_header) + 4 * self._plane:
+                at = len(self._npy_header) + flip * 2 * self._plane      # straight to the chosen flip
+                array = np.frombuffer(data, np.float16, self._plane, at).reshape(self._shape)
+            else:  # written by another numpy: parse the header (never unpickling)
+                array = np.load(io.BytesIO(data), allow_pickle=False)[flip]
+            out[name] = torch.from_numpy(array.copy())
+        return {**out, "label": int(sample["cls"]), "index": index}
+
+
+def _open(url: str):
+    """A local shard; a remote one streamed by webdataset's gopen (http(s)://, gs://, pipe:…) or, for
+    the other schemes streaming supports (s3://, oci://, azure://, …), fetched whole."""
+    if not is_remote(url):
+        return open(local_path(url), "rb", buffering=1 << 20)
+    from webdataset.gopen import gopen, gopen_schemes
+
+    if url.split(":", 1)[0] in gopen_schemes:
+        return gopen(url, "rb")
+    return io.BytesIO(read_bytes(url))
+
+
+def _npy_header(shape: tuple[int, ...]) -> bytes:
+    """The .npy header numpy writes for a float16 array of `shape` (data_prep's records)."""
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.zeros(shape, np.float16), allow_pickle=False)
+    return buf.getvalue()[: -2 * int(np.prod(shape))]
+
+
+def _buffer_shuffle(stream: Iterator, size: int, rng: random.Random) -> Iterator:
+    """Reservoir-style shuffle of a stream through a buffer of `size` items."""
+    buf = []
+    for item in stream:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        j = rng.randrange(size)
+        buf[j], item = item, buf[j]
+        yield item
+    rng.shuffle(buf)
+    yield from buf

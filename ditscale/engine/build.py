@@ -1,0 +1,118 @@
+"""The DeepSpeed engine: the ds_configs JSON completed from the experiment config, the model built
+(under zero.Init for ZeRO-3, so no process ever holds the whole model), the optimizer, initialize.
+
+The JSON owns how DeepSpeed works (ZeRO stage, offload, bf16, buckets); the experiment YAML owns what is
+trained (batch, optimizer, clipping). Keys of the second kind in the JSON must be "auto" (or absent, or
+equal to the YAML's value): a conflicting number there is an error naming the file and the key.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+
+from ditscale.config import ConfigError, ExperimentConfig
+
+
+def read_ds_config(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        ds = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"engine.ds_config: {path} does not exist (see ds_configs/)") from None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"engine.ds_config: cannot read {path}: {e}") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"engine.ds_config: {path} must hold a JSON object")
+    stage = ds.get("zero_optimization", {}).get("stage")
+    if stage not in (1, 2, 3):
+        raise ConfigError(f"{path}: zero_optimization.stage must be 1, 2 or 3 (the EMA reads ZeRO's fp32 "
+                          f"master weights), got {stage!r}")
+    if not ds.get("bf16", {}).get("enabled", False):
+        raise ConfigError(f"{path}: bf16.enabled must be true (ditscale trains in bf16 with fp32 master weights)")
+    return ds
+
+
+def zero_stage(ds: dict) -> int:
+    return int(ds["zero_optimization"]["stage"])
+
+
+def _fill(ds: dict, key: str, value, where: str) -> None:
+    """Set ds[key] = value unless the JSON holds another explicit value (an error)."""
+    node, *rest = key.split(".")
+    if rest:
+        _fill(ds.setdefault(node, {}), ".".join(rest), value, where)
+        return
+    current = ds.get(node, "auto")
+    if current != "auto" and current != value:
+        raise ConfigError(f"{where}: '{key}' is {current!r} but the experiment config gives {value!r}; "
+                          f"set it to \"auto\" and choose it in the experiment YAML")
+    ds[node] = value
+
+
+def complete_ds_config(ds: dict, cfg: ExperimentConfig, world_size: int, *, universal: bool = False) -> dict:
+    """The DeepSpeed config for this run: batch split, clipping, optimizer, warmup, checkpoint loading."""
+    where = cfg.engine.ds_config
+    ds = copy.deepcopy(ds)
+    micro, accum = cfg.train.batch_split(world_size)
+    _fill(ds, "train_batch_size", cfg.train.global_batch, where)
+    _fill(ds, "train_micro_batch_size_per_gpu", micro, where)
+    _fill(ds, "gradient_accumulation_steps", accum, where)
+    _fill(ds, "gradient_clipping", cfg.optim.grad_clip, where)
+    if "optimizer" in ds:                 # DeepSpeed's own (e.g. DeepSpeedCPUAdam for offload)
+        kind = ds["optimizer"].get("type", "")
+        if kind.lower() not in ("adamw", "adam"):
+            raise ConfigError(f"{where}: optimizer.type must be AdamW, got {kind!r}")
+        params = ds["optimizer"].setdefault("params", {})
+        for key, value in (("lr", cfg.optim.lr), ("betas", list(cfg.optim.betas)), ("eps", cfg.optim.eps),
+                           ("weight_decay", cfg.optim.weight_decay)):
+            _fill(params, key, value, f"{where} optimizer.params")
+        if kind.lower() == "adam":
+            params["adam_w_mode"] = True
+    if cfg.optim.warmup_steps:
+        if "scheduler" in ds:
+            raise ConfigError(f"{where}: has a scheduler section; use optim.warmup_steps instead")
+        ds["scheduler"] = {"type": "WarmupLR", "params": {
+            "warmup_min_lr": 0.0, "warmup_max_lr": cfg.optim.lr, "warmup_num_steps": cfg.optim.warmup_steps,
+            "warmup_type": "linear"}}
+    ds.setdefault("steps_per_print", 2**62)
+    ds.setdefault("wall_clock_breakdown", False)
+    ds.setdefault("checkpoint", {})["load_universal"] = universal
+    return ds
+
+
+def build_model(cfg: ExperimentConfig, ds: dict) -> torch.nn.Module:
+    """The DiT in bf16; under ZeRO-3 built inside zero.Init, partitioned as each module is created."""
+    import deepspeed
+
+    from ditscale.models import DiT
+
+    kwargs = cfg.model.dit_kwargs()
+    with deepspeed.zero.Init(config_dict_or_path=ds, enabled=zero_stage(ds) == 3, dtype=torch.bfloat16):
+        model = DiT(**kwargs)
+    # DeepSpeed casts parameters, not buffers: the fixed sin-cos positions follow the parameters' dtype.
+    for buf in model.buffers():
+        if buf.is_floating_point():
+            buf.data = buf.data.to(torch.bfloat16)
+    return model
+
+
+def build_optimizer(model: torch.nn.Module, cfg: ExperimentConfig, device: torch.device):
+    """torch AdamW over the parameters: fused kernels on CUDA, foreach on CPU."""
+    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                             weight_decay=cfg.optim.weight_decay, **fast)
+
+
+def build_engine(cfg: ExperimentConfig, ds: dict, device: torch.device):
+    """(engine, model) with `ds` completed by `complete_ds_config`."""
+    import deepspeed
+
+    model = build_model(cfg, ds)
+    optimizer = None if "optimizer" in ds else build_optimizer(model, cfg, device)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                           model_parameters=None if optimizer else model.parameters(),
+                                           config=ds)
+    return engine

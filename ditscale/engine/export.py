@@ -1,0 +1,168 @@
+"""Weights out of a training checkpoint, in the official DiT layout, as safetensors (or a .pt state dict).
+
+    python -m ditscale.engine.export RUN_DIR/ckpt --out ema.safetensors               # EMA, newest checkpoint
+    python -m ditscale.engine.export RUN_DIR/ckpt/step_00050000 --weights raw --out raw.safetensors
+    python -m ditscale.engine.export RUN_DIR --out big.safetensors --max-shard-size 5GB
+
+Works for a checkpoint of any ZeRO stage and world size: the EMA is assembled from the per-rank shard
+files, the raw weights are the optimizer's fp32 master copy (DeepSpeed's zero_to_fp32, lazily), one
+parameter at a time. Output is fp32, with the fixed sin-cos `pos_embed`, so `DiT(**config)
+.load_state_dict(..., strict=True)` takes it. Past --max-shard-size the weights go into numbered shards
+plus a `<name>.safetensors.index.json` (the Hugging Face layout), written one shard at a time: no
+process holds more than one shard. A `<name>.json` beside the weights holds the DiT kwargs, the step
+and the dataset's vae / scale factor / classes (what `ditscale.sample` reads).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ditscale.engine.checkpoint import POINTER, CheckpointError, read_meta
+
+
+def official_state_dict(params: dict[str, torch.Tensor], dit_kwargs: dict) -> dict[str, torch.Tensor]:
+    """Trained parameters + the model's fixed buffers (pos_embed), fp32: a full official DiT state dict."""
+    from ditscale.models.dit import get_2d_sincos_pos_embed
+
+    grid = dit_kwargs["input_size"] // dit_kwargs["patch_size"]
+    out = dict(params)
+    out["pos_embed"] = get_2d_sincos_pos_embed(dit_kwargs["hidden_size"], grid).float().unsqueeze(0)
+    return out
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory from itself, a ckpt/ root (its `latest`), or a run directory."""
+    path = Path(path)
+    for root in (path, path / "ckpt"):
+        if (root / POINTER).is_file():
+            return root / (root / POINTER).read_text().strip()
+    return path
+
+
+def expected_shapes(dit_kwargs: dict) -> dict[str, tuple[int, ...]]:
+    """Every state-dict entry of the DiT and its shape, from a model on the meta device (no memory)."""
+    from ditscale.models import DiT
+
+    with torch.device("meta"):
+        model = DiT(**dit_kwargs)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def weight_source(ckpt: Path, meta: dict, weights: str) -> tuple[dict[str, tuple], Callable[[str], torch.Tensor]]:
+    """(shapes of the trained parameters, a reader of one full fp32 parameter by name)."""
+    if weights == "ema":
+        from ditscale.engine.ema import ShardIndex
+
+        files = sorted((ckpt / "ema").glob("rank_*.safetensors"))
+        if len(files) != meta["world_size"]:
+            raise CheckpointError(f"{ckpt / 'ema'} holds {len(files)} EMA files; the checkpoint has "
+                                  f"{meta['world_size']} ranks")
+        index = ShardIndex(files)
+        return {n: index.shapes[n] for n in index.names()}, index.full
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    lazy = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name, lazy_mode=True)
+    shapes = {n: tuple(t.shape) for n, t in lazy.items() if n != "pos_embed"}
+    return shapes, lambda name: lazy[name].contiguous().float()
+
+
+def parse_size(text: str) -> int:
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    t = text.strip().upper()
+    number = t.rstrip("KMGTIB")
+    try:
+        return int(float(number) * units[t[len(number):]])
+    except (ValueError, KeyError):
+        raise ValueError(f"--max-shard-size {text!r}: expected a size such as 5GB or 500MB") from None
+
+
+def plan_shards(shapes: dict[str, tuple], max_bytes: int) -> list[list[str]]:
+    """Names grouped into consecutive shards of at most max_bytes of fp32 (a larger tensor gets its own)."""
+    shards, current, size = [], [], 0
+    for name, shape in shapes.items():
+        nbytes = 4 * math.prod(shape)
+        if current and size + nbytes > max_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += nbytes
+    if current:
+        shards.append(current)
+    return shards
+
+
+def export(ckpt: str | Path, out: str | Path, weights: str = "ema", max_shard_bytes: int = 10 * 10**9,
+           log=print) -> list[Path]:
+    """Write the weights of a checkpoint; returns the files written (weights, then the index if any)."""
+    from safetensors.torch import save_file
+
+    from ditscale.config import model_from_dict
+
+    ckpt, out = find_checkpoint(ckpt), Path(out)
+    meta = read_meta(ckpt)
+    dit_kwargs = model_from_dict(meta["config"]["model"]).dit_kwargs()
+    expected = expected_shapes(dit_kwargs)
+    shapes, read = weight_source(ckpt, meta, weights)
+    fixed = official_state_dict({}, dit_kwargs)
+    shapes = {**shapes, **{k: tuple(v.shape) for k, v in fixed.items()}}
+    if shapes != expected:
+        missing, extra = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
+        wrong = sorted(k for k in set(expected) & set(shapes) if expected[k] != shapes[k])
+        raise CheckpointError(f"{ckpt}: {weights} weights do not fit the configured DiT (missing {missing[:5]}, "
+                              f"unexpected {extra[:5]}, other shapes {wrong[:5]})")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    file_meta = {"format": "pt", "weights": weights, "step": str(meta["step"]), "layout": "official-dit"}
+    groups = plan_shards(shapes, max_shard_bytes)
+    if out.suffix == ".pt":
+        if len(groups) > 1:
+            raise ValueError(f"--out {out}: a .pt file is one piece; use .safetensors to shard above the limit")
+        torch.save({n: fixed[n] if n in fixed else read(n) for n in shapes}, out)
+        files = [out]
+    elif len(groups) == 1:
+        save_file({n: fixed[n] if n in fixed else read(n) for n in groups[0]}, str(out), metadata=file_meta)
+        files = [out]
+    else:
+        stem = out.name[: -len(".safetensors")] if out.name.endswith(".safetensors") else out.name
+        files, weight_map = [], {}
+        for i, names in enumerate(groups):
+            shard = out.parent / f"{stem}-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+            save_file({n: fixed[n] if n in fixed else read(n) for n in names}, str(shard), metadata=file_meta)
+            weight_map.update({n: shard.name for n in names})
+            files.append(shard)
+            log(f"wrote {shard}")
+        index = out.parent / f"{stem}.safetensors.index.json"
+        total = sum(4 * math.prod(s) for s in shapes.values())
+        index.write_text(json.dumps({"metadata": {"total_size": total, "weights": weights, "step": meta["step"]},
+                                     "weight_map": weight_map}, indent=1))
+        files.append(index)
+    side = {"model": dit_kwargs, "weights": weights, "step": meta["step"], "images_seen": meta.get("images_seen"),
+            "checkpoint": str(ckpt), "config_hash": meta.get("config_hash"), "dataset": meta.get("dataset", {})}
+    out.with_suffix(".json").write_text(json.dumps(side, indent=1))
+    return files
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m ditscale.engine.export", description=__doc__.splitlines()[0])
+    ap.add_argument("checkpoint", help="a checkpoint directory (ckpt/step_*), a ckpt/ root, or a run directory")
+    ap.add_argument("--out", required=True, help="output .safetensors (or .pt) file")
+    ap.add_argument("--weights", choices=("ema", "raw"), default="ema", help="EMA (default) or the raw weights")
+    ap.add_argument("--max-shard-size", default="10GB", help="shard the output above this size (default 10GB)")
+    args = ap.parse_args(argv)
+    try:
+        files = export(args.checkpoint, args.out, args.weights, parse_size(args.max_shard_size))
+    except (CheckpointError, ValueError, OSError) as e:
+        print(f"export: error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported {args.weights} weights: {', '.join(map(str, files))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,320 @@
+"""`python -m ditscale.sample`: images from a DiT checkpoint — a labelled PNG grid, or the ADM evaluator's
+.npz sampled over every rank, resumable.
+
+    python -m ditscale.sample --ckpt DiT-XL-2-256x256.pt --vae sd-vae-ft-ema --classes 207,360,387 \\
+        --num-per-class 4 --out grid.png
+    torchrun --nproc_per_node 8 -m ditscale.sample --ckpt run/export/ema.safetensors --dataset data/in256 \\
+        --npz-out run/fid50k --num-samples 50000 --cfg-scale 1.5       # srun works the same way
+
+Same flags and seed → same images, on any number of ranks (noise and label of sample i come from
+(seed, i)). A killed --npz-out run is resumed by rerunning the same command. Exit code 2 on bad input.
+Library use: `sample_latents`, `decode`, `to_uint8`, `save_grid`, `ema_grid` (re-exported here).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from ditscale.interop import WEIGHTS, load_dit, preset_of
+from ditscale.sampling.core import (SAMPLERS, GuidedSampler, decode, index_labels, index_seeds, sample_latents,
+                                    sampling_diffusion, seeded_noise, to_uint8)
+from ditscale.sampling.grid import GridConfig, ema_grid, save_grid, vae_and_scale
+from ditscale.sampling.npz import RankEnv, prepare_dir, rank_env, run_chunks
+
+__all__ = ["GridConfig", "decode", "ema_grid", "load_model", "main", "read_dataset_meta", "sample_latents",
+           "save_grid", "to_uint8"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Inputs: dataset metadata, checkpoint + config
+# --------------------------------------------------------------------------------------------------
+
+def read_dataset_meta(path) -> dict:
+    """dataset.json (from its directory or the file itself): classes, scale_factor, vae, …"""
+    path = Path(path)
+    path = path / "dataset.json" if path.is_dir() else path
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"--dataset: cannot read {path} ({e})") from e
+    if not isinstance(meta, dict):
+        raise ValueError(f"--dataset: {path} is not a JSON object")
+    names = meta.get("classes", [])
+    if not (isinstance(names, list) and all(isinstance(c, str) for c in names)):
+        raise ValueError(f"--dataset: {path}: 'classes' must be a list of class names")
+    return meta
+
+
+def _read_config(path: Path) -> dict:
+    text = path.read_text()
+    try:
+        data = json.loads(text) if path.suffix == ".json" else __import__("yaml").safe_load(text)
+    except Exception as e:
+        raise ValueError(f"cannot parse config {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"config {path} is not a mapping")
+    model = data.get("model", data)
+    return model if isinstance(model, dict) else {}
+
+
+def _config_near(ckpt: Path) -> Path | None:
+    """A config written next to the weights: <name>.json/.yaml, config.json/.yaml, model_config.json."""
+    names = [ckpt.with_suffix(s).name for s in (".json", ".yaml", ".yml")]
+    names += ["config.json", "config.yaml", "config.yml", "model_config.json"]
+    return next((ckpt.parent / n for n in names if (ckpt.parent / n).is_file() and ckpt.parent / n != ckpt), None)
+
+
+def _weights_file(path: Path, weights: str) -> Path:
+    """The weights file of a checkpoint path: the file itself, or in a directory the one .safetensors/.pt
+    file whose name contains "ema" / "raw" (or the only one)."""
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise ValueError(f"--ckpt {path} does not exist")
+    files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".pt", ".pth", ".bin"))
+    named = [p for p in files if weights in p.stem.lower()] or (files if len(files) == 1 else [])
+    if len(named) != 1:
+        raise ValueError(f"--ckpt {path}: cannot pick the {weights} weights among {[p.name for p in files]}; "
+                         "give the file")
+    return named[0]
+
+
+def load_model(ckpt, weights: str = "ema", config=None, num_heads: int | None = None):
+    """DiT from a checkpoint file or export directory. config: a JSON/YAML path, inline JSON or a dict of DiT
+    kwargs (top level or under "model"); by default one found next to the weights; shapes supply the rest."""
+    file = _weights_file(Path(ckpt), weights)
+    if config is None and (near := _config_near(file)) is not None:
+        config = near
+    if isinstance(config, str) and config.lstrip().startswith("{"):
+        try:
+            config = json.loads(config)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--config: invalid inline JSON ({e})") from None
+    if config is not None and not isinstance(config, dict):
+        config = _read_config(Path(config))
+    return load_dit(file, weights, config=config, num_heads=num_heads)
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------------
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _floats(text: str) -> float | list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a float or comma-separated floats, got {text!r}") from None
+    return values[0] if len(values) == 1 else values
+
+
+def _guide(text: str) -> int | str:
+    if text == "all":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 3, 4 (any count) or 'all', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--guide-channels must be >= 1, got {value}")
+    return value
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):
+        return action.help if action.default in (None, False) else super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ditscale.sample", description=__doc__.split("\n\n")[0],
+                                formatter_class=_Help)
+    g = p.add_argument_group("model")
+    g.add_argument("--ckpt", required=True, help="official-layout weights (.safetensors / .pt, e.g. the paper's "
+                   "DiT-XL-2-256x256.pt) or a trainer export directory")
+    g.add_argument("--weights", default="ema", choices=WEIGHTS, help="EMA or raw weights of a checkpoint")
+    g.add_argument("--config", default=None, help="model config: JSON/YAML file or inline JSON such as "
+                   "'{\"num_heads\": 16}' (default: a config next to the weights; shapes give the rest)")
+    g.add_argument("--num-heads", type=int, default=None, help="attention heads when no preset has this width")
+    g.add_argument("--dataset", default=None, help="dataset root or dataset.json: class names, scale_factor, vae")
+    g.add_argument("--vae", default=None, help="local diffusers AutoencoderKL directory, or 'none' for pixel "
+                   "mode (default: the dataset's)")
+    g.add_argument("--scale-factor", type=_floats, default=None,
+                   help="latent scale, one float or one per channel (default: the dataset's, else the VAE's)")
+    s = p.add_argument_group("sampler")
+    s.add_argument("--sampler", default="ddpm", choices=SAMPLERS, help="ancestral DDPM or DDIM")
+    s.add_argument("--steps", type=int, default=250, help="sampling steps")
+    s.add_argument("--respacing", default=None, help="explicit timestep respacing (e.g. 'ddim50', '10,10,10')")
+    s.add_argument("--eta", type=float, default=0.0, help="DDIM η")
+    s.add_argument("--cfg-scale", type=float, default=4.0,
+                   help="classifier-free guidance scale; 1 = none (the paper: 4.0 for images, 1.5 for FID)")
+    s.add_argument("--guide-channels", type=_guide, default=3, help="guided channels: 3 (paper), 4 or 'all'")
+    s.add_argument("--noise-schedule", default="linear", choices=("linear", "cosine"), help="the training schedule")
+    s.add_argument("--diffusion-steps", type=int, default=1000, help="training diffusion steps")
+    s.add_argument("--seed", type=int, default=0, help="sample i's noise and label come from (seed, i)")
+    r = p.add_argument_group("run")
+    r.add_argument("--batch-size", type=int, default=64, help="images per model call (per GPU; doubled for guidance)")
+    r.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when CUDA is present, else cpu")
+    r.add_argument("--precision", default="auto", choices=("auto", "bf16", "bf16-weights", "fp32"),
+                   help="bf16 = bf16 autocast, fp32 weights (auto on GPU); bf16-weights casts the model; "
+                   "fp32 (auto on CPU)")
+    r.add_argument("--compile", default="auto", choices=("auto", "off", "blocks", "step", "step-cudagraphs"),
+                   help="torch.compile: each transformer block (quick), the whole sampling step, or the step "
+                   "as a CUDA graph; auto = blocks for --npz-out on CUDA, else off")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    o = p.add_argument_group("grid output")
+    o.add_argument("--out", default=None, help="PNG grid path")
+    o.add_argument("--classes", type=_ints, default=None, help="class ids, one grid row each, e.g. 207,360,387")
+    o.add_argument("--num-per-class", type=int, default=4, help="images per class (grid columns)")
+    n = p.add_argument_group("npz output (all ranks)")
+    n.add_argument("--npz-out", default=None, help="directory of chunk files and the final ADM .npz")
+    n.add_argument("--num-samples", type=int, default=50000, help="images in the .npz")
+    n.add_argument("--labels", default="balanced", choices=("balanced", "random"),
+                   help="balanced: sample i gets class i mod num_classes; random: uniform, seeded per sample")
+    n.add_argument("--stall-timeout", type=float, default=3600.0,
+                   help="rank 0 gives up when no other rank finishes a chunk for this many seconds")
+    n.add_argument("--eval-ref", default=None, help="then run ditscale.evaluate against this reference")
+    n.add_argument("--inception", default=None, help="Inception weights file for --eval-ref")
+    return p
+
+
+def _check_args(args, parser):
+    if (args.out is None) == (args.npz_out is None):
+        parser.error("give exactly one of --out (PNG grid) or --npz-out (ADM .npz directory)")
+    if args.out is not None and not args.classes:
+        parser.error("--out needs --classes (comma-separated class ids)")
+    for flag in ("batch_size", "num_per_class", "num_samples", "steps"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.eval_ref and not args.inception:
+        parser.error("--eval-ref needs --inception (the Inception weights file)")
+
+
+def _setup(args, env: RankEnv) -> SimpleNamespace:
+    """device, model, sampler, vae (+ its path), scale, class names for the parsed arguments."""
+    if args.device:
+        device = torch.device(args.device)
+    elif torch.cuda.is_available():
+        device = torch.device("cuda", env.local_rank)
+    else:
+        device = torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    meta = read_dataset_meta(args.dataset) if args.dataset else {}
+    vae_path = args.vae if args.vae is not None else meta.get("vae")
+    if vae_path is None:
+        raise ValueError("--vae is required: a local AutoencoderKL directory, or 'none' for pixel-space models "
+                         "(or --dataset with a 'vae' entry)")
+    model = load_model(args.ckpt, args.weights, args.config, args.num_heads)
+    precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    model = model.to(device=device, dtype=torch.bfloat16 if precision == "bf16-weights" else torch.float32)
+    compile_mode = args.compile
+    if compile_mode == "auto":
+        compile_mode = "blocks" if device.type == "cuda" and args.npz_out else "off"
+    diffusion = sampling_diffusion(args.sampler, args.steps, respacing=args.respacing, learn_sigma=model.learn_sigma,
+                                   noise_schedule=args.noise_schedule, diffusion_steps=args.diffusion_steps)
+    sampler = GuidedSampler(model, diffusion, args.sampler, args.cfg_scale, args.guide_channels, args.eta,
+                            autocast=torch.bfloat16 if precision == "bf16" else None,
+                            compile=False if compile_mode == "off" else compile_mode)
+    scale = args.scale_factor if args.scale_factor is not None else meta.get("scale_factor")
+    vae, scale = vae_and_scale(vae_path, scale, device)
+    channels = vae.config.latent_channels if vae is not None else None
+    if vae is not None and channels != model.in_channels:
+        raise ValueError(f"--vae has {channels} latent channels, the model {model.in_channels}")
+    names = meta.get("classes")
+    if names is not None and len(names) != model.num_classes:
+        raise ValueError(f"--dataset has {len(names)} classes, the model {model.num_classes}")
+    return SimpleNamespace(device=device, model=model, sampler=sampler, vae=vae, vae_path=str(vae_path),
+                           scale=scale, names=names)
+
+
+def _images(run, seeds, labels, batch_size, pad=False, progress=False) -> np.ndarray:
+    """uint8 images (n, H, W, 3) for per-sample seeds and labels, batch_size at a time (the last batch padded
+    to full size with copies of its last sample when `pad`, so a compiled step sees one shape)."""
+    out = []
+    for start in range(0, len(seeds), batch_size):
+        s, y = list(seeds[start:start + batch_size]), list(labels[start:start + batch_size])
+        n = len(s)
+        if pad:
+            s, y = s + [s[-1]] * (batch_size - n), y + [y[-1]] * (batch_size - n)
+        noise = seeded_noise(s, run.sampler.latent_shape(len(s)), run.sampler.num_draws, run.device)
+        latents = run.sampler(noise, torch.tensor(y, dtype=torch.long), progress=progress)[:n]
+        out.append(to_uint8(decode(latents, run.vae, run.scale)))
+    return np.concatenate(out)
+
+
+def _grid(args, run):
+    bad = [c for c in args.classes if not 0 <= c < run.model.num_classes]
+    if bad:
+        raise ValueError(f"--classes {bad} out of range for a model of {run.model.num_classes} classes")
+    labels = [c for c in args.classes for _ in range(args.num_per_class)]
+    seeds = index_seeds(args.seed, range(len(labels)))
+    images = _images(run, seeds, labels, args.batch_size, pad=bool(run.sampler.compile), progress=not args.no_progress)
+    save_grid(images, labels, args.out, run.names)
+    print(f"wrote {args.out} ({len(args.classes)} classes × {args.num_per_class})")
+
+
+def _npz(args, env, run):
+    model = run.model
+    settings = {
+        "ckpt": str(Path(args.ckpt).resolve()), "weights": args.weights, "sampler": args.sampler,
+        "steps": args.steps, "respacing": args.respacing, "eta": args.eta, "cfg_scale": args.cfg_scale,
+        "guide_channels": args.guide_channels, "noise_schedule": args.noise_schedule,
+        "diffusion_steps": args.diffusion_steps, "seed": args.seed, "num_samples": args.num_samples,
+        "labels": args.labels, "num_classes": model.num_classes, "vae": run.vae_path,
+        "scale_factor": run.scale, "precision": args.precision,
+    }
+    chunk_size = prepare_dir(args.npz_out, settings, args.batch_size)
+
+    def produce(indices):
+        labels = index_labels(args.seed, indices, model.num_classes, args.labels).tolist()
+        images = _images(run, index_seeds(args.seed, indices), labels, args.batch_size, pad=bool(run.sampler.compile))
+        return images, labels
+
+    out = run_chunks(args.npz_out, args.num_samples, chunk_size, produce, env, progress=not args.no_progress,
+                     stall_timeout=args.stall_timeout)
+    if out is None:
+        return 0
+    print(f"wrote {out}")
+    if args.eval_ref:
+        from ditscale.evaluate.__main__ import main as evaluate
+
+        return evaluate(["--samples", str(out), "--ref", args.eval_ref, "--inception", args.inception])
+    print(f"evaluate: python -m ditscale.evaluate --samples {out} --ref REFERENCE.npz --inception WEIGHTS.pth")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_args(args, parser)
+    try:
+        env = rank_env()
+        if args.out and env.rank != 0:
+            return 0                                                             # a grid is one process's job
+        run = _setup(args, env)
+        if env.rank == 0:
+            print(f"model: {preset_of(run.model.config) or 'DiT'} {json.dumps(run.model.config)} on {run.device}; "
+                  f"{args.sampler} {run.sampler.diffusion.num_timesteps} steps, cfg {args.cfg_scale}", file=sys.stderr)
+        if args.out:
+            _grid(args, run)
+            return 0
+        return _npz(args, env, run)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,362 @@
+"""Train a DiT with DeepSpeed ZeRO + bf16 on data_prep's shards, with an fp32 EMA and exact resume.
+
+    python -m ditscale.train --config configs/dit_xl_2_256.yaml data.root=/data/in1k_256 run_dir=runs/xl
+    deepspeed --num_gpus 8 --module ditscale.train --config ... ;  torchrun ... ;  srun python -m ditscale.train ...
+    python -m ditscale.train --config ... --check          # validate config, data, run dir; exit 0 / 2
+
+The story: parse → validate → build → resume → loop (step, EMA, log, save) → exit code:
+0 finished, 2 bad configuration or input, 3 too many non-finite steps in a row, 85 preempted (SIGTERM /
+SIGUSR1) after a complete checkpoint. `run_dir` holds config.yaml, metrics.jsonl, tb/, ckpt/, samples/.
+
+Exactness: a step is a pure function of the weights, the batch and (seed, step, rank, micro-batch): the
+latent draw, timesteps, noise and label dropout all come from a generator seeded with those, on the
+device. With the loader's position, the optimizer state and the EMA in every checkpoint, a resumed run
+repeats the uninterrupted one bit for bit (same world size and ZeRO stage, deterministic kernels).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ditscale.config import (ConfigError, ExperimentConfig, config_diff, config_hash, load_config,
+                             resolve_with_dataset, save_config, to_dict)
+from ditscale.engine.signals import EXIT_PREEMPTED
+
+EXIT_OK, EXIT_BAD_INPUT, EXIT_NONFINITE = 0, 2, 3
+
+
+def say(*parts) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print("[ditscale.train]", *parts, flush=True)
+
+
+#################################################################################
+#                             Configuration and checks                          #
+#################################################################################
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m ditscale.train", description=__doc__.splitlines()[0])
+    ap.add_argument("--config", help="experiment YAML (configs/*.yaml); defaults apply without one")
+    ap.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.max_steps=10")
+    ap.add_argument("--check", action="store_true",
+                    help="validate the config, the data, the run dir and the DeepSpeed JSON, then exit 0 or 2")
+    ap.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)   # deepspeed launcher
+    return ap.parse_args(argv)
+
+
+def prepare(args, world_size: int) -> tuple[ExperimentConfig, dict, dict]:
+    """(resolved config, dataset.json, DeepSpeed JSON) or ConfigError: everything checked before any work."""
+    from ditscale.data import read_metadata
+    from ditscale.engine.build import complete_ds_config, read_ds_config
+
+    cfg = load_config(args.config, args.overrides)
+    ds = read_ds_config(cfg.engine.ds_config)
+    complete_ds_config(ds, cfg, world_size)
+    try:
+        meta = read_metadata(cfg.data.root)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"data.root: {e}") from None
+    cfg = resolve_with_dataset(cfg, meta)
+    vae = cfg.sample.vae or meta["vae"]
+    if cfg.sample.every and vae != "none" and not Path(vae).exists():
+        raise ConfigError(f"sample.vae: {vae} does not exist (needed for sample grids; sample.every=0 turns them off)")
+    run_dir = Path(cfg.run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=run_dir):
+            pass
+    except OSError as e:
+        raise ConfigError(f"run_dir: {run_dir} is not writable ({e.strerror})") from None
+    return cfg, meta, ds
+
+
+def check_resume(cfg: ExperimentConfig):
+    """(checkpoint dir, its meta) to resume from, or (None, None); ConfigError when it cannot be used."""
+    from ditscale.engine.checkpoint import CKPT_DIR, newest_complete, read_meta, resolve_resume
+
+    path = resolve_resume(cfg.run_dir, cfg.train.resume, log=say)
+    if path is None:
+        existing = newest_complete(Path(cfg.run_dir) / CKPT_DIR, log=lambda *_: None)
+        if cfg.train.resume == "none" and existing is not None:
+            raise ConfigError(f"train.resume=none but run_dir {cfg.run_dir} holds checkpoints ({existing.name}); "
+                              f"use train.resume=auto to continue it, or another run_dir")
+        return None, None
+    meta = read_meta(path)
+    diff = config_diff(meta["config"], cfg, ignore=cfg.train.resume_ignore)
+    if diff:
+        raise ConfigError(f"the config does not match checkpoint {path} (saved with config hash "
+                          f"{meta.get('config_hash')}):\n  " + "\n  ".join(diff) +
+                          "\nresume in another run_dir, or list the keys in train.resume_ignore")
+    return path, meta
+
+
+#################################################################################
+#                                    One step                                   #
+#################################################################################
+
+def step_generator(device: torch.device, seed: int, step: int, rank: int, micro: int) -> torch.Generator:
+    """The generator of one micro-batch's randomness, a pure function of its coordinates."""
+    words = np.random.SeedSequence([seed, step, rank, micro]).generate_state(2, dtype=np.uint32)
+    g = torch.Generator(device=device)
+    g.manual_seed((int(words[0]) << 31) ^ int(words[1]))
+    return g
+
+
+def micro_step(engine, diffusion, batch: dict, g: torch.Generator, scale_factor, drop_prob: float,
+               device: torch.device) -> dict[str, torch.Tensor]:
+    """Forward + backward of one micro-batch; returns its per-sample losses (N,) in fp32."""
+    from ditscale.data import sample_latents
+
+    mean = batch["mean"].to(device, non_blocking=True)
+    logvar = batch["logvar"].to(device, non_blocking=True)
+    y = batch["label"].to(device, non_blocking=True)
+    x = sample_latents(mean, logvar, scale_factor, generator=g)                  # (N, C, h, w) fp32
+    n = x.shape[0]
+    t = torch.randint(0, diffusion.num_timesteps, (n,), device=device, generator=g)
+    noise = torch.randn(x.shape, device=device, generator=g)
+    model_kwargs = {"y": y}
+    if drop_prob > 0:                                                            # label dropout for CFG
+        model_kwargs["force_drop_ids"] = (torch.rand(n, device=device, generator=g) < drop_prob).long()
+    losses = diffusion.training_losses(engine, x, t, model_kwargs, noise=noise)
+    engine.backward(losses["loss"].mean())
+    engine.step()
+    return losses
+
+
+def endless(loader):
+    """Batches across epoch ends (the loader's state_dict knows the epoch and position)."""
+    while True:
+        yield from loader
+
+
+#################################################################################
+#                                   Sample grids                                #
+#################################################################################
+
+def sample_grid(cfg: ExperimentConfig, meta: dict, ema, step: int, device, tb) -> None:
+    """An EMA sample grid in run_dir/samples (rank 0 samples; every rank contributes its EMA shards)."""
+    from ditscale.engine.ema import gather_full
+    from ditscale.engine.export import official_state_dict
+    from ditscale.models import DiT
+    from ditscale.sampling.grid import GridConfig, ema_grid
+
+    params = gather_full(ema)
+    if params is None:
+        return
+    kwargs = cfg.model.dit_kwargs()
+    model = DiT(**kwargs)
+    model.load_state_dict(official_state_dict(params, kwargs), strict=True)
+    grid = GridConfig.from_dataset(meta, classes=cfg.sample.classes, num_per_class=cfg.sample.num_per_class,
+                                   sampler=cfg.sample.sampler, steps=cfg.sample.steps,
+                                   cfg_scale=cfg.sample.cfg_scale, seed=cfg.sample.seed,
+                                   guide_channels=3 if kwargs["in_channels"] == 4 else "all",   # official quirk
+                                   vae=cfg.sample.vae or meta["vae"],
+                                   noise_schedule=cfg.diffusion.noise_schedule,
+                                   diffusion_steps=cfg.diffusion.diffusion_steps)
+    path = ema_grid(model.to(device), grid, step, Path(cfg.run_dir) / "samples", tb_writer=tb)
+    say(f"sample grid {path}")
+
+
+#################################################################################
+#                                    The run                                    #
+#################################################################################
+
+@dataclass
+class Start:
+    """Where a run begins: the engine and EMA, restored from a checkpoint or fresh."""
+
+    engine: object
+    ema: object
+    step: int = 0
+    images_seen: int = 0
+    client: dict | None = None          # this rank's saved state (loader position)
+    resumed_from: Path | None = None
+
+
+def start(cfg: ExperimentConfig, ds: dict, env, device: torch.device) -> Start:
+    """Build the engine (same initial weights on every rank) and restore the newest / given checkpoint,
+    through DeepSpeed's universal form when the world size changed."""
+    from ditscale.engine import checkpoint
+    from ditscale.engine.build import build_engine, complete_ds_config, zero_stage
+    from ditscale.engine.ema import ShardedEMA, master_shards
+
+    resume_dir, resume_meta = check_resume(cfg)
+    stage = zero_stage(ds)
+    universal = resume_meta is not None and checkpoint.needs_universal(resume_meta, env.world_size, stage)
+    if universal and (resume_meta["zero_stage"] == 3) != (stage == 3):
+        raise ConfigError(f"engine.ds_config: {resume_dir} was written under ZeRO-{resume_meta['zero_stage']}, this "
+                          f"run uses ZeRO-{stage} ({cfg.engine.ds_config}); DeepSpeed cannot move a checkpoint "
+                          f"between ZeRO-3 and ZeRO-1/2: keep the stage (the world size may change)")
+    universal_dir = checkpoint.make_universal(resume_dir, cfg.run_dir, log=say) if universal else None
+    checkpoint.seed_everything(cfg.train.seed)
+    engine = build_engine(cfg, complete_ds_config(ds, cfg, env.world_size, universal=universal), device)
+    if resume_dir is None:
+        checkpoint.seed_everything(cfg.train.seed + 1_000_003 * (env.rank + 1))
+        return Start(engine, ShardedEMA(master_shards(engine), cfg.train.ema_decay))
+    client = checkpoint.load(engine, resume_dir, resume_meta, universal_dir=universal_dir, log=say)
+    ema = ShardedEMA(master_shards(engine), cfg.train.ema_decay)
+    checkpoint.load_ema(ema, resume_dir, resume_meta, same_layout=not universal)
+    say(f"resumed from {resume_dir} at step {resume_meta['step']}" +
+        (" (universal: the world size changed)" if universal else ""))
+    return Start(engine, ema, resume_meta["step"], resume_meta["images_seen"], client, resume_dir)
+
+
+def make_loader(cfg: ExperimentConfig, micro_batch: int, device: torch.device, client: dict | None):
+    """The rank's loader over the shards, at the saved position when resuming."""
+    from ditscale.data import build_dataloader, build_dataset
+
+    seed = cfg.train.seed if cfg.data.shuffle_seed is None else cfg.data.shuffle_seed
+    dataset = build_dataset(cfg.data.root, batch_size=micro_batch, seed=seed, shuffle=cfg.data.shuffle,
+                            local=cfg.data.cache)
+    workers = cfg.data.num_workers
+    loader = build_dataloader(dataset, batch_size=micro_batch, num_workers=workers, pin_memory=device.type == "cuda",
+                              prefetch_factor=cfg.data.prefetch_factor if workers else None)
+    if client is not None and client.get("loader") is not None:
+        loader.load_state_dict(client["loader"])
+    return loader
+
+
+def train(cfg: ExperimentConfig, meta: dict, ds: dict, env, device: torch.device) -> int:
+    from ditscale.diffusion import create_diffusion
+    from ditscale.engine import checkpoint
+    from ditscale.engine.build import zero_stage
+    from ditscale.engine.metrics import Metrics
+    from ditscale.engine.signals import StopRequest
+    from ditscale.models.flops import train_flops_per_image
+
+    tc, dc = cfg.train, cfg.diffusion
+    stop = StopRequest(tc.stop_check_every)
+    if tc.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    run = start(cfg, ds, env, device)
+    engine, ema, step, images_seen = run.engine, run.ema, run.step, run.images_seen
+    if env.rank == 0:
+        save_config(cfg, Path(cfg.run_dir) / "config.yaml")
+    micro, accum = tc.batch_split(env.world_size)
+    loader = make_loader(cfg, micro, device, run.client)
+    batches = endless(loader)
+    diffusion = create_diffusion("", noise_schedule=dc.noise_schedule, use_kl=dc.use_kl, sigma_small=dc.sigma_small,
+                                 predict_xstart=dc.predict_xstart, learn_sigma=cfg.model.learn_sigma,
+                                 rescale_learned_sigmas=dc.rescale_learned_sigmas, diffusion_steps=dc.diffusion_steps)
+    metrics = Metrics(cfg.run_dir, cfg.log, rank=env.rank, world_size=env.world_size, device=device,
+                      images_per_step=tc.global_batch, start_step=step, max_steps=tc.max_steps,
+                      flops_per_image=train_flops_per_image(cfg.model.dit_kwargs()))
+    metrics.write_event(event="start", step=step, world_size=env.world_size, zero_stage=zero_stage(ds),
+                        resumed_from=str(run.resumed_from or ""), config_hash=config_hash(cfg))
+    say(f"{env.world_size} rank(s) on {device.type}, ZeRO-{zero_stage(ds)}, micro-batch {micro} x {accum} "
+        f"accumulation, step {step} -> {tc.max_steps}")
+    dataset_info = {k: meta[k] for k in ("vae", "scale_factor", "classes", "resolution", "latent_size",
+                                         "latent_channels", "num_samples")}
+
+    def save(at: int) -> None:
+        nonlocal saved_at
+        checkpoint.save(engine, ema, cfg.run_dir, at, keep_last=tc.keep_last, log=say,
+                        client={"loader": loader.state_dict(), "step": at, "images_seen": images_seen},
+                        meta={"images_seen": images_seen, "config": to_dict(cfg), "config_hash": config_hash(cfg),
+                              "dataset": dataset_info})
+        saved_at = at
+        metrics.write_event(event="checkpoint", step=at)
+
+    def diverged(count: int, why: str) -> int:
+        last = checkpoint.newest_complete(Path(cfg.run_dir) / checkpoint.CKPT_DIR, log=lambda *_: None)
+        say(f"error: {why} at step {step}: stopping; last good checkpoint: {last or 'none'}")
+        metrics.write_event(event="nonfinite_stop", step=step, count=count)
+        return EXIT_NONFINITE
+
+    # DeepSpeed skips a step whose gradients are not finite (bf16.check_grad_overflow, a host sync per
+    # step). Without that check a non-finite loss reaches the weights: it is caught at the next log or
+    # checkpoint and the run stops before saving.
+    skips_nonfinite = ds.get("bf16", {}).get("check_grad_overflow", True)
+    engine.train()
+    scale, drop = meta["scale_factor"], cfg.model.class_dropout_prob
+    nonfinite_run, saved_at = 0, None
+    try:
+        while step < tc.max_steps:
+            data_wait = 0.0
+            for m in range(accum):
+                t0 = time.perf_counter()
+                batch = next(batches)
+                data_wait += time.perf_counter() - t0
+                g = step_generator(device, tc.seed, step, env.rank, m)
+                metrics.add_losses(micro_step(engine, diffusion, batch, g, scale, drop, device))
+                metrics.add_indices(batch["index"])
+            applied = engine.was_step_applied()
+            if applied:
+                ema.update()
+            step += 1
+            images_seen += tc.global_batch
+            nonfinite_run = 0 if applied else nonfinite_run + 1
+            metrics.add_step(applied, engine.get_global_grad_norm() if applied else None, data_wait)
+
+            save_due = step % tc.ckpt_every == 0 or step == tc.max_steps
+            if not skips_nonfinite and (metrics.due(step) or save_due) and (bad := metrics.take_nonfinite()):
+                return diverged(bad, f"{bad} non-finite losses and bf16.check_grad_overflow=false (the weights "
+                                     f"took those steps)")
+            if metrics.due(step):
+                metrics.log(step, engine.get_lr()[0], images_seen)
+            if nonfinite_run >= tc.max_nonfinite:
+                return diverged(nonfinite_run, f"{nonfinite_run} non-finite steps in a row "
+                                               f"(train.max_nonfinite={tc.max_nonfinite})")
+            if save_due and nonfinite_run == 0:      # no saves inside a run of skipped steps
+                save(step)
+            if cfg.sample.every and step % cfg.sample.every == 0:
+                sample_grid(cfg, meta, ema, step, device, metrics.tb)
+            if stop.agreed(step) and step < tc.max_steps:
+                print(f"[ditscale.train] rank {env.rank}: stop agreed at step {step} ({stop.name})", flush=True)
+                if saved_at != step:
+                    save(step)
+                say(f"stopping at step {step}: checkpoint complete, exit {EXIT_PREEMPTED}")
+                metrics.write_event(event="preempted", step=step)
+                return EXIT_PREEMPTED
+        say(f"done: {step} steps, {images_seen} images")
+        metrics.write_event(event="done", step=step)
+        return EXIT_OK
+    finally:
+        metrics.close()
+        stop.restore()
+
+
+def main(argv=None) -> int:
+    from ditscale.engine import launch
+
+    args = parse_args(argv)
+    env = launch.detect()
+    world = env.world_size if env.launcher != "single" else int(os.environ.get("SLURM_NTASKS", "1"))
+    try:
+        cfg, meta, ds = prepare(args, world)
+    except ConfigError as e:
+        print(f"[ditscale.train] error: {e}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
+    if args.check:
+        say(f"config ok: {cfg.model.preset} on {cfg.data.root} ({meta['num_samples']} samples), "
+            f"{cfg.engine.ds_config}, {world} rank(s), run_dir {cfg.run_dir}")
+        return EXIT_OK
+
+    logging.getLogger("DeepSpeed").setLevel(os.environ.get("DITSCALE_DS_LOG_LEVEL", "WARNING").upper())
+    device = launch.pick_device(env, cfg.engine.device)
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:   # ranks sharing a host's cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))
+    launch.init_distributed(env, device, cfg.engine.dist_timeout_min)
+    from ditscale.engine.checkpoint import CheckpointError
+
+    try:
+        return train(cfg, meta, ds, env, device)
+    except (ConfigError, CheckpointError) as e:
+        print(f"[ditscale.train] rank {env.rank}: error: {e}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
+    finally:
+        launch.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

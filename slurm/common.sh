@@ -1,0 +1,77 @@
+# Sourced by the slurm/*.sh batch scripts: repository, Python, rendezvous and environment defaults.
+#
+# SLURM runs a copy of the batch script from its spool directory, so the repository is found from the
+# submit directory (or DITSCALE_REPO), never from the script's own path.
+
+say() { echo "[$(date '+%F %T')] ${SCRIPT_NAME:-ditscale}: $*"; }
+fail() {  # fail CODE MESSAGE: a clear error in the job's output; the caller decides it is not requeued
+  local code=$1; shift
+  echo "[$(date '+%F %T')] ${SCRIPT_NAME:-ditscale}: error: $*" >&2
+  exit "$code"
+}
+
+# find_repo: set REPO (the ditscale checkout) and cd into it.
+find_repo() {
+  REPO=${DITSCALE_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}
+  [[ -f $REPO/ditscale/__init__.py ]] \
+    || fail 2 "no ditscale checkout at '$REPO': submit from the repository root or set DITSCALE_REPO"
+  cd "$REPO"
+}
+
+# find_python: set PYTHON (default: the repository's .venv, else python3 on PATH) and put its directory
+# first on PATH, as activating the venv would (its tools, e.g. the ninja that builds DeepSpeed's ops).
+find_python() {
+  if [[ -z ${PYTHON:-} ]]; then
+    if [[ -x $REPO/.venv/bin/python ]]; then PYTHON=$REPO/.venv/bin/python; else PYTHON=python3; fi
+  fi
+  command -v "$PYTHON" >/dev/null || fail 2 "PYTHON='$PYTHON' not found"
+  local bin
+  bin=$(dirname "$(command -v "$PYTHON")")
+  [[ -f $bin/activate ]] && export PATH=$bin:$PATH
+  export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
+}
+
+# rendezvous_env: MASTER_ADDR = first node of the allocation, MASTER_PORT derived from the job id (two jobs
+# sharing a node do not collide; a requeued job keeps its port). Ranks come from SLURM_PROCID/NTASKS/LOCALID.
+rendezvous_env() {
+  unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE   # a launcher's leftovers would win over SLURM's ranks
+  export MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
+  export MASTER_PORT=${MASTER_PORT:-$((15000 + SLURM_JOB_ID % 15000))}
+}
+
+# accelerator_env: GPUS_PER_NODE (default: the allocation's GPUs, else 8; 0 = CPU with gloo) and the
+# NCCL / OMP / CUDA defaults. Sets DITSCALE_DEVICE=cpu when there are no GPUs.
+accelerator_env() {
+  GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+  export PYTHONUNBUFFERED=1
+  if [[ $GPUS_PER_NODE == 0 || ${DITSCALE_DEVICE:-} == cpu ]]; then
+    export DITSCALE_DEVICE=cpu
+    return
+  fi
+  export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+  export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+  export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;9.0}
+  # NCCL picks InfiniBand / the right interface itself; pin one only where it guesses wrong:
+  # export NCCL_SOCKET_IFNAME=ib0  NCCL_IB_HCA=mlx5
+}
+
+# run_srun ARGS...: srun in the background, forwarding SIGUSR1/SIGTERM that reach the batch shell
+# (`--signal=B:USR1@...`, `scancel --signal=USR1 --batch`) to every task; sets SRUN_RC, and SIGNALLED=1
+# when such a signal came.
+SIGNALLED=0
+run_srun() {
+  local pid got=0
+  srun "$@" &
+  pid=$!
+  trap 'got=1 SIGNALLED=1; say "got SIGUSR1: forwarding to every task"; kill -USR1 $pid 2>/dev/null' USR1
+  trap 'got=1 SIGNALLED=1; say "got SIGTERM: forwarding to every task"; kill -TERM $pid 2>/dev/null' TERM
+  while :; do
+    wait "$pid"
+    SRUN_RC=$?
+    # a trapped signal interrupts `wait` with 128+n while srun keeps running: wait again
+    if (( SRUN_RC > 128 && got )); then got=0; continue; fi
+    break
+  done
+  trap 'SIGNALLED=1' USR1 TERM   # from here on, only remember a late signal
+}
