@@ -228,7 +228,7 @@ def make_loader(cfg: ExperimentConfig, micro_batch: int, device: torch.device, c
 def train(cfg: ExperimentConfig, meta: dict, ds: dict, env, device: torch.device) -> int:
     from ditscale.diffusion import create_diffusion
     from ditscale.engine import checkpoint
-    from ditscale.engine.build import zero_stage
+    from ditscale.engine.build import skips_nonfinite_steps, zero_stage
     from ditscale.engine.metrics import Metrics
     from ditscale.engine.signals import StopRequest
     from ditscale.models.flops import train_flops_per_image
@@ -274,9 +274,9 @@ def train(cfg: ExperimentConfig, meta: dict, ds: dict, env, device: torch.device
         return EXIT_NONFINITE
 
     # DeepSpeed skips a step whose gradients are not finite (bf16.check_grad_overflow, a host sync per
-    # step). Without that check a non-finite loss reaches the weights: it is caught at the next log or
-    # checkpoint and the run stops before saving.
-    skips_nonfinite = ds.get("bf16", {}).get("check_grad_overflow", True)
+    # step). Without that check (or in fp32) a non-finite loss reaches the weights: it is caught at the
+    # next log or checkpoint and the run stops before saving.
+    skips_nonfinite = skips_nonfinite_steps(ds)
     engine.train()
     scale, drop = meta["scale_factor"], cfg.model.class_dropout_prob
     nonfinite_run, saved_at = 0, None

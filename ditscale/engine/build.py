@@ -30,13 +30,22 @@ def read_ds_config(path: str | Path) -> dict:
     if stage not in (1, 2, 3):
         raise ConfigError(f"{path}: zero_optimization.stage must be 1, 2 or 3 (the EMA reads ZeRO's fp32 "
                           f"master weights), got {stage!r}")
-    if not ds.get("bf16", {}).get("enabled", False):
-        raise ConfigError(f"{path}: bf16.enabled must be true (ditscale trains in bf16 with fp32 master weights)")
+    if ds.get("fp16", {}).get("enabled", False):
+        raise ConfigError(f"{path}: fp16 is not supported: use bf16 (or fp32 on CPUs without bf16 units)")
     return ds
 
 
 def zero_stage(ds: dict) -> int:
     return int(ds["zero_optimization"]["stage"])
+
+
+def is_bf16(ds: dict) -> bool:
+    return bool(ds.get("bf16", {}).get("enabled", False))
+
+
+def skips_nonfinite_steps(ds: dict) -> bool:
+    """Whether DeepSpeed itself skips a step with non-finite gradients (bf16.check_grad_overflow)."""
+    return is_bf16(ds) and ds["bf16"].get("check_grad_overflow", True)
 
 
 def _fill(ds: dict, key: str, value, where: str) -> None:
@@ -84,18 +93,19 @@ def complete_ds_config(ds: dict, cfg: ExperimentConfig, world_size: int, *, univ
 
 
 def build_model(cfg: ExperimentConfig, ds: dict) -> torch.nn.Module:
-    """The DiT in bf16; under ZeRO-3 built inside zero.Init, partitioned as each module is created."""
+    """The DiT in bf16 (fp32 when the JSON disables bf16); under ZeRO-3 built inside zero.Init,
+    partitioned as each module is created."""
     import deepspeed
 
     from ditscale.models import DiT
 
-    kwargs = cfg.model.dit_kwargs()
-    with deepspeed.zero.Init(config_dict_or_path=ds, enabled=zero_stage(ds) == 3, dtype=torch.bfloat16):
-        model = DiT(**kwargs)
+    dtype = torch.bfloat16 if is_bf16(ds) else torch.float32
+    with deepspeed.zero.Init(config_dict_or_path=ds, enabled=zero_stage(ds) == 3, dtype=dtype):
+        model = DiT(**cfg.model.dit_kwargs())
     # DeepSpeed casts parameters, not buffers: the fixed sin-cos positions follow the parameters' dtype.
     for buf in model.buffers():
         if buf.is_floating_point():
-            buf.data = buf.data.to(torch.bfloat16)
+            buf.data = buf.data.to(dtype)
     return model
 
 

@@ -162,8 +162,8 @@ def test_ds_config_errors_name_the_file_and_key(tmp_path):
     f.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": {"stage": 0}}))
     with pytest.raises(ConfigError, match=f"{f}: zero_optimization.stage must be 1, 2 or 3"):
         read_ds_config(f)
-    f.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
-    with pytest.raises(ConfigError, match="bf16.enabled must be true"):
+    f.write_text(json.dumps({"fp16": {"enabled": True}, "zero_optimization": {"stage": 2}}))
+    with pytest.raises(ConfigError, match="fp16 is not supported"):
         read_ds_config(f)
     f.write_text("{not json")
     with pytest.raises(ConfigError, match=f"cannot read {f}"):
