@@ -196,6 +196,10 @@ def start(cfg: ExperimentConfig, ds: dict, env, device: torch.device) -> Start:
         raise ConfigError(f"engine.ds_config: {resume_dir} was written under ZeRO-{resume_meta['zero_stage']}, this "
                           f"run uses ZeRO-{stage} ({cfg.engine.ds_config}); DeepSpeed cannot move a checkpoint "
                           f"between ZeRO-3 and ZeRO-1/2: keep the stage (the world size may change)")
+    if resume_dir is not None and resume_dir.parent.resolve() == (Path(cfg.run_dir) / checkpoint.CKPT_DIR).resolve():
+        if env.rank == 0:
+            checkpoint.abandon_newer(resume_dir.parent, resume_meta["step"], log=say)
+        torch.distributed.barrier()
     universal_dir = checkpoint.make_universal(resume_dir, cfg.run_dir, log=say) if universal else None
     checkpoint.seed_everything(cfg.train.seed)
     engine = build_engine(cfg, complete_ds_config(ds, cfg, env.world_size, universal=universal), device)
@@ -206,7 +210,8 @@ def start(cfg: ExperimentConfig, ds: dict, env, device: torch.device) -> Start:
     ema = ShardedEMA(master_shards(engine), cfg.train.ema_decay)
     checkpoint.load_ema(ema, resume_dir, resume_meta, same_layout=not universal)
     say(f"resumed from {resume_dir} at step {resume_meta['step']}" +
-        (" (universal: the world size changed)" if universal else ""))
+        (f" (universal: {resume_meta['world_size']} -> {env.world_size} ranks, ZeRO-{resume_meta['zero_stage']} -> "
+         f"ZeRO-{stage})" if universal else ""))
     return Start(engine, ema, resume_meta["step"], resume_meta["images_seen"], client, resume_dir)
 
 
@@ -300,8 +305,8 @@ def train(cfg: ExperimentConfig, meta: dict, ds: dict, env, device: torch.device
 
             save_due = step % tc.ckpt_every == 0 or step == tc.max_steps
             if not skips_nonfinite and (metrics.due(step) or save_due) and (bad := metrics.take_nonfinite()):
-                return diverged(bad, f"{bad} non-finite losses and bf16.check_grad_overflow=false (the weights "
-                                     f"took those steps)")
+                return diverged(bad, f"{bad} non-finite losses, and DeepSpeed did not skip their steps (fp32, or "
+                                     f"bf16.check_grad_overflow=false): the weights took them")
             if metrics.due(step):
                 metrics.log(step, engine.get_lr()[0], images_seen)
             if nonfinite_run >= tc.max_nonfinite:

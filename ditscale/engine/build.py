@@ -2,7 +2,8 @@
 (under zero.Init for ZeRO-3, so no process ever holds the whole model), the optimizer, initialize.
 
 The JSON owns how DeepSpeed works (ZeRO stage, offload, bf16, buckets); the experiment YAML owns what is
-trained (batch, optimizer, clipping). Keys of the second kind in the JSON must be "auto" (or absent, or
+trained (batch, optimizer, clipping). bf16 is the precision of every GPU config; fp32 (bf16 disabled,
+ZeRO-1/2: ds_configs/zero1_fp32_cpu.json) is for CPUs without bf16 units, where it is ~8x faster. Keys of the second kind in the JSON must be "auto" (or absent, or
 equal to the YAML's value): a conflicting number there is an error naming the file and the key.
 """
 from __future__ import annotations
@@ -32,6 +33,8 @@ def read_ds_config(path: str | Path) -> dict:
                           f"master weights), got {stage!r}")
     if ds.get("fp16", {}).get("enabled", False):
         raise ConfigError(f"{path}: fp16 is not supported: use bf16 (or fp32 on CPUs without bf16 units)")
+    if not is_bf16(ds) and stage == 3:
+        raise ConfigError(f"{path}: fp32 (bf16.enabled false) is supported with ZeRO-1/2 only; enable bf16")
     return ds
 
 

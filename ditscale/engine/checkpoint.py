@@ -76,16 +76,18 @@ def _owner(filename: str) -> int:
     return int(m.group(1)) if m else 0
 
 
-def fsync_own_files(ckpt_dir: Path, rank: int) -> None:
-    for root, _, files in os.walk(ckpt_dir):
-        for name in files:
-            if _owner(name) == rank:
-                fsync_path(os.path.join(root, name))
+def fsync_own_files(ckpt_dir: Path, rank: int, own: list[Path]) -> None:
+    """fsync what this rank wrote: its DeepSpeed state files (complete: DeepSpeed's save ends in a
+    barrier) and its own files; rank 0 also the directories. Other ranks' files may still be in flight
+    (under temporary names), so nothing is fsynced by listing alone."""
+    for name in os.listdir(ckpt_dir):
+        if name.endswith("_states.pt") and _owner(name) == rank:
+            fsync_path(ckpt_dir / name)
+    for f in own:
+        fsync_path(f)
     if rank == 0:
-        for root, dirs, _ in os.walk(ckpt_dir):
-            for d in dirs:
-                fsync_path(os.path.join(root, d))
-        fsync_path(ckpt_dir)
+        for d in (ckpt_dir / "ema", ckpt_dir / "client", ckpt_dir):
+            fsync_path(d)
 
 
 #################################################################################
@@ -173,6 +175,22 @@ def rotate(root: str | Path, keep_last: int, log=print) -> None:
         log(f"removed checkpoint {path}")
 
 
+def abandon_newer(root: str | Path, step: int, log=print) -> None:
+    """Resuming a run from one of its older checkpoints starts a new branch: the newer complete
+    checkpoints move to ckpt/abandoned-<time>/ (kept, but invisible to resume "auto") and the pointer
+    goes back. (Newer incomplete ones are debris of a crash: saves replace them, rotation removes them.)"""
+    root = Path(root)
+    newer = [path for s, path in list_tags(root) if s > step and (path / META).exists()]
+    if not newer:
+        return
+    aside = root / f"abandoned-{int(time.time())}"
+    aside.mkdir()
+    for path in newer:
+        os.replace(path, aside / path.name)
+    atomic_write(root / POINTER, tag_for(step).encode())
+    log(f"resuming from step {step}: moved the newer checkpoints {[p.name for p in newer]} to {aside}")
+
+
 #################################################################################
 #                              Per-rank client state                            #
 #################################################################################
@@ -238,13 +256,13 @@ def save(engine, ema, run_dir: str | Path, step: int, *, client: dict, meta: dic
     engine.save_checkpoint(str(root), tag=tag, client_state=ds_client, save_latest=False)
     ok = True
     try:
-        (path / "ema").mkdir(exist_ok=True)
-        (path / "client").mkdir(exist_ok=True)
-        ema.save(path / "ema" / f"rank_{rank:05d}.safetensors")
-        torch.save({**client, "rng": rng_state(), "rank": rank, "world_size": world},
-                   path / "client" / f"rank_{rank:05d}.pt")
+        own = [path / "ema" / f"rank_{rank:05d}.safetensors", path / "client" / f"rank_{rank:05d}.pt"]
+        for f in own:
+            f.parent.mkdir(exist_ok=True)
+        ema.save(own[0])
+        torch.save({**client, "rng": rng_state(), "rank": rank, "world_size": world}, own[1])
         _fault_point("save", rank, step, path)
-        fsync_own_files(path, rank)
+        fsync_own_files(path, rank, own)
     except Exception as e:  # report, then let every rank learn that this checkpoint is not complete
         ok = False
         log(f"rank {rank}: writing checkpoint {path} failed: {e!r}")

@@ -42,6 +42,9 @@ def find_checkpoint(path: str | Path) -> Path:
     for root in (path, path / "ckpt"):
         if (root / POINTER).is_file():
             return root / (root / POINTER).read_text().strip()
+    if path.is_dir() and not (path / "meta.json").exists() and not path.name.startswith("step_"):
+        raise CheckpointError(f"no checkpoint in {path}: give a ckpt/step_* directory, a ckpt/ directory with a "
+                              f"'latest' file, or a run directory")
     return path
 
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from ditscale.engine.checkpoint import (CheckpointError, _owner, atomic_write, list_tags, newest_complete,
+from ditscale.engine.checkpoint import (CheckpointError, _owner, abandon_newer, atomic_write, list_tags,
+                                        newest_complete,
                                         read_meta, resolve_resume, rng_state, rotate, set_rng_state, tag_for)
 
 
@@ -94,3 +95,16 @@ def test_rng_state_roundtrip_through_a_safe_load(tmp_path):
     set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     again = (random.random(), np.random.rand(), torch.rand(3))
     assert first[0] == again[0] and first[1] == again[1] and torch.equal(first[2], again[2])
+
+
+def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path):
+    for step in (10, 20, 30):
+        make_ckpt(tmp_path, step)
+    make_ckpt(tmp_path, 40, complete=False)
+    (tmp_path / "ckpt" / "latest").write_text("step_00000030")
+    abandon_newer(tmp_path / "ckpt", 10, log=lambda *_: None)
+    assert [s for s, _ in list_tags(tmp_path / "ckpt")] == [10, 40]
+    assert (tmp_path / "ckpt" / "latest").read_text() == "step_00000010"
+    aside = [p for p in (tmp_path / "ckpt").iterdir() if p.name.startswith("abandoned-")]
+    assert len(aside) == 1 and sorted(p.name for p in aside[0].iterdir()) == ["step_00000020", "step_00000030"]
+    assert resolve_resume(tmp_path, "auto").name == "step_00000010"

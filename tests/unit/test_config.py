@@ -10,7 +10,7 @@ import yaml
 
 from ditscale.config import (ConfigError, ExperimentConfig, config_diff, config_hash, identity, load_config,
                              resolve_with_dataset, save_config, to_dict)
-from ditscale.engine.build import complete_ds_config, read_ds_config
+from ditscale.engine.build import complete_ds_config, read_ds_config, skips_nonfinite_steps
 from ditscale.engine.launch import detect
 
 REPO = Path(__file__).resolve().parents[2]
@@ -143,13 +143,22 @@ def test_resume_identity_ignores_what_may_change():
 # DeepSpeed JSON
 # --------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["zero1_bf16", "zero2_bf16", "zero3_bf16", "zero3_offload_bf16"])
+def test_the_ds_configs():
+    names = sorted(p.stem for p in (REPO / "ds_configs").glob("*.json"))
+    assert names == ["zero1_bf16", "zero1_fp32_cpu", "zero2_bf16", "zero3_bf16", "zero3_offload_bf16"]
+    stages = {n: read_ds_config(REPO / "ds_configs" / f"{n}.json")["zero_optimization"]["stage"] for n in names}
+    assert stages == {"zero1_bf16": 1, "zero1_fp32_cpu": 1, "zero2_bf16": 2, "zero3_bf16": 3, "zero3_offload_bf16": 3}
+
+
+@pytest.mark.parametrize("name", ["zero1_bf16", "zero1_fp32_cpu", "zero2_bf16", "zero3_bf16", "zero3_offload_bf16"])
 def test_every_ds_config_completes(name):
     cfg = tiny("optim.grad_clip=1.0", "optim.warmup_steps=100", f"engine.ds_config=ds_configs/{name}.json")
     ds = complete_ds_config(read_ds_config(REPO / "ds_configs" / f"{name}.json"), cfg, world_size=2, universal=True)
-    assert ds["bf16"]["enabled"] and ds["gradient_clipping"] == 1.0 and ds["checkpoint"]["load_universal"]
+    assert ds["bf16"]["enabled"] == ("bf16" in name) and ds["gradient_clipping"] == 1.0
+    assert ds["checkpoint"]["load_universal"]
     assert ds["scheduler"]["params"]["warmup_num_steps"] == 100 and ds["scheduler"]["params"]["warmup_max_lr"] == 1e-3
     assert "auto" not in json.dumps(ds)
+    assert skips_nonfinite_steps(ds) == ("bf16" in name)
     if "optimizer" in ds:
         assert ds["optimizer"]["params"] == {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0}
 
@@ -164,6 +173,9 @@ def test_ds_config_errors_name_the_file_and_key(tmp_path):
         read_ds_config(f)
     f.write_text(json.dumps({"fp16": {"enabled": True}, "zero_optimization": {"stage": 2}}))
     with pytest.raises(ConfigError, match="fp16 is not supported"):
+        read_ds_config(f)
+    f.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    with pytest.raises(ConfigError, match="fp32 .* ZeRO-1/2 only"):
         read_ds_config(f)
     f.write_text("{not json")
     with pytest.raises(ConfigError, match=f"cannot read {f}"):
