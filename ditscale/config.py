@@ -127,6 +127,7 @@ class DataConfig:
     prefetch_factor: int = 4            # batches each worker keeps ready
     shuffle: bool = True
     shuffle_seed: int | None = None     # None: train.seed
+    hflip: bool = True                  # show each sample's stored mirror half the time (off for digits, text)
 
     def validate(self) -> None:
         _require(bool(self.root), "data.root", "is required (the dataset directory written by data_prep)")

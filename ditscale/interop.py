@@ -64,21 +64,49 @@ def _select(obj, path: Path, weights: str) -> dict:
     raise ValueError(f"{path}: no {weights} weights (key {key!r}) in a checkpoint with keys {sorted(obj)[:8]}")
 
 
+SHARD_INDEX = ".safetensors.index.json"
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+
+
+def read_sharded(index: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a sharded safetensors export: `<name>.safetensors.index.json` (the Hugging Face layout
+    that `ditscale.engine.export` writes past --max-shard-size) and the shard files its weight_map names."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{index}: not a readable safetensors index ({type(e).__name__}: {e})") from e
+    out: dict[str, torch.Tensor] = {}
+    for shard in dict.fromkeys(weight_map.values()):
+        tensors = _load_safetensors(index.parent / shard)
+        listed = {k for k, v in weight_map.items() if v == shard}
+        if set(tensors) != listed:
+            raise ValueError(f"{index}: shard {shard} holds {sorted(set(tensors) - listed)[:3]} unlisted and lacks "
+                             f"{sorted(listed - set(tensors))[:3]} listed tensors (shards of another export?)")
+        out.update(tensors)
+    return out
+
+
 def read_state_dict(path, weights: str = "ema") -> dict[str, torch.Tensor]:
-    """Official-layout DiT state dict from a .safetensors or .pt/.pth/.bin file, on the CPU; strips the
-    "module." (DDP) and "_orig_mod." (torch.compile) prefixes."""
+    """Official-layout DiT state dict from a .safetensors or .pt/.pth/.bin file, or a sharded export's
+    `.safetensors.index.json`, on the CPU; strips the "module." (DDP) and "_orig_mod." (torch.compile)
+    prefixes."""
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"checkpoint {path} does not exist or is not a file")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            sd = load_file(str(path))
-        except Exception as e:
-            raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+    if path.name.endswith(SHARD_INDEX):
+        sd = read_sharded(path)
+    elif path.suffix == ".safetensors":
+        sd = _load_safetensors(path)
     else:
         sd = _select(_torch_load(path), path, weights)
     out = {}

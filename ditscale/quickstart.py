@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 OUT = Path(os.environ.get("DITSCALE_QUICKSTART_OUT", "quickstart_out"))
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 
 
 def loss_curve(metrics: Path, png: Path) -> None:
@@ -46,7 +47,7 @@ def main(argv=None) -> int:
     if not (data / "dataset.json").exists():
         make_dataset(str(images), str(data), resolution=8, vae="none", format="mds", image_channels=1, progress=True)
     print("[3/5] training through ditscale.train (DeepSpeed on CPU)")
-    rc = subprocess.call([sys.executable, "-m", "ditscale.train", "--config", "configs/quickstart.yaml",
+    rc = subprocess.call([sys.executable, "-m", "ditscale.train", "--config", str(CONFIG),
                           f"data.root={data}", f"run_dir={run}", *(argv if argv is not None else sys.argv[1:])])
     if rc != 0:
         print(f"training failed with exit code {rc}; see {run}")

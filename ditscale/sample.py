@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,7 +22,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from ditscale.interop import WEIGHTS, load_dit, preset_of
+from ditscale.interop import SHARD_INDEX, WEIGHTS, load_dit, preset_of
 from ditscale.sampling.core import (SAMPLERS, GuidedSampler, decode, index_labels, index_seeds, sample_latents,
                                     sampling_diffusion, seeded_noise, to_uint8)
 from ditscale.sampling.grid import GridConfig, ema_grid, save_grid, vae_and_scale
@@ -63,22 +64,36 @@ def _read_config(path: Path) -> dict:
     return model if isinstance(model, dict) else {}
 
 
+_SHARD = re.compile(r"-\d{5}-of-\d{5}$")                      # <stem>-00001-of-00003.safetensors
+
+def _stem(weights: Path) -> str:
+    """A weights file's name without its suffix: `ema` of ema.safetensors and of ema.safetensors.index.json."""
+    return weights.name[:-len(SHARD_INDEX)] if weights.name.endswith(SHARD_INDEX) else weights.stem
+
+
 def _config_near(ckpt: Path) -> Path | None:
     """A config written next to the weights: <name>.json/.yaml, config.json/.yaml, model_config.json."""
-    names = [ckpt.with_suffix(s).name for s in (".json", ".yaml", ".yml")]
+    names = [_stem(ckpt) + s for s in (".json", ".yaml", ".yml")]
     names += ["config.json", "config.yaml", "config.yml", "model_config.json"]
     return next((ckpt.parent / n for n in names if (ckpt.parent / n).is_file() and ckpt.parent / n != ckpt), None)
 
 
 def _weights_file(path: Path, weights: str) -> Path:
-    """The weights file of a checkpoint path: the file itself, or in a directory the one .safetensors/.pt
-    file whose name contains "ema" / "raw" (or the only one)."""
+    """The weights file of a checkpoint path: the file itself; for a sharded export its index, also when
+    given as the export's --out path (ema.safetensors → ema.safetensors.index.json); in a directory the one
+    weights file or index whose name contains "ema" / "raw" (or the only one)."""
     if path.is_file():
         return path
+    index = path.with_name(path.name + ".index.json")
+    if path.name.endswith(".safetensors") and index.is_file():
+        return index
     if not path.is_dir():
         raise ValueError(f"--ckpt {path} does not exist")
-    files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".pt", ".pth", ".bin"))
-    named = [p for p in files if weights in p.stem.lower()] or (files if len(files) == 1 else [])
+    indexes = sorted(p for p in path.iterdir() if p.name.endswith(SHARD_INDEX))
+    sharded = {_stem(i) for i in indexes}
+    files = [p for p in path.iterdir() if p.suffix in (".safetensors", ".pt", ".pth", ".bin")]
+    files = sorted([p for p in files if _SHARD.sub("", p.stem) not in sharded] + indexes)
+    named = [p for p in files if weights in _stem(p).lower()] or (files if len(files) == 1 else [])
     if len(named) != 1:
         raise ValueError(f"--ckpt {path}: cannot pick the {weights} weights among {[p.name for p in files]}; "
                          "give the file")
@@ -142,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=_Help)
     g = p.add_argument_group("model")
     g.add_argument("--ckpt", required=True, help="official-layout weights (.safetensors / .pt, e.g. the paper's "
-                   "DiT-XL-2-256x256.pt) or a trainer export directory")
+                   "DiT-XL-2-256x256.pt), a sharded export's .safetensors.index.json, or an export directory")
     g.add_argument("--weights", default="ema", choices=WEIGHTS, help="EMA or raw weights of a checkpoint")
     g.add_argument("--config", default=None, help="model config: JSON/YAML file or inline JSON such as "
                    "'{\"num_heads\": 16}' (default: a config next to the weights; shapes give the rest)")

@@ -138,6 +138,19 @@ def endless(loader):
         yield from loader
 
 
+def report_memory(engine, ema, metrics, step: int, rss_before_model_gib: float | None) -> None:
+    """What every rank holds (params, grads, optimizer state, EMA, RSS now and peak), after the run's first
+    step and at its end: a "memory" event in metrics.jsonl, a log line for rank 0 and the rank of the
+    highest peak RSS."""
+    from ditscale.engine.memory import describe, gather_states
+
+    states = gather_states(engine, ema, rss_before_model_gib)
+    metrics.write_event(event="memory", step=step, ranks=states)
+    top = max(states, key=lambda r: r["peak_rss_gib"])
+    for rec in [states[0]] + ([top] if top is not states[0] else []):
+        say(f"memory at step {step}: {describe(rec)}")
+
+
 #################################################################################
 #                                   Sample grids                                #
 #################################################################################
@@ -221,7 +234,7 @@ def make_loader(cfg: ExperimentConfig, micro_batch: int, device: torch.device, c
 
     seed = cfg.train.seed if cfg.data.shuffle_seed is None else cfg.data.shuffle_seed
     dataset = build_dataset(cfg.data.root, batch_size=micro_batch, seed=seed, shuffle=cfg.data.shuffle,
-                            local=cfg.data.cache)
+                            local=cfg.data.cache, hflip=cfg.data.hflip)
     workers = cfg.data.num_workers
     loader = build_dataloader(dataset, batch_size=micro_batch, num_workers=workers, pin_memory=device.type == "cuda",
                               prefetch_factor=cfg.data.prefetch_factor if workers else None)
@@ -234,6 +247,7 @@ def train(cfg: ExperimentConfig, meta: dict, ds: dict, env, device: torch.device
     from ditscale.diffusion import create_diffusion
     from ditscale.engine import checkpoint
     from ditscale.engine.build import skips_nonfinite_steps, zero_stage
+    from ditscale.engine.memory import process_memory
     from ditscale.engine.metrics import Metrics
     from ditscale.engine.signals import StopRequest
     from ditscale.models.flops import train_flops_per_image
@@ -243,6 +257,7 @@ def train(cfg: ExperimentConfig, meta: dict, ds: dict, env, device: torch.device
     if tc.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
+    rss_before_model = process_memory()["rss_gib"]
     run = start(cfg, ds, env, device)
     engine, ema, step, images_seen = run.engine, run.ema, run.step, run.images_seen
     if env.rank == 0:
@@ -302,6 +317,8 @@ def train(cfg: ExperimentConfig, meta: dict, ds: dict, env, device: torch.device
             images_seen += tc.global_batch
             nonfinite_run = 0 if applied else nonfinite_run + 1
             metrics.add_step(applied, engine.get_global_grad_norm() if applied else None, data_wait)
+            if step == run.step + 1:
+                report_memory(engine, ema, metrics, step, rss_before_model)
 
             save_due = step % tc.ckpt_every == 0 or step == tc.max_steps
             if not skips_nonfinite and (metrics.due(step) or save_due) and (bad := metrics.take_nonfinite()):
@@ -323,6 +340,7 @@ def train(cfg: ExperimentConfig, meta: dict, ds: dict, env, device: torch.device
                 say(f"stopping at step {step}: checkpoint complete, exit {EXIT_PREEMPTED}")
                 metrics.write_event(event="preempted", step=step)
                 return EXIT_PREEMPTED
+        report_memory(engine, ema, metrics, step, rss_before_model)      # peak RSS of the whole run, saves included
         say(f"done: {step} steps, {images_seen} images")
         metrics.write_event(event="done", step=step)
         return EXIT_OK

@@ -56,11 +56,12 @@ def default_cache_dir(root: str) -> str:
 
 def build_dataset(path: str, *, batch_size: int, seed: int = 0, shuffle: bool = True,
                   split: str | None = None, local: str | None = None, format: str | None = None,
-                  shuffle_buffer: int = 2000, **streaming_kwargs: Any):
+                  shuffle_buffer: int = 2000, hflip: bool = True, **streaming_kwargs: Any):
     """A torch IterableDataset of reader items over the dataset at `path` (local or remote).
 
     batch_size: per-rank batch size, as given to the DataLoader (streaming partitions by it).
-    seed: shuffle order and flips. local: MDS cache directory (default `default_cache_dir(root)`; must
+    seed: shuffle order and flips. hflip: False always gives the image as stored, never its mirror
+    (for data whose mirror is not a valid sample: digits, text). local: MDS cache directory (default `default_cache_dir(root)`; must
     be unique per live dataset in a process; `local=path` reads a local dataset in place, decompressing
     its shards next to them). format: checked against dataset.json when given. streaming_kwargs go to
     StreamingDataset (predownload, cache_limit, num_canonical_nodes, epoch_size, ...); the webdataset
@@ -78,7 +79,7 @@ def build_dataset(path: str, *, batch_size: int, seed: int = 0, shuffle: bool = 
         if os.path.abspath(local) == remote:
             remote = None
         return LatentMDSDataset(metadata=meta, remote=remote, local=local,
-                                shuffle=shuffle, shuffle_seed=seed, batch_size=batch_size,
+                                shuffle=shuffle, shuffle_seed=seed, batch_size=batch_size, hflip=hflip,
                                 **streaming_kwargs)
     from ditscale.data.wds import LatentWdsDataset
 
@@ -86,7 +87,7 @@ def build_dataset(path: str, *, batch_size: int, seed: int = 0, shuffle: bool = 
         raise ValueError(f"webdataset reader takes no streaming options: {sorted(streaming_kwargs)}")
     index = json.loads(read_bytes(join(root, WDS_INDEX)))
     return LatentWdsDataset(root, meta, index["shards"], seed=seed, shuffle=shuffle,
-                            shuffle_buffer=shuffle_buffer)
+                            shuffle_buffer=shuffle_buffer, hflip=hflip)
 
 
 def build_dataloader(dataset, *, batch_size: int, num_workers: int = 2, drop_last: bool = True,

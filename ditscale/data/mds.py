@@ -69,9 +69,9 @@ class LatentMDSDataset(StreamingDataset):
     record (both flips, label, source key).
     """
 
-    def __init__(self, *, metadata: dict, **streaming_kwargs: Any):
+    def __init__(self, *, metadata: dict, hflip: bool = True, **streaming_kwargs: Any):
         super().__init__(**streaming_kwargs)
-        self.metadata = metadata
+        self.metadata, self.hflip = metadata, hflip
         c, s = metadata["latent_channels"], metadata["latent_size"]
         self._shape = (c, s, s)
         self._plane = c * s * s                 # fp16 elements of one flip
@@ -127,7 +127,7 @@ class LatentMDSDataset(StreamingDataset):
 
     def get_item(self, sample_id: int, retry: int = 7) -> dict[str, Any]:
         index = int(sample_id)
-        flip = flip_of(self.shuffle_seed, self._epoch, index)
+        flip = flip_of(self.shuffle_seed, self._epoch, index) if self.hflip else 0
         if self.cache_limit:    # shards may be evicted under us: take streaming's guarded path
             rec = super().get_item(index, retry)
             return self._item(rec["mean"][flip], rec["logvar"][flip], rec["label"], index)

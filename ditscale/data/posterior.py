@@ -1,20 +1,30 @@
 """Drawing a latent from the stored posterior, on the trainer's device, per batch."""
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
 
 
 def scale_tensor(scale_factor: float | Sequence[float], channels: int, device) -> torch.Tensor:
-    """The scale as a (1, C, 1, 1) fp32 tensor (one value for all channels, or one per channel)."""
+    """The scale as a (1, C, 1, 1) fp32 tensor (one value for all channels, or one per channel).
+
+    Cached per (values, device): building it from Python data is a blocking host-to-device copy, which
+    once per step would be a host sync in the training loop.
+    """
     if isinstance(scale_factor, (int, float)):
-        values = [float(scale_factor)] * channels
+        values = (float(scale_factor),) * channels
     else:
-        values = [float(s) for s in scale_factor]
+        values = tuple(float(s) for s in scale_factor)
         if len(values) != channels:
             raise ValueError(f"scale_factor has {len(values)} entries for {channels} channels")
-    return torch.tensor(values, dtype=torch.float32, device=device).view(1, channels, 1, 1)
+    return _cached_scale(values, torch.device(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_scale(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=device).view(1, len(values), 1, 1)
 
 
 def sample_latents(mean: torch.Tensor, logvar: torch.Tensor, scale_factor: float | Sequence[float],
@@ -30,4 +40,7 @@ def sample_latents(mean: torch.Tensor, logvar: torch.Tensor, scale_factor: float
     mean = mean.float()
     std = torch.exp(0.5 * logvar.float())                                     # (N, C, h, w)
     eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=torch.float32)
-    return scale_tensor(scale_factor, mean.shape[1], mean.device) * (mean + std * eps)
+    latent = mean + std * eps
+    if isinstance(scale_factor, (int, float)):
+        return latent * float(scale_factor)
+    return scale_tensor(scale_factor, mean.shape[1], mean.device) * latent

@@ -88,10 +88,10 @@ class LatentWdsDataset(IterableDataset):
     """Items `{"mean": (C, h, w) fp16, "logvar": (C, h, w) fp16, "label": int, "index": int}`."""
 
     def __init__(self, root: str, metadata: dict, shards: list[dict], *, seed: int = 0, shuffle: bool = True,
-                 shuffle_buffer: int = 2000):
+                 shuffle_buffer: int = 2000, hflip: bool = True):
         super().__init__()
         self.root, self.metadata, self.seed, self.shuffle = root, metadata, int(seed), shuffle
-        self.shuffle_buffer = shuffle_buffer
+        self.shuffle_buffer, self.hflip = shuffle_buffer, hflip
         self.urls = [join(root, s["basename"]) for s in shards]
         self.counts = [int(s["samples"]) for s in shards]
         self.offsets = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64).tolist()
@@ -178,7 +178,7 @@ class LatentWdsDataset(IterableDataset):
                 raise RuntimeError(f"{url}: {seen} samples, the index says {self.counts[shard]}")
 
     def _decode(self, index: int, sample: dict, epoch: int) -> dict[str, Any]:
-        flip = flip_of(self.seed, epoch, index)
+        flip = flip_of(self.seed, epoch, index) if self.hflip else 0
         out = {}
         for name in ("mean", "logvar"):
             data = sample[f"{name}.npy"]

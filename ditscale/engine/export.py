@@ -5,11 +5,12 @@
     python -m ditscale.engine.export RUN_DIR --out big.safetensors --max-shard-size 5GB
 
 Works for a checkpoint of any ZeRO stage and world size: the EMA is assembled from the per-rank shard
-files, the raw weights are the optimizer's fp32 master copy (DeepSpeed's zero_to_fp32, lazily), one
-parameter at a time. Output is fp32, with the fixed sin-cos `pos_embed`, so `DiT(**config)
+files, the raw weights are the optimizer's fp32 master copy (DeepSpeed's zero_to_fp32, lazily), a shard
+at a time. Output is fp32, with the fixed sin-cos `pos_embed`, so `DiT(**config)
 .load_state_dict(..., strict=True)` takes it. Past --max-shard-size the weights go into numbered shards
 plus a `<name>.safetensors.index.json` (the Hugging Face layout), written one shard at a time: no
-process holds more than one shard. A `<name>.json` beside the weights holds the DiT kwargs, the step
+process holds more than one shard (raw weights of ZeRO-1/2: the fp32 model, which zero_to_fp32 joins
+whole; such models fit one GPU). A `<name>.json` beside the weights holds the DiT kwargs, the step
 and the dataset's vae / scale factor / classes (what `ditscale.sample` reads).
 """
 from __future__ import annotations
@@ -57,8 +58,24 @@ def expected_shapes(dit_kwargs: dict) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def weight_source(ckpt: Path, meta: dict, weights: str) -> tuple[dict[str, tuple], Callable[[str], torch.Tensor]]:
-    """(shapes of the trained parameters, a reader of one full fp32 parameter by name)."""
+def _zero_fp32(ckpt: Path) -> dict:
+    """DeepSpeed's lazy zero_to_fp32 view of a checkpoint (its own progress output silenced)."""
+    import contextlib
+    import io
+
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name, lazy_mode=True)
+
+
+def weight_reader(ckpt: Path, meta: dict, weights: str) -> tuple[dict[str, tuple], Callable[[list[str]], dict]]:
+    """(shapes of the trained parameters, a reader of full fp32 parameters by name, a list at a time).
+
+    The reader holds only what it is asked for: the EMA comes slice by slice from the rank files. The raw
+    weights come through DeepSpeed's lazy zero_to_fp32, whose optimizer files are memory-mapped: pages read
+    stay resident until the mapping closes, so under ZeRO-3 it is reopened for every call (one shard).
+    ZeRO-1/2's zero_to_fp32 concatenates the whole fp32 model anyway; it is opened once."""
     if weights == "ema":
         from ditscale.engine.ema import ShardIndex
 
@@ -67,12 +84,24 @@ def weight_source(ckpt: Path, meta: dict, weights: str) -> tuple[dict[str, tuple
             raise CheckpointError(f"{ckpt / 'ema'} holds {len(files)} EMA files; the checkpoint has "
                                   f"{meta['world_size']} ranks")
         index = ShardIndex(files)
-        return {n: index.shapes[n] for n in index.names()}, index.full
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    lazy = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name, lazy_mode=True)
+        return {n: index.shapes[n] for n in index.names()}, lambda names: {n: index.full(n) for n in names}
+    lazy = _zero_fp32(ckpt)
     shapes = {n: tuple(t.shape) for n, t in lazy.items() if n != "pos_embed"}
-    return shapes, lambda name: lazy[name].contiguous().float()
+    kept = lazy if meta["zero_stage"] < 3 else None
+    del lazy
+
+    def read(names: list[str]) -> dict[str, torch.Tensor]:
+        source = kept if kept is not None else _zero_fp32(ckpt)
+        return {n: source[n].contiguous().float() for n in names}
+
+    return shapes, read
+
+
+def weight_source(ckpt: Path, meta: dict, weights: str) -> tuple[dict[str, tuple], Callable[[str], torch.Tensor]]:
+    """(shapes of the trained parameters, a reader of one full fp32 parameter by name): `weight_reader`
+    a name at a time (for small models and tests: ZeRO-3 raw weights reopen DeepSpeed's files per name)."""
+    shapes, read = weight_reader(ckpt, meta, weights)
+    return shapes, lambda name: read([name])[name]
 
 
 def parse_size(text: str) -> int:
@@ -101,18 +130,59 @@ def plan_shards(shapes: dict[str, tuple], max_bytes: int) -> list[list[str]]:
     return shards
 
 
-def export(ckpt: str | Path, out: str | Path, weights: str = "ema", max_shard_bytes: int = 10 * 10**9,
-           log=print) -> list[Path]:
-    """Write the weights of a checkpoint; returns the files written (weights, then the index if any)."""
+def write_weights(out: Path, shapes: dict[str, tuple], tensors: Callable[[list[str]], dict[str, torch.Tensor]],
+                  max_shard_bytes: int, metadata: dict[str, str], log=print) -> list[Path]:
+    """`out` as one .safetensors (or .pt) file; past max_shard_bytes of fp32, numbered shards
+    `<stem>-00001-of-0000N.safetensors` + `<stem>.safetensors.index.json`, each shard asked of `tensors` and
+    written before the next. Files of an earlier export to the same `out` in the other form are removed,
+    so the path never names stale weights. Returns the files written (weights, then the index if any)."""
     from safetensors.torch import save_file
 
+    from ditscale.interop import SHARD_INDEX
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    groups = plan_shards(shapes, max_shard_bytes)
+    stem = out.name[: -len(".safetensors")] if out.name.endswith(".safetensors") else out.name
+    if out.suffix == ".pt":
+        if len(groups) > 1:
+            raise ValueError(f"--out {out}: a .pt file is one piece; use .safetensors to shard above the limit")
+        torch.save(tensors(list(shapes)), out)
+        files = [out]
+    elif len(groups) == 1:
+        save_file(tensors(groups[0]), str(out), metadata=metadata)
+        files = [out]
+    else:
+        files, weight_map = [], {}
+        for i, names in enumerate(groups):
+            shard = out.parent / f"{stem}-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+            save_file(tensors(names), str(shard), metadata=metadata)
+            weight_map.update({n: shard.name for n in names})
+            files.append(shard)
+            log(f"wrote {shard}")
+        index = out.parent / f"{stem}{SHARD_INDEX}"
+        total = sum(4 * math.prod(s) for s in shapes.values())
+        index.write_text(json.dumps({"metadata": {"total_size": total, **metadata}, "weight_map": weight_map},
+                                    indent=1))
+        files.append(index)
+    stale = [out, out.parent / f"{stem}{SHARD_INDEX}", *out.parent.glob(f"{stem}-[0-9]*-of-[0-9]*.safetensors")]
+    for f in stale:
+        if f not in files and f.is_file():
+            f.unlink()
+            log(f"removed {f} (an earlier export to {out})")
+    return files
+
+
+def export(ckpt: str | Path, out: str | Path, weights: str = "ema", max_shard_bytes: int = 10 * 10**9,
+           log=print) -> list[Path]:
+    """Write the weights of a checkpoint (`write_weights`) and the `<stem>.json` sidecar; returns the
+    weights files written (weights, then the index if any)."""
     from ditscale.config import model_from_dict
 
     ckpt, out = find_checkpoint(ckpt), Path(out)
     meta = read_meta(ckpt)
     dit_kwargs = model_from_dict(meta["config"]["model"]).dit_kwargs()
     expected = expected_shapes(dit_kwargs)
-    shapes, read = weight_source(ckpt, meta, weights)
+    shapes, read = weight_reader(ckpt, meta, weights)
     fixed = official_state_dict({}, dit_kwargs)
     shapes = {**shapes, **{k: tuple(v.shape) for k, v in fixed.items()}}
     if shapes != expected:
@@ -120,31 +190,13 @@ def export(ckpt: str | Path, out: str | Path, weights: str = "ema", max_shard_by
         wrong = sorted(k for k in set(expected) & set(shapes) if expected[k] != shapes[k])
         raise CheckpointError(f"{ckpt}: {weights} weights do not fit the configured DiT (missing {missing[:5]}, "
                               f"unexpected {extra[:5]}, other shapes {wrong[:5]})")
-    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def tensors(names: list[str]) -> dict[str, torch.Tensor]:
+        trained = read([n for n in names if n not in fixed])
+        return {n: fixed[n] if n in fixed else trained[n] for n in names}
+
     file_meta = {"format": "pt", "weights": weights, "step": str(meta["step"]), "layout": "official-dit"}
-    groups = plan_shards(shapes, max_shard_bytes)
-    if out.suffix == ".pt":
-        if len(groups) > 1:
-            raise ValueError(f"--out {out}: a .pt file is one piece; use .safetensors to shard above the limit")
-        torch.save({n: fixed[n] if n in fixed else read(n) for n in shapes}, out)
-        files = [out]
-    elif len(groups) == 1:
-        save_file({n: fixed[n] if n in fixed else read(n) for n in groups[0]}, str(out), metadata=file_meta)
-        files = [out]
-    else:
-        stem = out.name[: -len(".safetensors")] if out.name.endswith(".safetensors") else out.name
-        files, weight_map = [], {}
-        for i, names in enumerate(groups):
-            shard = out.parent / f"{stem}-{i + 1:05d}-of-{len(groups):05d}.safetensors"
-            save_file({n: fixed[n] if n in fixed else read(n) for n in names}, str(shard), metadata=file_meta)
-            weight_map.update({n: shard.name for n in names})
-            files.append(shard)
-            log(f"wrote {shard}")
-        index = out.parent / f"{stem}.safetensors.index.json"
-        total = sum(4 * math.prod(s) for s in shapes.values())
-        index.write_text(json.dumps({"metadata": {"total_size": total, "weights": weights, "step": meta["step"]},
-                                     "weight_map": weight_map}, indent=1))
-        files.append(index)
+    files = write_weights(out, shapes, tensors, max_shard_bytes, file_meta, log)
     side = {"model": dit_kwargs, "weights": weights, "step": meta["step"], "images_seen": meta.get("images_seen"),
             "checkpoint": str(ckpt), "config_hash": meta.get("config_hash"), "dataset": meta.get("dataset", {})}
     out.with_suffix(".json").write_text(json.dumps(side, indent=1))

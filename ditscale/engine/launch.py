@@ -93,6 +93,21 @@ def init_distributed(dist_env: DistEnv, device: torch.device, timeout_min: int =
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False,
                                timeout=datetime.timedelta(minutes=timeout_min), rank=dist_env.rank,
                                world_size=dist_env.world_size)
+    if device.type == "cpu":
+        _unlink_shm_buffer(dist_env)
+
+
+def _unlink_shm_buffer(dist_env: DistEnv) -> None:
+    """DeepSpeed's CPU all-reduce maps one /dev/shm buffer per rank (~70 MB) and never unlinks it, so every
+    CPU run, and every killed one, leaks them into RAM-backed /dev/shm. Once every rank has mapped every
+    buffer (init returned on all ranks: barrier), the names can go; the mappings live on."""
+    torch.distributed.barrier()
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{dist_env.master_addr}_"
+            f"{dist_env.master_port}_{dist_env.rank}")
+    try:
+        os.unlink(name)
+    except FileNotFoundError:
+        pass
 
 
 def shutdown() -> None:

@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "tiny_test.yaml"
 DEEPSPEED = Path(sys.executable).with_name("deepspeed")
@@ -144,3 +146,15 @@ def reference_overrides(stage: int, run_dir: str | Path, data: str, *extra: str)
 
 def ckpt(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / "ckpt" / f"step_{step:08d}"
+
+
+def tensor_leaves(obj, path=""):
+    """(path, tensor) of every tensor inside nested dicts / lists (a checkpoint file's contents)."""
+    if torch.is_tensor(obj):
+        yield path, obj
+    elif isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            yield from tensor_leaves(obj[k], f"{path}/{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from tensor_leaves(v, f"{path}/{i}")

@@ -115,6 +115,18 @@ def test_mds_items_are_the_stored_records_with_the_contract_flip(roots, tmp_path
         assert torch.equal(a["mean"], b["mean"]) and a["index"] == b["index"]
 
 
+@pytest.mark.parametrize("fmt", ["mds", "wds"])
+def test_hflip_off_always_gives_the_stored_image(roots, tmp_path, fmt):
+    """data.hflip=false: never the mirror, in any epoch, for both readers (digits, text)."""
+    stored = dataset(roots["mds"], tmp_path, shuffle=False)
+    for epoch in itertools.islice(_epochs(dataset(roots[fmt], tmp_path, seed=5, hflip=False)), 2):
+        assert sorted(it["index"] for it in epoch) == list(range(30))
+        for it in epoch:
+            rec = stored.record(it["index"])
+            assert torch.equal(it["mean"], torch.from_numpy(np.array(rec["mean"][0]))), it["index"]
+            assert torch.equal(it["logvar"], torch.from_numpy(np.array(rec["logvar"][0]))), it["index"]
+
+
 def test_both_formats_give_the_same_items(roots, tmp_path):
     for epoch_items in zip(*(itertools.islice(_epochs(dataset(roots[f], tmp_path, seed=2)), 2)
                              for f in ("mds", "wds"))):

@@ -413,15 +413,6 @@ def _run_probe(tmp_path, *args) -> dict:
 DEEPSPEED_OVERFLOW_SITES = ("(has_overflow)", "(is_invalid_grad_norm)")
 
 
-# ditscale/data/posterior.py builds the latent scale with torch.tensor(list, device=...) on every batch: a
-# blocking copy from pageable memory, i.e. a host sync per step on a GPU. Fix: multiply by the Python float
-# when the scale is one number, and cache the (1, C, 1, 1) tensor per (scale, device) when it is per-channel.
-# Remove this mark with that fix (strict: the test then passes and the mark must go).
-POSTERIOR_SCALE_SYNC = pytest.mark.xfail(strict=True, raises=AssertionError,
-                                         reason="posterior.scale_tensor copies Python data to the device per step")
-
-
-@POSTERIOR_SCALE_SYNC
 @pytest.mark.parametrize("zero", [2, pytest.param(1, marks=pytest.mark.slow)])
 def test_trainer_loop_has_no_host_sync_but_deepspeeds_overflow_check(tmp_path, zero):
     """Two steps of the real loop (data, posterior draw, loss, backward, DeepSpeed step, EMA, metrics): no
