@@ -65,6 +65,17 @@ def _select(obj, path: Path, weights: str) -> dict:
 
 
 SHARD_INDEX = ".safetensors.index.json"
+_SHARD_SUFFIX = re.compile(r"-\d{5}-of-\d{5}$")
+
+
+def shard_name(stem: str, number: int, count: int) -> str:
+    """File name of shard `number` (from 1) of `count` of a sharded export: <stem>-00001-of-00003.safetensors."""
+    return f"{stem}-{number:05d}-of-{count:05d}.safetensors"
+
+
+def shard_stem(stem: str) -> str:
+    """The export's stem of a shard file's stem (`ema` of `ema-00001-of-00003`); other stems unchanged."""
+    return _SHARD_SUFFIX.sub("", stem)
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,7 +21,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from ditscale.interop import SHARD_INDEX, WEIGHTS, load_dit, preset_of
+from ditscale.interop import SHARD_INDEX, WEIGHTS, load_dit, preset_of, shard_stem
 from ditscale.sampling.core import (SAMPLERS, GuidedSampler, decode, index_labels, index_seeds, sample_latents,
                                     sampling_diffusion, seeded_noise, to_uint8)
 from ditscale.sampling.grid import GridConfig, ema_grid, save_grid, vae_and_scale
@@ -64,8 +63,6 @@ def _read_config(path: Path) -> dict:
     return model if isinstance(model, dict) else {}
 
 
-_SHARD = re.compile(r"-\d{5}-of-\d{5}$")                      # <stem>-00001-of-00003.safetensors
-
 def _stem(weights: Path) -> str:
     """A weights file's name without its suffix: `ema` of ema.safetensors and of ema.safetensors.index.json."""
     return weights.name[:-len(SHARD_INDEX)] if weights.name.endswith(SHARD_INDEX) else weights.stem
@@ -92,7 +89,7 @@ def _weights_file(path: Path, weights: str) -> Path:
     indexes = sorted(p for p in path.iterdir() if p.name.endswith(SHARD_INDEX))
     sharded = {_stem(i) for i in indexes}
     files = [p for p in path.iterdir() if p.suffix in (".safetensors", ".pt", ".pth", ".bin")]
-    files = sorted([p for p in files if _SHARD.sub("", p.stem) not in sharded] + indexes)
+    files = sorted([p for p in files if shard_stem(p.stem) not in sharded] + indexes)
     named = [p for p in files if weights in _stem(p).lower()] or (files if len(files) == 1 else [])
     if len(named) != 1:
         raise ValueError(f"--ckpt {path}: cannot pick the {weights} weights among {[p.name for p in files]}; "

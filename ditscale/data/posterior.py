@@ -7,18 +7,17 @@ from typing import Sequence
 import torch
 
 
-def scale_tensor(scale_factor: float | Sequence[float], channels: int, device) -> torch.Tensor:
-    """The scale as a (1, C, 1, 1) fp32 tensor (one value for all channels, or one per channel).
+def latent_scale(scale_factor: float | Sequence[float], channels: int, device) -> float | torch.Tensor:
+    """The multiplier: the Python float for one value, a (1, C, 1, 1) fp32 tensor for one per channel.
 
-    Cached per (values, device): building it from Python data is a blocking host-to-device copy, which
-    once per step would be a host sync in the training loop.
+    The tensor is cached per (values, device): building it from Python data is a blocking host-to-device
+    copy, which once per step would be a host sync in the training loop.
     """
     if isinstance(scale_factor, (int, float)):
-        values = (float(scale_factor),) * channels
-    else:
-        values = tuple(float(s) for s in scale_factor)
-        if len(values) != channels:
-            raise ValueError(f"scale_factor has {len(values)} entries for {channels} channels")
+        return float(scale_factor)
+    values = tuple(float(s) for s in scale_factor)
+    if len(values) != channels:
+        raise ValueError(f"scale_factor has {len(values)} entries for {channels} channels")
     return _cached_scale(values, torch.device(device))
 
 
@@ -40,7 +39,4 @@ def sample_latents(mean: torch.Tensor, logvar: torch.Tensor, scale_factor: float
     mean = mean.float()
     std = torch.exp(0.5 * logvar.float())                                     # (N, C, h, w)
     eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=torch.float32)
-    latent = mean + std * eps
-    if isinstance(scale_factor, (int, float)):
-        return latent * float(scale_factor)
-    return scale_tensor(scale_factor, mean.shape[1], mean.device) * latent
+    return (mean + std * eps) * latent_scale(scale_factor, mean.shape[1], mean.device)

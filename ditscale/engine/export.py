@@ -97,13 +97,6 @@ def weight_reader(ckpt: Path, meta: dict, weights: str) -> tuple[dict[str, tuple
     return shapes, read
 
 
-def weight_source(ckpt: Path, meta: dict, weights: str) -> tuple[dict[str, tuple], Callable[[str], torch.Tensor]]:
-    """(shapes of the trained parameters, a reader of one full fp32 parameter by name): `weight_reader`
-    a name at a time (for small models and tests: ZeRO-3 raw weights reopen DeepSpeed's files per name)."""
-    shapes, read = weight_reader(ckpt, meta, weights)
-    return shapes, lambda name: read([name])[name]
-
-
 def parse_size(text: str) -> int:
     units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
              "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -138,7 +131,7 @@ def write_weights(out: Path, shapes: dict[str, tuple], tensors: Callable[[list[s
     so the path never names stale weights. Returns the files written (weights, then the index if any)."""
     from safetensors.torch import save_file
 
-    from ditscale.interop import SHARD_INDEX
+    from ditscale.interop import SHARD_INDEX, shard_name, shard_stem
 
     out.parent.mkdir(parents=True, exist_ok=True)
     groups = plan_shards(shapes, max_shard_bytes)
@@ -154,7 +147,7 @@ def write_weights(out: Path, shapes: dict[str, tuple], tensors: Callable[[list[s
     else:
         files, weight_map = [], {}
         for i, names in enumerate(groups):
-            shard = out.parent / f"{stem}-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+            shard = out.parent / shard_name(stem, i + 1, len(groups))
             save_file(tensors(names), str(shard), metadata=metadata)
             weight_map.update({n: shard.name for n in names})
             files.append(shard)
@@ -164,7 +157,8 @@ def write_weights(out: Path, shapes: dict[str, tuple], tensors: Callable[[list[s
         index.write_text(json.dumps({"metadata": {"total_size": total, **metadata}, "weight_map": weight_map},
                                     indent=1))
         files.append(index)
-    stale = [out, out.parent / f"{stem}{SHARD_INDEX}", *out.parent.glob(f"{stem}-[0-9]*-of-[0-9]*.safetensors")]
+    stale = [out, out.parent / f"{stem}{SHARD_INDEX}",
+             *(p for p in out.parent.glob(f"{stem}-*.safetensors") if shard_stem(p.stem) == stem)]
     for f in stale:
         if f not in files and f.is_file():
             f.unlink()

@@ -21,14 +21,14 @@ pytestmark = pytest.mark.slurm
 def final_weights(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
     """EMA and raw (fp32 master) weights of the newest complete checkpoint, assembled over ranks."""
     from ditscale.engine.checkpoint import read_meta
-    from ditscale.engine.export import weight_source
+    from ditscale.engine.export import weight_reader
 
     ckpt = run_dir / "ckpt" / (run_dir / "ckpt" / "latest").read_text().strip()
     meta = read_meta(ckpt)
     out = {}
     for kind in ("ema", "raw"):
-        shapes, read = weight_source(ckpt, meta, kind)
-        out[kind] = {name: read(name).clone() for name in shapes}
+        shapes, read = weight_reader(ckpt, meta, kind)
+        out[kind] = {name: t.clone() for name, t in read(list(shapes)).items()}
     return out
 
 
