@@ -21,6 +21,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
+from ditscale.evaluate.inception import RESIZE_MODES
 from ditscale.interop import SHARD_INDEX, WEIGHTS, load_dit, preset_of, shard_stem
 from ditscale.sampling.core import (SAMPLERS, GuidedSampler, decode, index_labels, index_seeds, sample_latents,
                                     sampling_diffusion, seeded_noise, to_uint8)
@@ -193,11 +194,16 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--npz-out", default=None, help="directory of chunk files and the final ADM .npz")
     n.add_argument("--num-samples", type=int, default=50000, help="images in the .npz")
     n.add_argument("--labels", default="balanced", choices=("balanced", "random"),
-                   help="balanced: sample i gets class i mod num_classes; random: uniform, seeded per sample")
+                   help="balanced: sample i gets class i mod num_classes (recent papers: 50 per class); random: "
+                   "uniform, seeded per sample (what the DiT paper did)")
+    n.add_argument("--samples-per-class", type=int, default=None, metavar="N",
+                   help="balanced labels, exactly N images per class: sets --num-samples to N × classes")
     n.add_argument("--stall-timeout", type=float, default=3600.0,
                    help="rank 0 gives up when no other rank finishes a chunk for this many seconds")
     n.add_argument("--eval-ref", default=None, help="then run ditscale.evaluate against this reference")
     n.add_argument("--inception", default=None, help="Inception weights file for --eval-ref")
+    n.add_argument("--eval-resize", default="tf1", choices=RESIZE_MODES,
+                   help="resize of the evaluation (tf1: ADM's, as published numbers; see ditscale.evaluate)")
     return p
 
 
@@ -206,6 +212,8 @@ def _check_args(args, parser):
         parser.error("give exactly one of --out (PNG grid) or --npz-out (ADM .npz directory)")
     if args.out is not None and not args.classes:
         parser.error("--out needs --classes (comma-separated class ids)")
+    if args.samples_per_class is not None and args.labels != "balanced":
+        parser.error("--samples-per-class needs --labels balanced")
     for flag in ("batch_size", "num_per_class", "num_samples", "steps"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1")
@@ -279,6 +287,10 @@ def _grid(args, run):
 
 def _npz(args, env, run):
     model = run.model
+    if args.samples_per_class is not None:
+        if args.samples_per_class < 1:
+            raise ValueError(f"--samples-per-class must be >= 1, got {args.samples_per_class}")
+        args.num_samples = args.samples_per_class * model.num_classes
     settings = {
         "ckpt": str(Path(args.ckpt).resolve()), "weights": args.weights, "sampler": args.sampler,
         "steps": args.steps, "respacing": args.respacing, "eta": args.eta, "cfg_scale": args.cfg_scale,
@@ -302,7 +314,8 @@ def _npz(args, env, run):
     if args.eval_ref:
         from ditscale.evaluate.__main__ import main as evaluate
 
-        return evaluate(["--samples", str(out), "--ref", args.eval_ref, "--inception", args.inception])
+        return evaluate(["--samples", str(out), "--ref", args.eval_ref, "--inception", args.inception,
+                         "--resize", args.eval_resize])
     print(f"evaluate: python -m ditscale.evaluate --samples {out} --ref REFERENCE.npz --inception WEIGHTS.pth")
     return 0
 

@@ -15,7 +15,10 @@
 #   DATASET      dataset root (class names, scale factor, VAE path)                 ("")
 #   VAE          local AutoencoderKL directory or none                              (from DATASET)
 #   BATCH_SIZE   images per GPU per model call                                     (64)
-#   EVAL_REF, INCEPTION  reference batch and Inception weights: FID/sFID/IS/precision/recall at the end
+#   EVAL_REF, INCEPTION  reference batch and Inception weights: FID/sFID/IS/precision/recall at the end, as
+#                ADM's evaluator computes them (IS over chunks of 5,000, fp16 precision/recall distances)
+#   RESIZE       the evaluation's resize: tf1 (ADM's, as published numbers) or torch (pytorch-fid)  (tf1)
+#   LABELS       balanced (N / classes per class) or random (the DiT paper's)                      (balanced)
 #   GPUS_PER_NODE (0 = CPU), PYTHON, DITSCALE_REPO as in train_xl.sh
 # Preemption or the time limit (USR1 120 s before it) requeues the job; finished chunks are kept, so the
 # next allocation (any node count) does only what is missing. Exit code 2 (bad input) is never requeued.
@@ -52,12 +55,12 @@ OUT=${OUT:-$(dirname "$CKPT")/samples-cfg$CFG_SCALE}
 mkdir -p "$OUT" 2>/dev/null && [[ -w $OUT ]] || fail 2 "output directory '$OUT' is not writable (OUT=...)"
 
 ARGS=(--ckpt "$CKPT" --npz-out "$OUT" --num-samples "${NUM_SAMPLES:-50000}" --cfg-scale "$CFG_SCALE"
-      --batch-size "${BATCH_SIZE:-64}" --no-progress)
+      --batch-size "${BATCH_SIZE:-64}" --labels "${LABELS:-balanced}" --no-progress)
 [[ -n ${DATASET:-} ]] && ARGS+=(--dataset "$DATASET")
 [[ -n ${VAE:-} ]] && ARGS+=(--vae "$VAE")
 if [[ -n ${EVAL_REF:-} ]]; then
   [[ -f ${INCEPTION:-} ]] || fail 2 "EVAL_REF needs INCEPTION, the Inception weights file (got '${INCEPTION:-}')"
-  ARGS+=(--eval-ref "$EVAL_REF" --inception "$INCEPTION")
+  ARGS+=(--eval-ref "$EVAL_REF" --inception "$INCEPTION" --eval-resize "${RESIZE:-tf1}")
 fi
 [[ ${DITSCALE_DEVICE:-} == cpu ]] && ARGS+=(--device cpu)
 ARGS+=("$@")

@@ -3,7 +3,8 @@ from ditscale.evaluate.features import extract_features, folder_features, iter_n
 from ditscale.evaluate.fid import FIDStats, feature_stats, fid_from_features, frechet_distance
 from ditscale.evaluate.inception import WEIGHTS_FILENAME, WEIGHTS_URL, FIDInceptionV3, load_inception
 from ditscale.evaluate.metrics import (
-    METRICS, compute_metrics, evaluate_npz, inception_score, precision_recall,
+    METRICS, MetricSettings, compute_metrics, evaluate_npz, inception_score, precision_recall,
 )
-from ditscale.evaluate.reference import Reference, load_reference, reference_from_features, save_reference
+from ditscale.evaluate.reference import (Reference, load_reference, reference_from_features, reference_sha256,
+                                         save_reference)
 from ditscale.evaluate.tiny import TinyFeatureNet

@@ -7,13 +7,15 @@ the whole training set); arr_0 is run through the network only for precision / r
 statistics when the file has none. A folder of real images is centre-cropped to a resolution and reduced
 to the same statistics; `save_reference` writes them (plus the pool features) for reuse.
 """
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ditscale.evaluate.features import folder_features, npz_features
+from ditscale.evaluate.features import folder_features, list_images, npz_features
+from ditscale.evaluate.inception import file_sha256
 from ditscale.evaluate.fid import FIDStats, feature_stats
 
 
@@ -90,3 +92,14 @@ def save_reference(ref, path, meta=None):
         arrays["pool_features"] = np.asarray(ref.pool_features, np.float32)
     arrays["meta"] = np.array(json.dumps({"source": ref.source, "num_images": ref.num_images, **(meta or {})}))
     np.savez(path, **arrays)
+
+
+def reference_sha256(path) -> str:
+    """sha256 of a reference file; for a folder of images, of its listing (relative paths and sizes)."""
+    path = Path(path)
+    if path.is_file():
+        return file_sha256(path)
+    h = hashlib.sha256()
+    for f in list_images(path):
+        h.update(f"{f.relative_to(path).as_posix()}\t{f.stat().st_size}\n".encode())
+    return h.hexdigest()

@@ -8,7 +8,9 @@ for every chunk, then streams them, in index order, into one .npz without holdin
 
     DIR/manifest.json                   the run's settings; a rerun must match them
     DIR/chunks/000123.npz               images (n, H, W, 3) uint8, labels (n,), indices (n,) int64
-    DIR/samples_{N}x{H}x{W}x3.npz       arr_0 images, arr_1 labels (ADM's name and layout)
+    DIR/samples_{N}x{H}x{W}x3.npz       arr_0 images, arr_1 labels (ADM's name and layout), and `meta`: the
+                                        manifest's settings (CFG scale, sampler, steps, guided channels,
+                                        label mode, EMA / raw weights, …) and the images per class, as JSON
 """
 from __future__ import annotations
 
@@ -140,9 +142,16 @@ def npz_name(num_samples: int, height: int, width: int) -> str:
     return f"samples_{num_samples}x{height}x{width}x3.npz"
 
 
+def read_npz_meta(path) -> dict | None:
+    """The sampling settings stored in a samples .npz by `assemble` (None for other .npz files)."""
+    with np.load(path, allow_pickle=False) as data:
+        return json.loads(str(data["meta"])) if "meta" in data.files else None
+
+
 def assemble(root, num_samples: int, chunk_size: int) -> Path:
     """Stream every chunk, in index order, into DIR/samples_{N}x{H}x{W}x3.npz (arr_0 uint8 images,
-    arr_1 int64 labels), checking that chunk j holds exactly sample indices [j·S, (j+1)·S)."""
+    arr_1 int64 labels, meta: manifest.json + images per class), checking that chunk j holds exactly
+    sample indices [j·S, (j+1)·S)."""
     ranges = chunk_ranges(num_samples, chunk_size)
     missing = sorted(set(range(len(ranges))) - done_chunks(root, len(ranges)))
     if missing:
@@ -152,6 +161,8 @@ def assemble(root, num_samples: int, chunk_size: int) -> Path:
     if out.is_file():                                                           # renamed into place: complete
         return out
     labels = np.empty(num_samples, np.int64)
+    manifest_path = Path(root) / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
 
     def write(f):
         with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
@@ -170,6 +181,12 @@ def assemble(root, num_samples: int, chunk_size: int) -> Path:
                     labels[span.start:span.stop] = chunk["labels"]
             with zf.open("arr_1.npy", "w", force_zip64=True) as member:
                 np.lib.format.write_array(member, labels)
+            counts = np.bincount(labels)
+            counts = counts[counts > 0]
+            meta = {**manifest, "per_class_min": int(counts.min()), "per_class_max": int(counts.max()),
+                    "classes_present": int(len(counts))}
+            with zf.open("meta.npy", "w") as member:
+                np.lib.format.write_array(member, np.array(json.dumps(meta, sort_keys=True)))
 
     _atomic_write(out, write)
     return out

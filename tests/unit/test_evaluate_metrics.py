@@ -5,7 +5,8 @@ import torch
 from sklearn.neighbors import NearestNeighbors
 
 from ditscale.evaluate.fid import feature_stats
-from ditscale.evaluate.metrics import compute_metrics, inception_score, manifold_radii, precision_recall
+from ditscale.evaluate.metrics import (MetricSettings, compute_metrics, inception_score, manifold_radii,
+                                       precision_recall)
 from ditscale.evaluate.reference import Reference
 
 # --------------------------------------------------------------------------- Inception Score
@@ -40,7 +41,7 @@ def test_matches_improved_gan_formula():
 
 def test_too_few_images_for_the_splits():
     with pytest.raises(ValueError, match="splits=10"):
-        inception_score(np.zeros((5, 3)))
+        inception_score(np.zeros((5, 3)), splits=10)
 
 # --------------------------------------------------------------------------- precision / recall
 
@@ -49,7 +50,7 @@ def test_radii_match_sklearn_knn():
     x = np.random.default_rng(1).normal(size=(300, 8)).astype(np.float32)
     dist, _ = NearestNeighbors(n_neighbors=4).fit(x).kneighbors(x)   # column 0 is the point itself
     for batch in (7, 64, 10000):                                     # blocked == unblocked
-        radii = manifold_radii(torch.from_numpy(x), k=3, batch_size=batch).numpy()
+        radii = manifold_radii(torch.from_numpy(x), k=3, batch_size=batch, distances="fp32").numpy()
         np.testing.assert_allclose(np.sqrt(radii), dist[:, 3], rtol=1e-4)
 
 
@@ -85,7 +86,7 @@ def test_collapse_keeps_precision_loses_recall():
 def test_matches_brute_force_with_blocks():
     rng = np.random.default_rng(5)
     ref, fake = rng.normal(size=(120, 6)), rng.normal(size=(90, 6)) * 1.3 + 0.4
-    got = precision_recall(ref, fake, batch_size=17, device="cpu")
+    got = precision_recall(ref, fake, batch_size=17, device="cpu", distances="fp32")
     assert got == pytest.approx(brute_precision_recall(ref, fake), abs=1e-12)
 
 # --------------------------------------------------------------------------- all together
@@ -99,4 +100,4 @@ def test_compute_metrics_reports_what_it_cannot_compute():
     assert out["fid"] > 0 and out["inception_score"] > 1 and out["num_samples"] == 50
     assert set(out["skipped"]) == {"sfid", "pr"} and "mu_s" in out["skipped"]["sfid"]
     with pytest.raises(ValueError, match="unknown metrics"):
-        compute_metrics(feats, ref, metrics=("fid", "kid"))
+        compute_metrics(feats, ref, MetricSettings(metrics=("fid", "kid")))

@@ -90,13 +90,23 @@ def test_npz_feeds_the_evaluator(ckpt, tmp_path, capsys):
     from ditscale.evaluate.__main__ import main as evaluate
     from ditscale.evaluate.tiny import TinyFeatureNet
 
-    assert main(common(ckpt, "--npz-out", str(tmp_path), "--num-samples", "12", "--batch-size", "6")) == 0
-    path, _, _ = npz(tmp_path)
+    assert main(common(ckpt, "--npz-out", str(tmp_path), "--samples-per-class", "3", "--batch-size", "6",
+                       "--cfg-scale", "1.5", "--weights", "ema")) == 0
+    path, _, labels = npz(tmp_path)
+    assert np.bincount(labels).tolist() == [3] * 5
     capsys.readouterr()
     argv = ["--samples", str(path), "--ref", str(path), "--metrics", "fid,is", "--no-progress", "--device", "cpu"]
     assert evaluate(argv, net=TinyFeatureNet().eval()) == 0
     metrics = json.loads(path.with_suffix(".metrics.json").read_text())
-    assert abs(metrics["fid"]) < 1e-3 and metrics["num_samples"] == 12
+    assert abs(metrics["fid"]) < 1e-3 and metrics["num_samples"] == 15
+    sampling = metrics["sampling"]                                  # the .npz's own record of how it was made
+    assert (sampling["cfg_scale"], sampling["sampler"], sampling["steps"], sampling["guide_channels"]) == \
+        (1.5, "ddpm", 4, 3)
+    assert (sampling["labels"], sampling["weights"], sampling["per_class_min"], sampling["per_class_max"]) == \
+        ("balanced", "ema", 3, 3)
+    with pytest.raises(SystemExit) as bad:
+        main(common(ckpt, "--npz-out", str(tmp_path / "r"), "--samples-per-class", "3", "--labels", "random"))
+    assert bad.value.code == 2
 
 
 def test_random_labels_and_other_batch_sizes_give_the_same_samples(ckpt, tmp_path):
