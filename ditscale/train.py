@@ -2,7 +2,7 @@
 
     python -m ditscale.train --config configs/dit_xl_2_256.yaml data.root=/data/in1k_256 run_dir=runs/xl
     deepspeed --num_gpus 8 --module ditscale.train --config ... ;  torchrun ... ;  srun python -m ditscale.train ...
-    python -m ditscale.train --config ... --check          # validate config, data, run dir; exit 0 / 2
+    python -m ditscale.train --config ... --check [--deep]   # validate config, data, run dir; exit 0 / 2
 
 The story: parse → validate → build → resume → loop (step, EMA, log, save) → exit code:
 0 finished, 2 bad configuration or input, 3 too many non-finite steps in a row, 85 preempted (SIGTERM /
@@ -43,19 +43,29 @@ def say(*parts) -> None:
 #                             Configuration and checks                          #
 #################################################################################
 
+def last_line(error: Exception) -> str:
+    """The message of an error, without the worker traceback a DataLoader re-raise puts in front of it."""
+    text = str(error).strip()
+    return text.splitlines()[-1].split(": ", 1)[-1] if "Original Traceback" in text else text
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m ditscale.train", description=__doc__.splitlines()[0])
     ap.add_argument("--config", help="experiment YAML (configs/*.yaml); defaults apply without one")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.max_steps=10")
     ap.add_argument("--check", action="store_true",
-                    help="validate the config, the data, the run dir and the DeepSpeed JSON, then exit 0 or 2")
+                    help="validate the config, the data (index, shard files and sizes), the run dir and the "
+                         "DeepSpeed JSON, then exit 0 or 2")
+    ap.add_argument("--deep", action="store_true",
+                    help="with --check: also every hash of every shard (reads the whole dataset once; time printed)")
     ap.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)   # deepspeed launcher
     return ap.parse_args(argv)
 
 
 def prepare(args, world_size: int) -> tuple[ExperimentConfig, dict, dict]:
     """(resolved config, dataset.json, DeepSpeed JSON) or ConfigError: everything checked before any work."""
-    from ditscale.data import read_metadata
+    from ditscale.data import DataError, read_metadata
+    from ditscale.data.check import check_dataset, check_fills_batch
     from ditscale.engine.build import complete_ds_config, read_ds_config
 
     cfg = load_config(args.config, args.overrides)
@@ -66,6 +76,18 @@ def prepare(args, world_size: int) -> tuple[ExperimentConfig, dict, dict]:
     except (OSError, ValueError) as e:
         raise ConfigError(f"data.root: {e}") from None
     cfg = resolve_with_dataset(cfg, meta)
+    micro, _ = cfg.train.batch_split(world_size)
+    try:
+        found = check_dataset(cfg.data.root, meta, deep=args.check and args.deep)
+        check_fills_batch(meta, global_batch=cfg.train.global_batch, ranks=world_size, micro_batch=micro,
+                          workers=cfg.data.num_workers)
+    except DataError as e:
+        raise ConfigError(f"data.root: {e}") from None
+    if found.problems:
+        raise ConfigError(f"data.root: {len(found.problems)} problem(s) with the shards of {cfg.data.root}:\n  " +
+                          "\n  ".join(found.problems[:20]) + ("\n  ..." if len(found.problems) > 20 else ""))
+    if args.check and args.deep:
+        say(f"data: {found.shards} shards, {found.bytes / 1e9:.2f} GB hashed in {found.seconds:.1f} s")
     vae = cfg.sample.vae or meta["vae"]
     if cfg.sample.every and vae != "none" and not Path(vae).exists():
         raise ConfigError(f"sample.vae: {vae} does not exist (needed for sample grids; sample.every=0 turns them off)")
@@ -133,9 +155,17 @@ def micro_step(engine, diffusion, batch: dict, g: torch.Generator, scale_factor,
 
 
 def endless(loader):
-    """Batches across epoch ends (the loader's state_dict knows the epoch and position)."""
+    """Batches across epoch ends (the loader's state_dict knows the epoch and position); an epoch without
+    a single batch raises DataError instead of looping forever."""
+    from ditscale.data import DataError
+
     while True:
-        yield from loader
+        got = 0
+        for got, batch in enumerate(loader, 1):
+            yield batch
+        if not got:
+            raise DataError(f"an epoch of {loader.dataset.metadata['num_samples']} samples gave this rank no "
+                            f"batch of {loader.batch_size} (drop_last; {loader.num_workers} workers)")
 
 
 def report_memory(engine, ema, metrics, step: int, rss_before_model_gib: float | None) -> None:
@@ -249,7 +279,7 @@ def train(cfg: ExperimentConfig, meta: dict, ds: dict, env, device: torch.device
     from ditscale.engine.build import skips_nonfinite_steps, zero_stage
     from ditscale.engine.memory import process_memory
     from ditscale.engine.metrics import Metrics
-    from ditscale.engine.signals import StopRequest
+    from ditscale.engine.signals import StopRequest, StopWaiting
     from ditscale.models.flops import train_flops_per_image
 
     tc, dc = cfg.train, cfg.diffusion
@@ -305,7 +335,16 @@ def train(cfg: ExperimentConfig, meta: dict, ds: dict, env, device: torch.device
             data_wait = 0.0
             for m in range(accum):
                 t0 = time.perf_counter()
-                batch = next(batches)
+                try:
+                    with stop.waiting():
+                        batch = next(batches)
+                except StopWaiting as e:
+                    last = checkpoint.newest_complete(Path(cfg.run_dir) / checkpoint.CKPT_DIR, log=lambda *_: None)
+                    print(f"[ditscale.train] rank {env.rank}: {e} while waiting for data at step {step}: stopping "
+                          f"without a new checkpoint (resume from {last or 'the start'}), exit {EXIT_PREEMPTED}",
+                          flush=True)
+                    metrics.write_event(event="preempted", step=step, waiting_for_data=True)
+                    return EXIT_PREEMPTED
                 data_wait += time.perf_counter() - t0
                 g = step_generator(device, tc.seed, step, env.rank, m)
                 metrics.add_losses(micro_step(engine, diffusion, batch, g, scale, drop, device))
@@ -370,12 +409,13 @@ def main(argv=None) -> int:
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:   # ranks sharing a host's cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))
     launch.init_distributed(env, device, cfg.engine.dist_timeout_min)
+    from ditscale.data import DataError
     from ditscale.engine.checkpoint import CheckpointError
 
     try:
         return train(cfg, meta, ds, env, device)
-    except (ConfigError, CheckpointError) as e:
-        print(f"[ditscale.train] rank {env.rank}: error: {e}", file=sys.stderr, flush=True)
+    except (ConfigError, CheckpointError, DataError) as e:
+        print(f"[ditscale.train] rank {env.rank}: error: {last_line(e)}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
     finally:
         launch.shutdown()

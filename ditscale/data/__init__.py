@@ -11,19 +11,16 @@ itself is drawn on the trainer's device (`posterior.sample_latents`).
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import tempfile
 from typing import Any
 
 from ditscale.data.flip import flip_of
 from ditscale.data.posterior import sample_latents
-from ditscale.data.schema import DATASET_JSON, WDS_INDEX, validate_metadata
-from ditscale.data.storage import is_remote, join, local_path, read_bytes
+from ditscale.data.integrity import DataError
+from ditscale.data.schema import DATASET_JSON, validate_metadata
+from ditscale.data.storage import join, read_bytes
 
-__all__ = ["read_metadata", "build_dataset", "build_dataloader", "sample_latents", "flip_of",
-           "default_cache_dir"]
+__all__ = ["read_metadata", "build_dataset", "build_dataloader", "sample_latents", "flip_of", "DataError"]
 
 
 def _root(path: str, split: str | None) -> str:
@@ -47,13 +44,6 @@ def read_metadata(path: str, split: str | None = None) -> dict:
     return validate_metadata(meta, where)
 
 
-def default_cache_dir(root: str) -> str:
-    """Where shards of `root` are cached: one directory per dataset, shared by the ranks of a node
-    (streaming coordinates them), under $DITSCALE_DATA_CACHE or the temp directory."""
-    base = os.environ.get("DITSCALE_DATA_CACHE") or os.path.join(tempfile.gettempdir(), "ditscale-cache")
-    return os.path.join(base, hashlib.sha1(str(root).encode()).hexdigest()[:16])
-
-
 def build_dataset(path: str, *, batch_size: int, seed: int = 0, shuffle: bool = True,
                   split: str | None = None, local: str | None = None, format: str | None = None,
                   shuffle_buffer: int = 2000, hflip: bool = True, **streaming_kwargs: Any):
@@ -61,7 +51,7 @@ def build_dataset(path: str, *, batch_size: int, seed: int = 0, shuffle: bool = 
 
     batch_size: per-rank batch size, as given to the DataLoader (streaming partitions by it).
     seed: shuffle order and flips. hflip: False always gives the image as stored, never its mirror
-    (for data whose mirror is not a valid sample: digits, text). local: MDS cache directory (default `default_cache_dir(root)`; must
+    (for data whose mirror is not a valid sample: digits, text). local: MDS cache directory (default `cache.content_cache_dir`, keyed by the index's content; must
     be unique per live dataset in a process; `local=path` reads a local dataset in place, decompressing
     its shards next to them). format: checked against dataset.json when given. streaming_kwargs go to
     StreamingDataset (predownload, cache_limit, num_canonical_nodes, epoch_size, ...); the webdataset
@@ -72,22 +62,11 @@ def build_dataset(path: str, *, batch_size: int, seed: int = 0, shuffle: bool = 
     if format is not None and format != meta["format"]:
         raise ValueError(f"{root}: dataset.json says format '{meta['format']}', asked for '{format}'")
     if meta["format"] == "mds":
-        from ditscale.data.mds import LatentMDSDataset
-
-        remote = root if is_remote(root) else os.path.abspath(local_path(root))
-        local = local or default_cache_dir(remote)
-        if os.path.abspath(local) == remote:
-            remote = None
-        return LatentMDSDataset(metadata=meta, remote=remote, local=local,
-                                shuffle=shuffle, shuffle_seed=seed, batch_size=batch_size, hflip=hflip,
-                                **streaming_kwargs)
-    from ditscale.data.wds import LatentWdsDataset
-
-    if streaming_kwargs:
-        raise ValueError(f"webdataset reader takes no streaming options: {sorted(streaming_kwargs)}")
-    index = json.loads(read_bytes(join(root, WDS_INDEX)))
-    return LatentWdsDataset(root, meta, index["shards"], seed=seed, shuffle=shuffle,
-                            shuffle_buffer=shuffle_buffer, hflip=hflip)
+        from ditscale.data.mds import open_dataset
+    else:
+        from ditscale.data.wds import open_dataset
+    return open_dataset(root, meta, batch_size=batch_size, seed=seed, shuffle=shuffle, hflip=hflip, local=local,
+                        shuffle_buffer=shuffle_buffer, **streaming_kwargs)
 
 
 def build_dataloader(dataset, *, batch_size: int, num_workers: int = 2, drop_last: bool = True,

@@ -27,13 +27,33 @@ import numpy as np
 import torch
 from streaming import StreamingDataset
 
+from ditscale.data.cache import claim_cache, content_cache_dir
 from ditscale.data.flip import flip_of
-from ditscale.data.schema import mds_columns
+from ditscale.data.integrity import DataError, check_shard, read_index
+from ditscale.data.schema import MDS_INDEX, mds_columns
+from ditscale.data.storage import is_remote, join, local_path
 
 # Attributes that belong to one process: StreamingDataset creates its locks, threads and events lazily,
 # and a DataLoader worker forked after the parent iterated would inherit dead threads and a FileLock
 # that refuses to work across fork. They are dropped on fork (and on pickling for spawn).
-_PER_PROCESS = ("_executor", "_event", "_iterator", "_cache_filelock", "_maps", "_pid")
+_PER_PROCESS = ("_executor", "_event", "_iterator", "_cache_filelock", "_maps", "_pid", "_failure",
+                "_checked")
+
+
+def open_dataset(root: str, meta: dict, *, batch_size: int, seed: int, shuffle: bool, hflip: bool,
+                 local: str | None, shuffle_buffer: int, **streaming_kwargs: Any) -> "LatentMDSDataset":
+    """The "mds" format's reader (`ditscale.data.build_dataset`): shards cached under `local` (default:
+    `content_cache_dir`, keyed by the index's content), read in place when `local` is the dataset root;
+    a cache holding another index is cleared first (`claim_cache`). shuffle_buffer is webdataset's."""
+    index, _ = read_index(root, MDS_INDEX)
+    remote: str | None = root if is_remote(root) else os.path.abspath(local_path(root))
+    local = local or content_cache_dir(remote, index)
+    if os.path.abspath(local) == remote:
+        remote = None
+    else:
+        claim_cache(local, remote, index)
+    return LatentMDSDataset(metadata=meta, source=root, remote=remote, local=local, shuffle=shuffle,
+                            shuffle_seed=seed, batch_size=batch_size, hflip=hflip, **streaming_kwargs)
 
 
 class _Layout:
@@ -67,11 +87,16 @@ class LatentMDSDataset(StreamingDataset):
     The flip is `flip_of(shuffle_seed, epoch, index)`; shuffle_seed comes back with a loaded state
     dict, so a resumed run shows every sample with the same flip. `record(index)` returns the stored
     record (both flips, label, source key).
+
+    Every shard is checked against the index's xxh64 of its decompressed data before its first sample
+    is used in a process (ditscale.data.integrity); a cache copy that fails is fetched again once. Any
+    failure to fetch, decompress or match raises DataError naming the dataset's file (`source`), also
+    when it happened in streaming's download thread.
     """
 
-    def __init__(self, *, metadata: dict, hflip: bool = True, **streaming_kwargs: Any):
+    def __init__(self, *, metadata: dict, source: str, hflip: bool = True, **streaming_kwargs: Any):
         super().__init__(**streaming_kwargs)
-        self.metadata, self.hflip = metadata, hflip
+        self.metadata, self.source, self.hflip = metadata, str(source), hflip
         c, s = metadata["latent_channels"], metadata["latent_size"]
         self._shape = (c, s, s)
         self._plane = c * s * s                 # fp16 elements of one flip
@@ -93,7 +118,10 @@ class LatentMDSDataset(StreamingDataset):
                 self.__dict__.pop(name, None)
             self._shared_barrier.__dict__.pop("lock", None)
             self._pid = os.getpid()
-        return super().__iter__()
+        yield from super().__iter__()
+        failure = self.__dict__.pop("_failure", None)    # streaming's threads stop quietly on an error
+        if failure is not None:
+            raise failure
 
     def _get_work(self, epoch: int, sample_in_epoch: int):
         self._epoch = epoch     # the epoch this process is iterating, for the flip
@@ -110,25 +138,95 @@ class LatentMDSDataset(StreamingDataset):
             self._layouts[shard_id] = layout
         return layout
 
+    def dataset_file(self, shard_id: int) -> str:
+        """The dataset's own file of a shard (the compressed one when there is one), for messages."""
+        shard = self.shards[shard_id]
+        return join(self.source, (shard.zip_data or shard.raw_data).basename)
+
+    def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
+        """streaming's fetch / decompress, with any failure turned into a DataError naming the dataset's
+        file, the shard marked absent again (so no one waits for it) and the error kept for `__iter__`."""
+        try:
+            super().prepare_shard(shard_id, blocking)
+        except Exception as e:
+            self._forget(shard_id)
+            failure = self.__dict__["_failure"] = e if isinstance(e, DataError) else DataError(
+                f"{self.dataset_file(shard_id)}: cannot be fetched or decompressed ({type(e).__name__}: {e})")
+            raise failure from e
+
+    def _forget(self, shard_id: int) -> None:
+        from streaming.base.dataset import _ShardState
+
+        if self._shard_states[shard_id] == _ShardState.PREPARING:
+            self._shard_states[shard_id] = _ShardState.REMOTE
+
+    def _local_file(self, shard_id: int) -> str:
+        shard = self.shards[shard_id]
+        return os.path.join(shard.dirname, shard.split or "", shard.raw_data.basename)
+
+    def _checked_map(self, shard_id: int) -> mmap.mmap:
+        """The decompressed shard, memory-mapped, once its size and hash match the index."""
+        shard, filename = self.shards[shard_id], self._local_file(shard_id)
+        info = {"bytes": shard.raw_data.bytes, "hashes": shard.raw_data.hashes}
+        what = self.dataset_file(shard_id) + (" (decompressed)" if shard.zip_data else "")
+        for attempt in range(2):
+            if not os.path.isfile(filename):
+                self.prepare_shard(shard_id)     # download / decompress into the local cache
+            try:
+                with open(filename, "rb") as f:
+                    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            except (FileNotFoundError, ValueError):   # absent, or empty (mmap refuses size 0)
+                mm = b""
+            try:
+                check_shard(mm, info, what)
+                return mm
+            except DataError:
+                derived = self.streams[self.stream_per_shard[shard_id]].remote is not None or shard.zip_data
+                if attempt or not derived:
+                    raise
+                self._drop_copy(shard_id, filename)   # a stale or damaged copy: fetch it again, once
+        raise AssertionError("unreachable")
+
+    def _drop_copy(self, shard_id: int, filename: str) -> None:
+        from streaming.base.dataset import _ShardState
+
+        shard, stream = self.shards[shard_id], self.streams[self.stream_per_shard[shard_id]]
+        copies = [filename]
+        if shard.zip_data and stream.remote is not None:     # a cached compressed copy, never the dataset's
+            copies.append(os.path.join(stream.local, stream.split or "", shard.zip_data.basename))
+        for path in copies:
+            if os.path.exists(path):
+                os.remove(path)
+        self._shard_states[shard_id] = _ShardState.REMOTE
+
+    def _check_cached(self, shard_id: int) -> None:
+        """`_checked_map` once per version of the cached file (streaming may evict and fetch it again)."""
+        def version():
+            try:
+                st = os.stat(self._local_file(shard_id))
+                return shard_id, st.st_ino, st.st_mtime_ns
+            except FileNotFoundError:
+                return None
+
+        checked = self.__dict__.setdefault("_checked", set())
+        if version() not in checked:
+            mm = self._checked_map(shard_id)
+            checked.add(version())
+            if isinstance(mm, mmap.mmap):
+                mm.close()
+
     def _map(self, shard_id: int) -> mmap.mmap:
         maps = self.__dict__.setdefault("_maps", {})
         mm = maps.get(shard_id)
         if mm is None:
-            shard = self.shards[shard_id]
-            filename = os.path.join(shard.dirname, shard.split or "", shard.raw_data.basename)
-            try:
-                f = open(filename, "rb")
-            except FileNotFoundError:
-                self.prepare_shard(shard_id)    # download / decompress into the local cache
-                f = open(filename, "rb")
-            with f:
-                mm = maps[shard_id] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            mm = maps[shard_id] = self._checked_map(shard_id)
         return mm
 
     def get_item(self, sample_id: int, retry: int = 7) -> dict[str, Any]:
         index = int(sample_id)
         flip = flip_of(self.shuffle_seed, self._epoch, index) if self.hflip else 0
         if self.cache_limit:    # shards may be evicted under us: take streaming's guarded path
+            self._check_cached(self.spanner[index][0])
             rec = super().get_item(index, retry)
             return self._item(rec["mean"][flip], rec["logvar"][flip], rec["label"], index)
         shard_id, j = self.spanner[index]

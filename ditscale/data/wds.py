@@ -27,6 +27,8 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ditscale.data.flip import flip_of
+from ditscale.data.integrity import DataError, check_shard, read_index
+from ditscale.data.schema import WDS_INDEX
 from ditscale.data.storage import is_remote, join, local_path, read_bytes
 from ditscale.data.tario import tar_samples
 
@@ -85,7 +87,11 @@ def _world() -> tuple[int, int]:
 
 
 class LatentWdsDataset(IterableDataset):
-    """Items `{"mean": (C, h, w) fp16, "logvar": (C, h, w) fp16, "label": int, "index": int}`."""
+    """Items `{"mean": (C, h, w) fp16, "logvar": (C, h, w) fp16, "label": int, "index": int}`.
+
+    A worker reads each of its shards whole and checks its size and xxh64 against wds_index.json before
+    parsing it (ditscale.data.integrity); a mismatch, a bad tar or a short shard raises DataError naming
+    the shard's file."""
 
     def __init__(self, root: str, metadata: dict, shards: list[dict], *, seed: int = 0, shuffle: bool = True,
                  shuffle_buffer: int = 2000, hflip: bool = True):
@@ -93,6 +99,7 @@ class LatentWdsDataset(IterableDataset):
         self.root, self.metadata, self.seed, self.shuffle = root, metadata, int(seed), shuffle
         self.shuffle_buffer, self.hflip = shuffle_buffer, hflip
         self.urls = [join(root, s["basename"]) for s in shards]
+        self.infos = [{"bytes": s.get("bytes"), "hashes": s.get("hashes")} for s in shards]
         self.counts = [int(s["samples"]) for s in shards]
         self.offsets = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64).tolist()
         c, size = metadata["latent_channels"], metadata["latent_size"]
@@ -167,15 +174,19 @@ class LatentWdsDataset(IterableDataset):
     def _samples(self, ranges: list[tuple[int, int, int]]) -> Iterator[tuple[int, dict]]:
         for shard, start, stop in ranges:
             url, seen = self.urls[shard], 0
-            with _open(url) as stream:
-                for _, sample in tar_samples(stream):
+            data = _fetch(url)
+            check_shard(data, self.infos[shard], url)
+            try:
+                for _, sample in tar_samples(io.BytesIO(data)):
                     if seen >= start:
                         yield self.offsets[shard] + seen, sample
                     seen += 1
                     if seen >= stop:
                         break
+            except (EOFError, ValueError) as e:
+                raise DataError(f"{url}: not a readable tar ({e})") from None
             if seen < stop:
-                raise RuntimeError(f"{url}: {seen} samples, the index says {self.counts[shard]}")
+                raise DataError(f"{url}: {seen} samples, the index says {self.counts[shard]}")
 
     def _decode(self, index: int, sample: dict, epoch: int) -> dict[str, Any]:
         flip = flip_of(self.seed, epoch, index) if self.hflip else 0
@@ -191,16 +202,32 @@ class LatentWdsDataset(IterableDataset):
         return {**out, "label": int(sample["cls"]), "index": index}
 
 
-def _open(url: str):
-    """A local shard; a remote one streamed by webdataset's gopen (http(s)://, gs://, pipe:…) or, for
-    the other schemes streaming supports (s3://, oci://, azure://, …), fetched whole."""
-    if not is_remote(url):
-        return open(local_path(url), "rb", buffering=1 << 20)
-    from webdataset.gopen import gopen, gopen_schemes
+def open_dataset(root: str, meta: dict, *, batch_size: int, seed: int, shuffle: bool, hflip: bool,
+                 local: str | None, shuffle_buffer: int, **streaming_kwargs: Any) -> LatentWdsDataset:
+    """The "wds" format's reader (`ditscale.data.build_dataset`): tars listed by the root's wds_index.json,
+    read where they are (no cache: `local` is MDS's; the batch size is the DataLoader's)."""
+    if streaming_kwargs:
+        raise ValueError(f"webdataset reader takes no streaming options: {sorted(streaming_kwargs)}")
+    _, index = read_index(root, WDS_INDEX)
+    return LatentWdsDataset(root, meta, index["shards"], seed=seed, shuffle=shuffle,
+                            shuffle_buffer=shuffle_buffer, hflip=hflip)
 
-    if url.split(":", 1)[0] in gopen_schemes:
-        return gopen(url, "rb")
-    return io.BytesIO(read_bytes(url))
+
+def _fetch(url: str) -> bytes:
+    """A whole shard: a local file, a remote one streamed by webdataset's gopen (http(s)://, gs://,
+    pipe:…) or, for the other schemes streaming supports (s3://, oci://, azure://, …), fetched whole."""
+    try:
+        if not is_remote(url):
+            with open(local_path(url), "rb") as f:
+                return f.read()
+        from webdataset.gopen import gopen, gopen_schemes
+
+        if url.split(":", 1)[0] in gopen_schemes:
+            with gopen(url, "rb") as f:
+                return f.read()
+        return read_bytes(url)
+    except OSError as e:
+        raise DataError(f"{url}: cannot be read ({e})") from None
 
 
 def _npy_header(shape: tuple[int, ...]) -> bytes:

@@ -1,13 +1,16 @@
 """Preemption: SIGTERM / SIGUSR1 on any rank → every rank stops at the same step boundary.
 
-The handler only sets a flag. At a step boundary (every `every` steps) the ranks all-reduce it (MAX) so
+The handler only sets a flag, except inside `waiting()` (the trainer's wait for its next batch), where it
+raises StopWaiting so that a rank stuck on data still stops (without a new checkpoint). At a step boundary (every `every` steps) the ranks all-reduce it (MAX) so
 they agree on the step at which to save and exit with EXIT_PREEMPTED. The all-reduce runs on a gloo
 group of CPU tensors: no GPU stream is synchronised, so checking every step costs a few microseconds of
 host-side network latency.
 """
 from __future__ import annotations
 
+import os
 import signal
+from contextlib import contextmanager
 
 import torch
 
@@ -29,6 +32,10 @@ def shield_helpers(signals) -> None:
             signal.signal(s, handler)
 
 
+class StopWaiting(Exception):
+    """A stop signal arrived while the trainer was blocked in `StopRequest.waiting()`."""
+
+
 class StopRequest:
     """Installs handlers for STOP_SIGNALS; `agreed(step)` is the collective decision."""
 
@@ -36,12 +43,26 @@ class StopRequest:
         self.every = every
         self.received: int | None = None
         self._group = None
+        self._waiting, self._pid = False, os.getpid()
         shield_helpers(signals)
         self._previous = {s: signal.signal(s, self._handle) for s in signals}
 
     def _handle(self, signum, frame) -> None:
         if self.received is None:
             self.received = signum
+        if self._waiting and os.getpid() == self._pid:     # not in forked DataLoader workers
+            raise StopWaiting(signal.Signals(signum).name)
+
+    @contextmanager
+    def waiting(self):
+        """A blocking wait (for data) that a stop signal cuts short with StopWaiting."""
+        if self.received is not None:
+            raise StopWaiting(self.name)
+        self._waiting = True
+        try:
+            yield
+        finally:
+            self._waiting = False
 
     def restore(self) -> None:
         for s, handler in self._previous.items():

@@ -225,9 +225,9 @@ def test_bad_config_is_exit_2_naming_the_key(capsys, tmp_path):
 
 
 def test_check_validates_data_run_dir_and_ds_config(capsys, tmp_path):
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "dataset.json").write_text(json.dumps(meta()))
+    from data_prep.testing import write_synthetic_latents
+
+    data = write_synthetic_latents(str(tmp_path / "data"), 16, latent_channels=1, latent_size=8, num_classes=10)
     ok = [f"data.root={data}", f"run_dir={tmp_path / 'run'}"]
     assert run_main(*ok, "--check") == 0
     assert "config ok" in capsys.readouterr().out and (tmp_path / "run").is_dir()
