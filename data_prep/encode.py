@@ -61,6 +61,9 @@ class EncodeConfig:
     num_slices: int | None = None      # default: one per worker
     staging: str | None = None         # local directory in front of a remote / shared output
     max_bad_fraction: float = 0.01
+    min_side: int = 0                  # skip images whose short side is below this (0: keep, note if < resolution)
+    max_aspect: float = 0.0            # skip images with long/short side above this (0: keep, note if > 3)
+    exif_orientation: bool = True      # apply EXIF orientation (False: as torchvision ImageFolder / ADM)
     limit: int | None = None           # encode only the first N inputs (trials)
     overwrite: bool = False            # encode complete slices again
     progress: bool = True
@@ -93,6 +96,14 @@ class EncodeConfig:
                 raise DataPrepError(f"--{name.replace('_', '-')} {value}: must be at least 1")
         if self.decode_workers is not None and self.decode_workers < 0:
             raise DataPrepError(f"--decode-workers {self.decode_workers}: must be ≥ 0")
+        try:
+            self.image_checks()
+        except ValueError as e:
+            raise DataPrepError(str(e)) from None
+
+    def image_checks(self) -> images.ImageChecks:
+        return images.ImageChecks(self.resolution, self.min_side, self.max_aspect,
+                                  exif_orientation=self.exif_orientation)
 
 
 # --- encoders ------------------------------------------------------------------------------------------
@@ -265,10 +276,10 @@ class Inputs:
     classes: list[str] | None
     fingerprint: str
 
-    def dataset(self, part: list, size: int, channels: int):
+    def dataset(self, part: list, size: int, channels: int, checks: images.ImageChecks):
         if self.kind == "folder":
-            return images.FolderImages(self.root, part, size, channels)
-        return images.TarImages(part, size, channels, len(self.classes) if self.classes else None)
+            return images.FolderImages(self.root, part, size, channels, checks)
+        return images.TarImages(part, size, channels, len(self.classes) if self.classes else None, checks)
 
 
 def list_inputs(cfg: EncodeConfig) -> Inputs:
@@ -303,7 +314,8 @@ def settings_of(cfg: EncodeConfig, inputs: Inputs, vae_id: str, num_slices: int)
     return {"format": cfg.format, "resolution": cfg.resolution, "vae_id": vae_id,
             "image_channels": cfg.image_channels or (3 if cfg.vae == "none" else None),
             "input": inputs.fingerprint, "num_slices": num_slices,
-            "scale_factor": cfg.scale_factor}
+            "scale_factor": cfg.scale_factor, "min_side": cfg.min_side, "max_aspect": cfg.max_aspect,
+            "exif_orientation": cfg.exif_orientation}
 
 
 def _decode_workers(cfg: EncodeConfig) -> int:
@@ -387,13 +399,13 @@ def encode_slice(cfg: EncodeConfig, inputs: Inputs, part: list, output: SliceOut
     output.reset()
     workers = _decode_workers(cfg)
     batch_size = cfg.batch_size or default_batch_size(encoder, device)
-    dataset = inputs.dataset(part, cfg.resolution, encoder.in_channels)
+    dataset = inputs.dataset(part, cfg.resolution, encoder.in_channels, cfg.image_checks())
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=images.collate,
                         pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
     latent_size = cfg.resolution // encoder.downsample
     writer = BackgroundWriter(open_slice_writer(cfg.format, output, encoder.latent_channels, latent_size,
                                                 cfg.shard_size))
-    stats, bad, good, max_label = LatentStats(encoder.latent_channels), [], 0, -1
+    stats, bad, notes, good, max_label = LatentStats(encoder.latent_channels), [], [], 0, -1
     total = len(part) if inputs.kind == "folder" else None   # tar sample counts are unknown up front
     kill_after = int(os.environ.get(KILL_AFTER_ENV, 0))
     report_path = os.path.join(output.local, REPORT_JSON)
@@ -402,6 +414,7 @@ def encode_slice(cfg: EncodeConfig, inputs: Inputs, part: list, output: SliceOut
               file=sys.stderr) as bar:
         for batch in loader:
             bad += batch["bad"]
+            notes += batch["notes"]
             if total is not None and len(bad) > bad_limit(total, cfg.max_bad_fraction):
                 _fail(writer, output, report_path, total, bad, cfg)
             if batch["images"] is not None:
@@ -425,22 +438,24 @@ def encode_slice(cfg: EncodeConfig, inputs: Inputs, part: list, output: SliceOut
             "scale_factor": (cfg.scale_factor if cfg.scale_factor == "measure" else encoder.scaling_factor
                              if cfg.scale_factor == "auto" else float(cfg.scale_factor)),
             "classes": inputs.classes, "settings": settings}
-    return publish_slice(output, meta, num_samples=good, max_label=max_label, bad=bad, inputs=seen,
+    return publish_slice(output, meta, num_samples=good, max_label=max_label, bad=bad, notes=notes, inputs=seen,
                          shards=shards, stats=stats, elapsed=elapsed, device=str(device), config=_jsonable(cfg))
 
 
 def publish_slice(output: SliceOutput, meta: dict, *, num_samples: int, max_label: int, bad: list, inputs: int,
-                  shards: list[dict], stats: LatentStats, elapsed: float, **extra: Any) -> dict[str, Any]:
+                  shards: list[dict], stats: LatentStats, elapsed: float, notes: list = (), **extra: Any
+                  ) -> dict[str, Any]:
     """Write a finished slice's report.json and summary.json (last: the slice is then complete).
 
     meta: what all slices share (format, resolution, latent_channels, latent_size, image_channels,
     vae, scale_factor, classes, settings); merge builds dataset.json from it."""
+    report = make_report(output.name, inputs, bad, notes)
     summary = {"slice": output.name, **meta, "max_label": max_label, "num_samples": num_samples,
-               "inputs": inputs, "skipped": len(bad), "shards": len(shards),
+               "inputs": inputs, "skipped": len(bad), **report["noted"], "shards": len(shards),
                "bytes": sum(s["bytes"] for s in shards), "elapsed_s": elapsed,
                "images_per_s": num_samples / max(elapsed, 1e-9), "latent_stats": stats.to_json(),
                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra}
-    output.publish({REPORT_JSON: to_json(make_report(output.name, inputs, bad)), SUMMARY_JSON: to_json(summary)})
+    output.publish({REPORT_JSON: to_json(report), SUMMARY_JSON: to_json(summary)})
     log(summary_line(summary))
     return summary
 
@@ -494,6 +509,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--staging", help="local directory to write shards in before uploading them to --out")
     p.add_argument("--max-bad-fraction", type=float, default=0.01,
                    help="fail (exit 2) when more of a slice's inputs than this cannot be decoded")
+    p.add_argument("--min-side", type=int, default=0, help="skip images whose short side is below this "
+                   "(default 0: keep them; those below --resolution are upscaled and listed in report.json)")
+    p.add_argument("--max-aspect", type=float, default=0.0, help="skip images whose long/short side ratio is "
+                   "above this (default 0: keep them; those above 3 are listed in report.json)")
+    p.add_argument("--ignore-exif-orientation", dest="exif_orientation", action="store_false",
+                   help="do not rotate by the EXIF orientation tag (torchvision ImageFolder / ADM behaviour)")
     p.add_argument("--limit", type=int, help="encode only the first N inputs (a trial run)")
     p.add_argument("--overwrite", action="store_true", help="encode complete slices again")
     p.add_argument("--no-progress", dest="progress", action="store_false")

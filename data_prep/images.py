@@ -3,6 +3,17 @@
 Every input is decoded by content, whatever its extension, and anything that fails (unreadable,
 truncated, not an image, empty) becomes a `bad` record with the reason, never an exception: the job
 counts and lists those and carries on.
+
+What real image sets contain (`to_rgb_or_l`, `ImageChecks`):
+- EXIF orientation is applied first (PIL's `ImageOps.exif_transpose`), so phone photos are upright, as
+  in any viewer. torchvision's ImageFolder (and ADM's ImageNet script) do not apply it;
+  `--ignore-exif-orientation` reproduces them exactly.
+- 16-bit and 32-bit integer images (PNG/TIFF modes I;16*, I) are scaled to 8 bits (value / 257), float
+  images (F) are read as [0, 1]; palette, bilevel, CMYK, YCbCr, LA/RGBA images go through PIL's
+  conversion (alpha is dropped, as ADM does).
+- Images whose short side is below the resolution (they are upscaled) or whose aspect ratio exceeds
+  `ImageChecks.report_aspect` (the center crop keeps a small part) are kept and listed as notes in
+  report.json; `--min-side` / `--max-aspect` skip them instead.
 """
 from __future__ import annotations
 
@@ -13,9 +24,11 @@ import os
 import tarfile
 from typing import Any, Iterator
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 IMAGE_EXTS = {"jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm", "pgm", "pbm", "gif"}
@@ -88,15 +101,63 @@ def center_crop_arr(image: Image.Image, size: int) -> np.ndarray:
     return arr[top:top + size, left:left + size]
 
 
-def decode_image(source, size: int, channels: int) -> np.ndarray:
-    """Decode a path or file object, convert to RGB (or L), center-crop: (size, size, channels) uint8."""
+@dataclass(frozen=True)
+class ImageChecks:
+    """What decoding checks of an image's size (after EXIF orientation): `min_side` / `max_aspect` skip
+    (0 = never), the resolution and `report_aspect` only add notes."""
+
+    resolution: int
+    min_side: int = 0
+    max_aspect: float = 0.0
+    report_aspect: float = 3.0
+    exif_orientation: bool = True
+
+    def __post_init__(self) -> None:
+        if self.min_side < 0 or self.max_aspect < 0:
+            raise ValueError(f"--min-side {self.min_side} / --max-aspect {self.max_aspect}: must be >= 0")
+        if 0 < self.max_aspect < 1:
+            raise ValueError(f"--max-aspect {self.max_aspect}: a ratio long/short side, >= 1 (0 = off)")
+
+    def notes(self, width: int, height: int) -> list[str]:
+        """The notes for a kept image; ValueError (the image is skipped) past a threshold."""
+        short, aspect = min(width, height), max(width, height) / max(1, min(width, height))
+        if short < 1:
+            raise ValueError(f"empty image {width}x{height}")
+        if short < self.min_side:
+            raise ValueError(f"too small: {width}x{height}, short side < --min-side {self.min_side}")
+        if self.max_aspect and aspect > self.max_aspect:
+            raise ValueError(f"extreme aspect ratio {aspect:.1f} ({width}x{height}) > --max-aspect {self.max_aspect}")
+        out = []
+        if short < self.resolution:
+            out.append(f"upscaled: {width}x{height}, short side < resolution {self.resolution}")
+        if aspect > self.report_aspect:
+            out.append(f"extreme aspect: {aspect:.1f} ({width}x{height})")
+        return out
+
+
+def to_rgb_or_l(image: Image.Image, channels: int) -> Image.Image:
+    """8-bit RGB (channels 3) or L (channels 1), with high-bit-depth modes scaled, not clipped."""
+    mode = "RGB" if channels == 3 else "L"
+    if image.mode.startswith("I") or image.mode == "F":
+        arr = np.asarray(image, dtype=np.float64)
+        arr = arr * 255.0 if image.mode == "F" else arr / 257.0
+        image = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), "L")
+    return image if image.mode == mode else image.convert(mode)
+
+
+def decode_image(source, size: int, channels: int, checks: ImageChecks | None = None
+                 ) -> tuple[np.ndarray, list[str]]:
+    """Decode a path or file object, orient it, convert to RGB (or L), center-crop:
+    ((size, size, channels) uint8, notes about the image's size); ValueError when `checks` skip it."""
+    checks = checks or ImageChecks(size)
     with Image.open(source) as image:
         image.load()
-        if min(image.size) < 1:
-            raise ValueError(f"empty image {image.size}")
-        image = image.convert("RGB" if channels == 3 else "L")
+        if checks.exif_orientation:
+            image = ImageOps.exif_transpose(image)
+        notes = checks.notes(*image.size)
+        image = to_rgb_or_l(image, channels)
     arr = center_crop_arr(image, size)
-    return arr.reshape(size, size, channels)
+    return arr.reshape(size, size, channels), notes
 
 
 def _bad(key: str, error: BaseException) -> dict[str, Any]:
@@ -106,8 +167,10 @@ def _bad(key: str, error: BaseException) -> dict[str, Any]:
 class FolderImages(Dataset):
     """Map-style dataset over (relative path, label) items of an image folder."""
 
-    def __init__(self, root: str, items: list[tuple[str, int]], size: int, channels: int):
+    def __init__(self, root: str, items: list[tuple[str, int]], size: int, channels: int,
+                 checks: ImageChecks | None = None):
         self.root, self.items, self.size, self.channels = root, items, size, channels
+        self.checks = checks or ImageChecks(size)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -115,18 +178,20 @@ class FolderImages(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         rel, label = self.items[i]
         try:
-            image = decode_image(os.path.join(self.root, rel), self.size, self.channels)
+            image, notes = decode_image(os.path.join(self.root, rel), self.size, self.channels, self.checks)
         except Exception as e:  # any failure of one file makes it a skipped input
             return _bad(rel, e)
-        return {"ok": True, "image": image, "label": label, "key": rel}
+        return {"ok": True, "image": image, "label": label, "key": rel, "notes": notes}
 
 
 class TarImages(IterableDataset):
     """Samples of webdataset image tars (an image member + a `cls` member per key), split over
     DataLoader workers by shard. A shard that breaks off (truncated, unreadable) is reported once."""
 
-    def __init__(self, tars: list[str], size: int, channels: int, num_classes: int | None = None):
+    def __init__(self, tars: list[str], size: int, channels: int, num_classes: int | None = None,
+                 checks: ImageChecks | None = None):
         self.tars, self.size, self.channels, self.num_classes = tars, size, channels, num_classes
+        self.checks = checks or ImageChecks(size)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -158,10 +223,10 @@ class TarImages(IterableDataset):
             label = int(label.decode().strip())
             if label < 0 or (self.num_classes is not None and label >= self.num_classes):
                 raise ValueError(f"label {label} outside [0, {self.num_classes})")
-            array = decode_image(io.BytesIO(image), self.size, self.channels)
+            array, notes = decode_image(io.BytesIO(image), self.size, self.channels, self.checks)
         except Exception as e:
             return _bad(key, e)
-        return {"ok": True, "image": array, "label": label, "key": key}
+        return {"ok": True, "image": array, "label": label, "key": key, "notes": notes}
 
 
 def _check_end_of_archive(path: str, offset: int) -> None:
@@ -195,10 +260,12 @@ def _group_by_key(stream: tarfile.TarFile) -> Iterator[tuple[str, dict[str, byte
 
 
 def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
-    """Good images stacked (n, H, W, C) uint8 with labels and keys; bad ones as (key, reason)."""
+    """Good images stacked (n, H, W, C) uint8 with labels and keys; bad ones as (key, reason); notes on
+    good ones as (key, note)."""
     good = [b for b in batch if b["ok"]]
     images = torch.from_numpy(np.stack([b["image"] for b in good])) if good else None
     return {"images": images,
             "labels": torch.tensor([b["label"] for b in good], dtype=torch.int64),
             "keys": [b["key"] for b in good],
-            "bad": [(b["key"], b["reason"]) for b in batch if not b["ok"]]}
+            "bad": [(b["key"], b["reason"]) for b in batch if not b["ok"]],
+            "notes": [(b["key"], note) for b in good for note in b["notes"]]}

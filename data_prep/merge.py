@@ -20,7 +20,7 @@ import numpy as np
 
 from data_prep.encode import scale_from_stats
 from data_prep.errors import DataPrepError
-from data_prep.report import human_bytes, to_json
+from data_prep.report import human_bytes, make_report, to_json
 from ditscale.data.schema import (DATASET_JSON, MDS_INDEX, REPORT_JSON, SLICE_RE, SUMMARY_JSON, WDS_INDEX,
                                   slice_name)
 from ditscale.data.storage import is_remote, join, local_path, read_bytes
@@ -114,11 +114,14 @@ def merge(out: str) -> dict[str, Any]:
     count = sum(st["count"] for st in stats)
     mean = np.sum([st["sum"] for st in stats], 0) / max(count, 1)
     var = np.sum([st["sum_sq"] for st in stats], 0) / max(count, 1) - mean ** 2
-    skipped = []
+    skipped, noted = [], []
     for n in names:
-        skipped += json.loads(read_bytes(join(out, n, REPORT_JSON)))["skipped_inputs"]
-    _put(out, REPORT_JSON, to_json({"inputs": sum(s["inputs"] for s in summaries), "skipped": len(skipped),
-                                    "skipped_inputs": skipped}))
+        report = json.loads(read_bytes(join(out, n, REPORT_JSON)))
+        skipped += report["skipped_inputs"]
+        noted += [(r["path"], r["note"]) for r in report.get("noted_inputs", [])]
+    report = make_report("all", sum(s["inputs"] for s in summaries), [(r["path"], r["reason"]) for r in skipped],
+                         noted)
+    _put(out, REPORT_JSON, to_json({k: v for k, v in report.items() if k != "slice"}))
     meta = {
         "format": fmt, "resolution": first["resolution"], "latent_channels": first["latent_channels"],
         "latent_size": first["latent_size"], "image_channels": first["image_channels"],
@@ -126,7 +129,7 @@ def merge(out: str) -> dict[str, Any]:
         "num_samples": sum(s["num_samples"] for s in summaries),
         "slices": [{"name": n, "num_samples": s["num_samples"], "skipped": s["skipped"], "shards": s["shards"],
                     "bytes": s["bytes"]} for n, s in zip(names, summaries)],
-        "skipped": len(skipped),
+        "skipped": len(skipped), **report["noted"],
         "latent_stats": {"mean": mean.tolist(), "std": np.sqrt(np.maximum(var, 0)).tolist()},
         "settings": first["settings"], "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -134,7 +137,9 @@ def merge(out: str) -> dict[str, Any]:
     total_bytes = sum(s["bytes"] for s in summaries)
     print(f"data_prep merge: {out}: {len(names)} slices, {meta['num_samples']} samples, "
           f"{sum(s['shards'] for s in summaries)} shards, {human_bytes(total_bytes)}, "
-          f"{len(skipped)} inputs skipped, scale_factor {scale}", file=sys.stderr)
+          f"{len(skipped)} inputs skipped, " +
+          "".join(f"{v} {k.replace('_', ' ')}, " for k, v in report["noted"].items()) +
+          f"scale_factor {scale} (report: {join(out, REPORT_JSON)})", file=sys.stderr)
     return meta
 
 

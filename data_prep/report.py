@@ -34,13 +34,20 @@ def check_bad(bad: list[tuple[str, str]], total: int, max_fraction: float, where
         f"{max_fraction} allows{listing}:\n{shown}{more}")
 
 
-def make_report(name: str, total: int, bad: list[tuple[str, str]]) -> dict[str, Any]:
-    return {"slice": name, "inputs": total, "skipped": len(bad),
-            "skipped_inputs": [{"path": key, "reason": reason} for key, reason in bad]}
+NOTE_KINDS = ("upscaled", "extreme aspect")     # the first words of data_prep.images.ImageChecks' notes
+
+
+def make_report(name: str, total: int, bad: list[tuple[str, str]], notes=()) -> dict[str, Any]:
+    """report.json of a slice: skipped inputs with the reason, kept images with notes, and counts."""
+    noted = {kind.replace(" ", "_"): sum(note.startswith(kind) for _, note in notes) for kind in NOTE_KINDS}
+    return {"slice": name, "inputs": total, "skipped": len(bad), "noted": noted,
+            "skipped_inputs": [{"path": key, "reason": reason} for key, reason in bad],
+            "noted_inputs": [{"path": key, "note": note} for key, note in notes]}
 
 
 def summary_line(s: dict[str, Any]) -> str:
-    return (f"{s['slice']}: {s['num_samples']} images, {s['skipped']} skipped, {s['shards']} shards, "
+    noted = "".join(f", {s[k]} {k.replace('_', ' ')}" for k in ("upscaled", "extreme_aspect") if s.get(k))
+    return (f"{s['slice']}: {s['num_samples']} images, {s['skipped']} skipped{noted}, {s['shards']} shards, "
             f"{human_bytes(s['bytes'])}, {s['elapsed_s']:.1f} s, {s['images_per_s']:.1f} images/s")
 
 

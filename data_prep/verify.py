@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from streaming.base.hashing import get_hash
 
 from ditscale.data import read_metadata
+from ditscale.data.integrity import shard_problems
 from ditscale.data.schema import MDS_INDEX, WDS_INDEX
 from ditscale.data.storage import join, read_bytes
 from ditscale.data.tario import tar_samples
@@ -35,17 +35,6 @@ class VerifyResult:
     @property
     def ok(self) -> bool:
         return not self.problems
-
-
-def _check_hashes(name: str, data: bytes, info: dict, what: str) -> list[str]:
-    problems = []
-    if len(data) != info["bytes"]:
-        problems.append(f"{name}: {what} is {len(data)} bytes, the index says {info['bytes']}")
-    for algo, expected in sorted(info.get("hashes", {}).items()):
-        got = get_hash(algo, data)
-        if got != expected:
-            problems.append(f"{name}: {what} {algo} mismatch (index {expected}, file {got})")
-    return problems
 
 
 def check_record(name: str, rec: dict[str, Any], meta: dict) -> list[str]:
@@ -88,13 +77,13 @@ def _verify_mds_shard(root: str, shard: dict, meta: dict, k: int, rng: random.Ra
         data = read_bytes(join(root, name))
     except FileNotFoundError:
         return [f"{name}: missing"], 0
-    problems = _check_hashes(name, data, stored, "file")
+    problems = shard_problems(data, stored, f"{name}: file")
     if shard["zip_data"]:
         try:
             data = decompress(shard["compression"], data)
         except Exception as e:  # a damaged compressed stream
             return problems + [f"{name}: cannot decompress ({type(e).__name__}: {e})"], 0
-        problems += _check_hashes(name, data, shard["raw_data"], "decompressed data")
+        problems += shard_problems(data, shard["raw_data"], f"{name}: decompressed data")
     if problems:
         return problems, 0
     count = int(np.frombuffer(data, np.uint32, 1, 0)[0])
@@ -120,7 +109,7 @@ def _verify_wds_shard(root: str, shard: dict, meta: dict, k: int, rng: random.Ra
         data = read_bytes(join(root, name))
     except FileNotFoundError:
         return [f"{name}: missing"], 0
-    problems = _check_hashes(name, data, shard, "file")
+    problems = shard_problems(data, shard, f"{name}: file")
     if problems:
         return problems, 0
     try:
