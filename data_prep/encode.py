@@ -12,6 +12,7 @@ writes shards while the next batch encodes.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -28,6 +29,8 @@ from data_prep import images, slices
 from data_prep.errors import DataPrepError
 from data_prep.report import bad_limit, check_bad, make_report, summary_line, to_json
 from data_prep.writers import BackgroundWriter, SliceOutput, open_slice_writer, other_slicings
+from ditscale.data.image_column import CODECS as IMAGE_CODECS
+from ditscale.data.image_column import ImageColumn
 from ditscale.data.schema import FORMATS, REPORT_JSON, SUMMARY_JSON, slice_name
 
 DEFAULT_SCALE = 0.18215   # SD VAE (sd-vae-ft-ema / -mse); used when a VAE config lacks scaling_factor
@@ -67,6 +70,8 @@ class EncodeConfig:
     limit: int | None = None           # encode only the first N inputs (trials)
     overwrite: bool = False            # encode complete slices again
     progress: bool = True
+    keep_image: str | None = None      # also store the cropped image: png (lossless) | jpeg
+    image_quality: int = 95            # JPEG quality for keep_image=jpeg
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -96,6 +101,10 @@ class EncodeConfig:
                 raise DataPrepError(f"--{name.replace('_', '-')} {value}: must be at least 1")
         if self.decode_workers is not None and self.decode_workers < 0:
             raise DataPrepError(f"--decode-workers {self.decode_workers}: must be ≥ 0")
+        if self.keep_image not in (None, *IMAGE_CODECS):
+            raise DataPrepError(f"--keep-image {self.keep_image!r}: expected one of {IMAGE_CODECS}")
+        if not 1 <= self.image_quality <= 100:
+            raise DataPrepError(f"--image-quality {self.image_quality}: expected 1..100")
         try:
             self.image_checks()
         except ValueError as e:
@@ -104,6 +113,13 @@ class EncodeConfig:
     def image_checks(self) -> images.ImageChecks:
         return images.ImageChecks(self.resolution, self.min_side, self.max_aspect,
                                   exif_orientation=self.exif_orientation)
+
+    def image_column(self, channels: int) -> ImageColumn | None:
+        """The image column this job writes (--keep-image), for images of `channels` channels."""
+        if self.keep_image is None:
+            return None
+        quality = self.image_quality if self.keep_image == "jpeg" else None
+        return ImageColumn(self.keep_image, self.resolution, channels, quality)
 
 
 # --- encoders ------------------------------------------------------------------------------------------
@@ -315,7 +331,8 @@ def settings_of(cfg: EncodeConfig, inputs: Inputs, vae_id: str, num_slices: int)
             "image_channels": cfg.image_channels or (3 if cfg.vae == "none" else None),
             "input": inputs.fingerprint, "num_slices": num_slices,
             "scale_factor": cfg.scale_factor, "min_side": cfg.min_side, "max_aspect": cfg.max_aspect,
-            "exif_orientation": cfg.exif_orientation}
+            "exif_orientation": cfg.exif_orientation, "keep_image": cfg.keep_image,
+            "image_quality": cfg.image_quality if cfg.keep_image == "jpeg" else None}
 
 
 def _decode_workers(cfg: EncodeConfig) -> int:
@@ -376,7 +393,7 @@ def run(cfg: EncodeConfig) -> list[dict[str, Any]]:
         summaries.append(encode_slice(cfg, inputs, part, output, encoder, device, settings))
     if len(summaries) > 1:
         total = {"slice": f"worker {worker}/{num_workers}, {len(summaries)} slices", "elapsed_s": time.time() - start,
-                 **{k: sum(s[k] for s in summaries) for k in ("num_samples", "skipped", "shards", "bytes")}}
+                 **{k: sum(s[k] for s in summaries) for k in ("num_samples", "skipped", "shards", "bytes", "image_bytes")}}
         log(summary_line({**total, "images_per_s": total["num_samples"] / max(total["elapsed_s"], 1e-9)}))
     return summaries
 
@@ -400,12 +417,15 @@ def encode_slice(cfg: EncodeConfig, inputs: Inputs, part: list, output: SliceOut
     workers = _decode_workers(cfg)
     batch_size = cfg.batch_size or default_batch_size(encoder, device)
     dataset = inputs.dataset(part, cfg.resolution, encoder.in_channels, cfg.image_checks())
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=images.collate,
+    kept = cfg.image_column(encoder.in_channels)
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers,
+                        collate_fn=functools.partial(images.collate, keep=kept),
                         pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
     latent_size = cfg.resolution // encoder.downsample
     writer = BackgroundWriter(open_slice_writer(cfg.format, output, encoder.latent_channels, latent_size,
-                                                cfg.shard_size))
+                                                cfg.shard_size, kept))
     stats, bad, notes, good, max_label = LatentStats(encoder.latent_channels), [], [], 0, -1
+    image_bytes = 0
     total = len(part) if inputs.kind == "folder" else None   # tar sample counts are unknown up front
     kill_after = int(os.environ.get(KILL_AFTER_ENV, 0))
     report_path = os.path.join(output.local, REPORT_JSON)
@@ -420,7 +440,9 @@ def encode_slice(cfg: EncodeConfig, inputs: Inputs, part: list, output: SliceOut
             if batch["images"] is not None:
                 mean, logvar = encoder(batch["images"])            # (n, 2, C, h, w) fp16
                 stats.update(mean, logvar)
-                writer.put(mean.cpu().numpy(), logvar.cpu().numpy(), batch["labels"].tolist(), batch["keys"])
+                writer.put(mean.cpu().numpy(), logvar.cpu().numpy(), batch["labels"].tolist(), batch["keys"],
+                           batch["kept"])
+                image_bytes += sum(map(len, batch["kept"] or ()))
                 good += len(batch["keys"])
                 max_label = max(max_label, int(batch["labels"].max()))
                 _ENCODED_IN_PROCESS[0] += len(batch["keys"])
@@ -437,9 +459,10 @@ def encode_slice(cfg: EncodeConfig, inputs: Inputs, part: list, output: SliceOut
             "latent_size": latent_size, "image_channels": encoder.in_channels, "vae": cfg.vae,
             "scale_factor": (cfg.scale_factor if cfg.scale_factor == "measure" else encoder.scaling_factor
                              if cfg.scale_factor == "auto" else float(cfg.scale_factor)),
-            "classes": inputs.classes, "settings": settings}
+            "classes": inputs.classes, "image": kept and kept.to_json(), "settings": settings}
     return publish_slice(output, meta, num_samples=good, max_label=max_label, bad=bad, notes=notes, inputs=seen,
-                         shards=shards, stats=stats, elapsed=elapsed, device=str(device), config=_jsonable(cfg))
+                         shards=shards, stats=stats, elapsed=elapsed, device=str(device), config=_jsonable(cfg),
+                         image_bytes=image_bytes)
 
 
 def publish_slice(output: SliceOutput, meta: dict, *, num_samples: int, max_label: int, bad: list, inputs: int,
@@ -448,7 +471,7 @@ def publish_slice(output: SliceOutput, meta: dict, *, num_samples: int, max_labe
     """Write a finished slice's report.json and summary.json (last: the slice is then complete).
 
     meta: what all slices share (format, resolution, latent_channels, latent_size, image_channels,
-    vae, scale_factor, classes, settings); merge builds dataset.json from it."""
+    vae, scale_factor, classes, image, settings); merge builds dataset.json from it."""
     report = make_report(output.name, inputs, bad, notes)
     summary = {"slice": output.name, **meta, "max_label": max_label, "num_samples": num_samples,
                "inputs": inputs, "skipped": len(bad), **report["noted"], "shards": len(shards),
@@ -518,6 +541,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, help="encode only the first N inputs (a trial run)")
     p.add_argument("--overwrite", action="store_true", help="encode complete slices again")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--keep-image", nargs="?", const="png", choices=IMAGE_CODECS,
+                   help="also store each cropped image at the training resolution (for REPA): png "
+                   "(lossless, the default when given without a value) or jpeg (--image-quality, 4:4:4)")
+    p.add_argument("--image-quality", type=int, default=95, help="JPEG quality for --keep-image jpeg")
 
 
 def config_from_args(args: argparse.Namespace) -> EncodeConfig:

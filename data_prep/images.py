@@ -259,13 +259,15 @@ def _group_by_key(stream: tarfile.TarFile) -> Iterator[tuple[str, dict[str, byte
         yield key, group
 
 
-def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:
+def collate(batch: list[dict[str, Any]], keep=None) -> dict[str, Any]:
     """Good images stacked (n, H, W, C) uint8 with labels and keys; bad ones as (key, reason); notes on
-    good ones as (key, note)."""
+    good ones as (key, note). keep: an ImageColumn to encode the crops with (in the decode worker) as
+    "kept", else kept is None."""
     good = [b for b in batch if b["ok"]]
     images = torch.from_numpy(np.stack([b["image"] for b in good])) if good else None
     return {"images": images,
             "labels": torch.tensor([b["label"] for b in good], dtype=torch.int64),
             "keys": [b["key"] for b in good],
+            "kept": [keep.encode(b["image"]) for b in good] if keep is not None else None,
             "bad": [(b["key"], b["reason"]) for b in batch if not b["ok"]],
             "notes": [(b["key"], note) for b in good for note in b["notes"]]}

@@ -125,7 +125,7 @@ def merge(out: str) -> dict[str, Any]:
     meta = {
         "format": fmt, "resolution": first["resolution"], "latent_channels": first["latent_channels"],
         "latent_size": first["latent_size"], "image_channels": first["image_channels"],
-        "scale_factor": scale, "vae": first["vae"], "classes": classes,
+        "scale_factor": scale, "vae": first["vae"], "classes": classes, "image": first.get("image"),
         "num_samples": sum(s["num_samples"] for s in summaries),
         "slices": [{"name": n, "num_samples": s["num_samples"], "skipped": s["skipped"], "shards": s["shards"],
                     "bytes": s["bytes"]} for n, s in zip(names, summaries)],

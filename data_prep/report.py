@@ -47,8 +47,10 @@ def make_report(name: str, total: int, bad: list[tuple[str, str]], notes=()) -> 
 
 def summary_line(s: dict[str, Any]) -> str:
     noted = "".join(f", {s[k]} {k.replace('_', ' ')}" for k in ("upscaled", "extreme_aspect") if s.get(k))
+    kept = (f" (images kept: {human_bytes(s['image_bytes'] / max(s['num_samples'], 1))} per image)"
+            if s.get("image_bytes") else "")
     return (f"{s['slice']}: {s['num_samples']} images, {s['skipped']} skipped{noted}, {s['shards']} shards, "
-            f"{human_bytes(s['bytes'])}, {s['elapsed_s']:.1f} s, {s['images_per_s']:.1f} images/s")
+            f"{human_bytes(s['bytes'])}{kept}, {s['elapsed_s']:.1f} s, {s['images_per_s']:.1f} images/s")
 
 
 def to_json(obj: Any) -> bytes:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from ditscale.data import read_metadata
+from ditscale.data.image_column import ImageColumn
 from ditscale.data.integrity import shard_problems
 from ditscale.data.schema import MDS_INDEX, WDS_INDEX
 from ditscale.data.storage import join, read_bytes
@@ -57,7 +58,26 @@ def check_record(name: str, rec: dict[str, Any], meta: dict) -> list[str]:
         problems.append(f"{name}: record {rec['key']!r}: label {rec['label']} outside [0, {len(meta['classes'])})")
     if not rec["key"]:
         problems.append(f"{name}: a record has an empty key")
-    return problems
+    return problems + _check_image(name, rec, meta)
+
+
+def _check_image(name: str, rec: dict[str, Any], meta: dict) -> list[str]:
+    """The kept image (dataset.json "image"), when the dataset has one: present, decodable, right size."""
+    column = ImageColumn.from_json(meta.get("image"))
+    if column is None:
+        return []
+    if rec.get("image") is None:
+        return [f"{name}: record {rec['key']!r}: no image, dataset.json says the shards keep {column.codec} images"]
+    try:
+        column.decode(rec["image"])
+    except Exception as e:  # a damaged or foreign file
+        return [f"{name}: record {rec['key']!r}: image does not decode ({type(e).__name__}: {e})"]
+    return []
+
+
+def _wds_image(members: dict[str, bytes], meta: dict) -> bytes | None:
+    column = ImageColumn.from_json(meta.get("image"))
+    return members.get(column.wds_field) if column is not None else None
 
 
 def _pick(n: int, k: int, rng: random.Random) -> list[int]:
@@ -122,7 +142,7 @@ def _verify_wds_shard(root: str, shard: dict, meta: dict, k: int, rng: random.Ra
     for i in _pick(len(samples), k, rng):
         key, members = samples[i]
         try:
-            rec = {"key": key, "label": int(members["cls"].decode()),
+            rec = {"key": key, "label": int(members["cls"].decode()), "image": _wds_image(members, meta),
                    **{c: np.load(io.BytesIO(members[f"{c}.npy"]), allow_pickle=False) for c in ("mean", "logvar")}}
         except Exception as e:
             problems.append(f"{name}: sample {key!r} does not decode ({type(e).__name__}: {e})")

@@ -25,6 +25,7 @@ from streaming import MDSWriter
 from streaming.base.hashing import get_hash
 from streaming.base.storage.upload import CloudUploader
 
+from ditscale.data.image_column import ImageColumn
 from ditscale.data.schema import HASHES, SLICE_RE, SUMMARY_JSON, WDS_INDEX, mds_columns, wds_key
 from ditscale.data.storage import exists, is_remote, join, local_path, read_bytes
 
@@ -104,14 +105,15 @@ class MdsSliceWriter:
     """MDSWriter: zstd-compressed shards with sha1 + xxh64 per shard, the slice's index.json."""
 
     def __init__(self, output: SliceOutput, latent_channels: int, latent_size: int, shard_size: int,
-                 compression: str = "zstd"):
+                 image: ImageColumn | None = None, compression: str = "zstd"):
         out = (output.local, output.final) if output.staged else output.local
-        self.writer = MDSWriter(out=out, columns=mds_columns(latent_channels, latent_size),
+        self.writer = MDSWriter(out=out, columns=mds_columns(latent_channels, latent_size, image is not None),
                                 compression=compression, hashes=HASHES, size_limit=shard_size,
                                 keep_local=False)
 
-    def write(self, mean: np.ndarray, logvar: np.ndarray, label: int, key: str) -> None:
-        self.writer.write({"mean": mean, "logvar": logvar, "label": int(label), "key": key})
+    def write(self, mean: np.ndarray, logvar: np.ndarray, label: int, key: str, image: bytes | None) -> None:
+        record = {"mean": mean, "logvar": logvar, "label": int(label), "key": key}
+        self.writer.write(record if image is None else {**record, "image": image})
 
     def finish(self) -> list[dict[str, Any]]:
         self.writer.finish()
@@ -124,13 +126,14 @@ class MdsSliceWriter:
 
 
 class WdsSliceWriter:
-    """webdataset ShardWriter: uncompressed tars (mean.npy, logvar.npy, cls, __key__), the slice's
-    wds_index.json with per-shard sample counts and hashes."""
+    """webdataset ShardWriter: uncompressed tars (mean.npy, logvar.npy, cls, __key__, optionally
+    image.png | image.jpg), the slice's wds_index.json with per-shard sample counts and hashes."""
 
-    def __init__(self, output: SliceOutput, shard_size: int):
+    def __init__(self, output: SliceOutput, shard_size: int, image: ImageColumn | None = None):
         from webdataset import ShardWriter
 
         self.output, self.shards, self.count = output, [], 0
+        self.image_field = image.wds_field if image is not None else None
         os.makedirs(output.local, exist_ok=True)
         self.upload = output.uploader()
         pattern = os.path.join(output.local, "shard-%06d.tar")
@@ -147,9 +150,12 @@ class WdsSliceWriter:
         if self.upload is not None:
             self.upload.upload_file(basename)
 
-    def write(self, mean: np.ndarray, logvar: np.ndarray, label: int, key: str) -> None:
-        self.writer.write({"__key__": wds_key(key), "mean.npy": npy_bytes(mean),
-                           "logvar.npy": npy_bytes(logvar), "cls": str(int(label)).encode()})
+    def write(self, mean: np.ndarray, logvar: np.ndarray, label: int, key: str, image: bytes | None) -> None:
+        sample = {"__key__": wds_key(key), "mean.npy": npy_bytes(mean), "logvar.npy": npy_bytes(logvar),
+                  "cls": str(int(label)).encode()}
+        if image is not None:
+            sample[self.image_field] = image
+        self.writer.write(sample)
         self.count += 1
 
     def finish(self) -> list[dict[str, Any]]:
@@ -162,11 +168,11 @@ class WdsSliceWriter:
 
 
 def open_slice_writer(fmt: str, output: SliceOutput, latent_channels: int, latent_size: int,
-                      shard_size: int):
+                      shard_size: int, image: ImageColumn | None = None):
     if fmt == "mds":
-        return MdsSliceWriter(output, latent_channels, latent_size, shard_size)
+        return MdsSliceWriter(output, latent_channels, latent_size, shard_size, image)
     if fmt == "wds":
-        return WdsSliceWriter(output, shard_size)
+        return WdsSliceWriter(output, shard_size, image)
     raise ValueError(f"--format {fmt!r}: expected mds or wds")
 
 
@@ -190,8 +196,9 @@ class BackgroundWriter:
             if self.error is not None:
                 continue
             try:
-                for mean, logvar, label, key in zip(*batch):
-                    self.writer.write(mean, logvar, label, key)
+                means, logvars, labels, keys, images = batch
+                for i, (mean, logvar, label, key) in enumerate(zip(means, logvars, labels, keys)):
+                    self.writer.write(mean, logvar, label, key, images[i] if images is not None else None)
             except BaseException as e:  # handed to the main thread
                 self.error = e
 
@@ -199,10 +206,11 @@ class BackgroundWriter:
         if self.error is not None:
             raise RuntimeError(f"shard writer failed: {self.error}") from self.error
 
-    def put(self, means: np.ndarray, logvars: np.ndarray, labels: list[int], keys: list[str]) -> None:
-        """One batch: means/logvars (n, 2, C, h, w) fp16."""
+    def put(self, means: np.ndarray, logvars: np.ndarray, labels: list[int], keys: list[str],
+            images: list[bytes] | None = None) -> None:
+        """One batch: means/logvars (n, 2, C, h, w) fp16; images: the encoded image column, or None."""
         self._check()
-        self.queue.put((means, logvars, labels, keys))
+        self.queue.put((means, logvars, labels, keys, images))
 
     def abort(self) -> None:
         """Stop after the batches already queued, without finishing the shards."""

@@ -15,8 +15,9 @@ import json
 from typing import Any
 
 from ditscale.data.flip import flip_of
-from ditscale.data.posterior import sample_latents
+from ditscale.data.image_column import image_column_of
 from ditscale.data.integrity import DataError
+from ditscale.data.posterior import sample_latents
 from ditscale.data.schema import DATASET_JSON, validate_metadata
 from ditscale.data.storage import join, read_bytes
 
@@ -46,12 +47,15 @@ def read_metadata(path: str, split: str | None = None) -> dict:
 
 def build_dataset(path: str, *, batch_size: int, seed: int = 0, shuffle: bool = True,
                   split: str | None = None, local: str | None = None, format: str | None = None,
-                  shuffle_buffer: int = 2000, hflip: bool = True, **streaming_kwargs: Any):
+                  shuffle_buffer: int = 2000, hflip: bool = True, with_image: bool = False,
+                  **streaming_kwargs: Any):
     """A torch IterableDataset of reader items over the dataset at `path` (local or remote).
 
     batch_size: per-rank batch size, as given to the DataLoader (streaming partitions by it).
     seed: shuffle order and flips. hflip: False always gives the image as stored, never its mirror
-    (for data whose mirror is not a valid sample: digits, text). local: MDS cache directory (default `cache.content_cache_dir`, keyed by the index's content; must
+    (for data whose mirror is not a valid sample: digits, text). with_image: items also carry "image", the
+    kept crop of the same flip, (C, H, W) uint8 (ValueError when the dataset keeps none); off, the
+    image column is never read. local: MDS cache directory (default `cache.content_cache_dir`, keyed by the index's content; must
     be unique per live dataset in a process; `local=path` reads a local dataset in place, decompressing
     its shards next to them). format: checked against dataset.json when given. streaming_kwargs go to
     StreamingDataset (predownload, cache_limit, num_canonical_nodes, epoch_size, ...); the webdataset
@@ -61,12 +65,13 @@ def build_dataset(path: str, *, batch_size: int, seed: int = 0, shuffle: bool = 
     meta = read_metadata(root)
     if format is not None and format != meta["format"]:
         raise ValueError(f"{root}: dataset.json says format '{meta['format']}', asked for '{format}'")
+    image = image_column_of(meta, join(root, DATASET_JSON)) if with_image else None
     if meta["format"] == "mds":
         from ditscale.data.mds import open_dataset
     else:
         from ditscale.data.wds import open_dataset
     return open_dataset(root, meta, batch_size=batch_size, seed=seed, shuffle=shuffle, hflip=hflip, local=local,
-                        shuffle_buffer=shuffle_buffer, **streaming_kwargs)
+                        shuffle_buffer=shuffle_buffer, image=image, **streaming_kwargs)
 
 
 def build_dataloader(dataset, *, batch_size: int, num_workers: int = 2, drop_last: bool = True,

@@ -29,6 +29,7 @@ from streaming import StreamingDataset
 
 from ditscale.data.cache import claim_cache, content_cache_dir
 from ditscale.data.flip import flip_of
+from ditscale.data.image_column import ImageColumn, flipped
 from ditscale.data.integrity import DataError, check_shard, read_index
 from ditscale.data.schema import MDS_INDEX, mds_columns
 from ditscale.data.storage import is_remote, join, local_path
@@ -41,7 +42,8 @@ _PER_PROCESS = ("_executor", "_event", "_iterator", "_cache_filelock", "_maps", 
 
 
 def open_dataset(root: str, meta: dict, *, batch_size: int, seed: int, shuffle: bool, hflip: bool,
-                 local: str | None, shuffle_buffer: int, **streaming_kwargs: Any) -> "LatentMDSDataset":
+                 local: str | None, shuffle_buffer: int, image: ImageColumn | None = None,
+                 **streaming_kwargs: Any) -> "LatentMDSDataset":
     """The "mds" format's reader (`ditscale.data.build_dataset`): shards cached under `local` (default:
     `content_cache_dir`, keyed by the index's content), read in place when `local` is the dataset root;
     a cache holding another index is cleared first (`claim_cache`). shuffle_buffer is webdataset's."""
@@ -53,7 +55,7 @@ def open_dataset(root: str, meta: dict, *, batch_size: int, seed: int, shuffle: 
     else:
         claim_cache(local, remote, index)
     return LatentMDSDataset(metadata=meta, source=root, remote=remote, local=local, shuffle=shuffle,
-                            shuffle_seed=seed, batch_size=batch_size, hflip=hflip, **streaming_kwargs)
+                            shuffle_seed=seed, batch_size=batch_size, hflip=hflip, image=image, **streaming_kwargs)
 
 
 class _Layout:
@@ -80,6 +82,10 @@ class _Layout:
         static, var = self.offsets[name]
         return static + sum(header[i] for i in var)
 
+    def variable_span(self, name: str, header: tuple[int, ...]) -> tuple[int, int]:
+        """(offset, size) of a variable-size column."""
+        return self.offset(name, header), header[len(self.offsets[name][1])]
+
 
 class LatentMDSDataset(StreamingDataset):
     """Items `{"mean": (C, h, w) fp16, "logvar": (C, h, w) fp16, "label": int, "index": int}`.
@@ -94,13 +100,14 @@ class LatentMDSDataset(StreamingDataset):
     when it happened in streaming's download thread.
     """
 
-    def __init__(self, *, metadata: dict, source: str, hflip: bool = True, **streaming_kwargs: Any):
+    def __init__(self, *, metadata: dict, source: str, hflip: bool = True, image: ImageColumn | None = None,
+                 **streaming_kwargs: Any):
         super().__init__(**streaming_kwargs)
-        self.metadata, self.source, self.hflip = metadata, str(source), hflip
+        self.metadata, self.source, self.hflip, self.image = metadata, str(source), hflip, image
         c, s = metadata["latent_channels"], metadata["latent_size"]
         self._shape = (c, s, s)
         self._plane = c * s * s                 # fp16 elements of one flip
-        self._columns = {k: v for k, v in mds_columns(c, s).items() if k != "key"}
+        self._columns = {k: v for k, v in mds_columns(c, s, image is not None).items() if k != "key"}
         self._layouts: dict[int, _Layout] = {}
         self._epoch = 0
 
@@ -228,7 +235,8 @@ class LatentMDSDataset(StreamingDataset):
         if self.cache_limit:    # shards may be evicted under us: take streaming's guarded path
             self._check_cached(self.spanner[index][0])
             rec = super().get_item(index, retry)
-            return self._item(rec["mean"][flip], rec["logvar"][flip], rec["label"], index)
+            return self._item(rec["mean"][flip], rec["logvar"][flip], rec["label"], index,
+                              self._image(rec.get("image"), flip))
         shard_id, j = self.spanner[index]
         layout, mm = self._layout(shard_id), self._map(shard_id)
         begin, = struct.unpack_from("<I", mm, 4 + 4 * j)
@@ -239,12 +247,24 @@ class LatentMDSDataset(StreamingDataset):
             at = begin + layout.offset(name, header) + flip * plane_bytes
             out.append(np.frombuffer(mm, np.float16, self._plane, at).reshape(self._shape))
         label, = struct.unpack_from("<q", mm, begin + layout.offset("label", header))
-        return self._item(out[0], out[1], label, index)
+        image = None
+        if self.image is not None:
+            at, size = layout.variable_span("image", header)
+            image = self._image(mm[begin + at:begin + at + size], flip)
+        return self._item(out[0], out[1], label, index, image)
+
+    def _image(self, data, flip: int) -> torch.Tensor | None:
+        """The kept image of the chosen flip, (C, H, W) uint8, when the run asked for images."""
+        if self.image is None:
+            return None
+        return torch.from_numpy(flipped(self.image.decode(data), flip))
 
     @staticmethod
-    def _item(mean: np.ndarray, logvar: np.ndarray, label: int, index: int) -> dict[str, Any]:
-        return {"mean": torch.from_numpy(np.array(mean)), "logvar": torch.from_numpy(np.array(logvar)),
+    def _item(mean: np.ndarray, logvar: np.ndarray, label: int, index: int,
+              image: torch.Tensor | None = None) -> dict[str, Any]:
+        item = {"mean": torch.from_numpy(np.array(mean)), "logvar": torch.from_numpy(np.array(logvar)),
                 "label": int(label), "index": index}
+        return item if image is None else {**item, "image": image}
 
     def record(self, index: int) -> dict[str, Any]:
         """The stored record: mean/logvar (2, C, h, w) fp16 (0 = image, 1 = mirror), label, key."""

@@ -35,11 +35,14 @@ def slice_name(index: int, count: int) -> str:
     return f"slice-{index:05d}-of-{count:05d}"
 
 
-def mds_columns(latent_channels: int, latent_size: int) -> dict[str, str]:
-    """MDS column encodings: static shapes, so a record decodes without parsing headers."""
+def mds_columns(latent_channels: int, latent_size: int, image: bool = False) -> dict[str, str]:
+    """MDS column encodings: static shapes, so a record decodes without parsing headers. `image`: the
+    optional encoded image column (image_column.py)."""
+    from ditscale.data.image_column import MDS_ENCODING
+
     shape = f"2,{latent_channels},{latent_size},{latent_size}"
     return {"mean": f"ndarray:float16:{shape}", "logvar": f"ndarray:float16:{shape}",
-            "label": "int", "key": "str"}
+            "label": "int", "key": "str", **({"image": MDS_ENCODING} if image else {})}
 
 
 def wds_key(source_id: str) -> str:
@@ -74,4 +77,11 @@ def validate_metadata(meta: Any, where: str) -> dict:
                          f"{meta['latent_channels']} latent channels")
     if meta["num_samples"] < 0 or meta["latent_size"] < 1 or meta["latent_channels"] < 1:
         raise ValueError(f"{where}: non-positive sizes in num_samples/latent_size/latent_channels")
+    if meta.get("image") is not None:
+        from ditscale.data.image_column import ImageColumn
+
+        try:
+            ImageColumn.from_json(meta["image"])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{where}: key 'image' is not a valid image column ({e})") from None
     return meta

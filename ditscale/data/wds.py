@@ -27,6 +27,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ditscale.data.flip import flip_of
+from ditscale.data.image_column import ImageColumn, flipped
 from ditscale.data.integrity import DataError, check_shard, read_index
 from ditscale.data.schema import WDS_INDEX
 from ditscale.data.storage import is_remote, join, local_path, read_bytes
@@ -94,10 +95,10 @@ class LatentWdsDataset(IterableDataset):
     the shard's file."""
 
     def __init__(self, root: str, metadata: dict, shards: list[dict], *, seed: int = 0, shuffle: bool = True,
-                 shuffle_buffer: int = 2000, hflip: bool = True):
+                 shuffle_buffer: int = 2000, hflip: bool = True, image: ImageColumn | None = None):
         super().__init__()
         self.root, self.metadata, self.seed, self.shuffle = root, metadata, int(seed), shuffle
-        self.shuffle_buffer, self.hflip = shuffle_buffer, hflip
+        self.shuffle_buffer, self.hflip, self.image = shuffle_buffer, hflip, image
         self.urls = [join(root, s["basename"]) for s in shards]
         self.infos = [{"bytes": s.get("bytes"), "hashes": s.get("hashes")} for s in shards]
         self.counts = [int(s["samples"]) for s in shards]
@@ -199,18 +200,25 @@ class LatentWdsDataset(IterableDataset):
             else:  # written by another numpy: parse the header (never unpickling)
                 array = np.load(io.BytesIO(data), allow_pickle=False)[flip]
             out[name] = torch.from_numpy(array.copy())
+        if self.image is not None:
+            data = sample.get(self.image.wds_field)
+            if data is None:
+                raise DataError(f"{self.root}: sample {index} has no {self.image.wds_field}, dataset.json says the "
+                                f"shards keep images")
+            out["image"] = torch.from_numpy(flipped(self.image.decode(data), flip))
         return {**out, "label": int(sample["cls"]), "index": index}
 
 
 def open_dataset(root: str, meta: dict, *, batch_size: int, seed: int, shuffle: bool, hflip: bool,
-                 local: str | None, shuffle_buffer: int, **streaming_kwargs: Any) -> LatentWdsDataset:
+                 local: str | None, shuffle_buffer: int, image: ImageColumn | None = None,
+                 **streaming_kwargs: Any) -> LatentWdsDataset:
     """The "wds" format's reader (`ditscale.data.build_dataset`): tars listed by the root's wds_index.json,
     read where they are (no cache: `local` is MDS's; the batch size is the DataLoader's)."""
     if streaming_kwargs:
         raise ValueError(f"webdataset reader takes no streaming options: {sorted(streaming_kwargs)}")
     _, index = read_index(root, WDS_INDEX)
     return LatentWdsDataset(root, meta, index["shards"], seed=seed, shuffle=shuffle,
-                            shuffle_buffer=shuffle_buffer, hflip=hflip)
+                            shuffle_buffer=shuffle_buffer, hflip=hflip, image=image)
 
 
 def _fetch(url: str) -> bytes:

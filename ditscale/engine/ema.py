@@ -38,14 +38,19 @@ class Shard:
 #                       Where this rank's master weights are                    #
 #################################################################################
 
+def _followed(engine):
+    """(name, parameter) pairs the EMA follows: trainable, and exported (a training module may keep
+    parameters that never leave it, e.g. REPA's projector: its `exports_parameter(name)` says so)."""
+    exported = getattr(engine.module, "exports_parameter", lambda name: True)
+    return [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad and exported(n)]
+
+
 def _zero3_shards(engine) -> list[Shard]:
     import torch.distributed as dist
 
     opt = engine.optimizer
     shards = []
-    for name, p in engine.module.named_parameters():
-        if not p.requires_grad:
-            continue
+    for name, p in _followed(engine):
         group, offset, part = opt.grad_position[opt.get_param_id(p)]
         start = dist.get_rank(group=p.ds_process_group) * p.partition_numel()
         real = max(0, min(part, p.ds_numel - start))                    # the last rank's slice is padded
@@ -57,9 +62,9 @@ def _zero3_shards(engine) -> list[Shard]:
 
 def _hp_mapping_shards(engine) -> list[Shard]:
     shards = []
-    for name, p in engine.module.named_parameters():
+    for name, p in _followed(engine):
         mapping = getattr(p, "_hp_mapping", None)
-        if not p.requires_grad or mapping is None:
+        if mapping is None:
             continue                                                     # no piece of p on this rank
         shards.append(Shard(name, mapping.lp_fragment_address.start, tuple(p.shape), mapping.get_hp_fragment()))
     return shards

@@ -6,8 +6,8 @@
 
 Works for a checkpoint of any ZeRO stage and world size: the EMA is assembled from the per-rank shard
 files, the raw weights are the optimizer's fp32 master copy (DeepSpeed's zero_to_fp32, lazily), a shard
-at a time. Output is fp32, with the fixed sin-cos `pos_embed`, so `DiT(**config)
-.load_state_dict(..., strict=True)` takes it. Past --max-shard-size the weights go into numbered shards
+at a time. Training-only parameters (REPA's projector) are left out. Output is fp32, with the fixed
+sin-cos `pos_embed`, so `DiT(**config).load_state_dict(..., strict=True)` takes it. Past --max-shard-size the weights go into numbered shards
 plus a `<name>.safetensors.index.json` (the Hugging Face layout), written one shard at a time: no
 process holds more than one shard (raw weights of ZeRO-1/2: the fp32 model, which zero_to_fp32 joins
 whole; such models fit one GPU). A `<name>.json` beside the weights holds the DiT kwargs, the step
@@ -85,8 +85,10 @@ def weight_reader(ckpt: Path, meta: dict, weights: str) -> tuple[dict[str, tuple
                                   f"{meta['world_size']} ranks")
         index = ShardIndex(files)
         return {n: index.shapes[n] for n in index.names()}, lambda names: {n: index.full(n) for n in names}
+    from ditscale.repa.model import is_training_only
+
     lazy = _zero_fp32(ckpt)
-    shapes = {n: tuple(t.shape) for n, t in lazy.items() if n != "pos_embed"}
+    shapes = {n: tuple(t.shape) for n, t in lazy.items() if n != "pos_embed" and not is_training_only(n)}
     kept = lazy if meta["zero_stage"] < 3 else None
     del lazy
 

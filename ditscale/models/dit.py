@@ -322,14 +322,18 @@ class DiT(nn.Module):
         # Checked on the device without a host sync: raises at once on CPU, as a device assert on GPU.
         torch._assert_async(((y >= 0) & (y <= top)).all(), f"DiT: class labels y out of range 0..{top}{null}")
 
-    def _run_blocks(self, x, c):
+    def _run_blocks(self, x, c, hidden_block=None):
+        """(x after all blocks, the tokens after block hidden_block (1-based) or None)."""
         k = self.checkpoint_every if torch.is_grad_enabled() else 0
+        hidden = None
         for i, block in enumerate(self.blocks):
             if k and i % k == 0:
                 x = checkpoint(block, x, c, use_reentrant=False)
             else:
                 x = block(x, c)
-        return x
+            if i + 1 == hidden_block:
+                hidden = x
+        return x, hidden
 
     def unpatchify(self, x):
         """(N, T, p*p*C) → (N, C, H, W)."""
@@ -338,22 +342,25 @@ class DiT(nn.Module):
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], c, h * p, h * p)
 
-    def forward(self, x, t, y, force_drop_ids=None):
+    def forward(self, x, t, y, force_drop_ids=None, hidden_block=None):
+        """hidden_block=k (1..depth): also return the image tokens after block k, (out, (N, T, D))."""
         self._check_inputs(x, t, y)
+        if hidden_block is not None and not 1 <= hidden_block <= len(self.blocks):
+            raise ValueError(f"DiT: hidden_block={hidden_block} outside 1..depth={len(self.blocks)}")
         x = self.x_embedder(x.to(self.dtype)) + self.pos_embed                   # (N, T, D), T = H*W/p**2
         t = self.t_embedder(t)                                                   # (N, D)
         y = self.y_embedder(y, self.training, force_drop_ids)                    # (N, D)
         if self.block == "in_context":
             x = torch.cat([t.unsqueeze(1), y.unsqueeze(1), x], dim=1)            # (N, T+2, D)
-            x = self._run_blocks(x, None)[:, 2:]                                 # (N, T, D)
-            x = self.final_layer(x, None)
+            c, skip = None, 2
         elif self.block == "cross_attention":
-            x = self._run_blocks(x, torch.stack([t, y], dim=1))                  # context (N, 2, D)
-            x = self.final_layer(x, None)
+            c, skip = torch.stack([t, y], dim=1), 0                              # context (N, 2, D)
         else:
-            c = t + y                                                            # (N, D)
-            x = self.final_layer(self._run_blocks(x, c), c)                      # (N, T, p*p*out)
-        return self.unpatchify(x)                                                # (N, out, H, W)
+            c, skip = t + y, 0                                                   # (N, D)
+        x, hidden = self._run_blocks(x, c, hidden_block)
+        x = self.final_layer(x[:, skip:], c if self.block in ("adaln_zero", "adaln") else None)  # (N, T, p*p*out)
+        x = self.unpatchify(x)                                                   # (N, out, H, W)
+        return x if hidden_block is None else (x, hidden[:, skip:])
 
 
 #################################################################################

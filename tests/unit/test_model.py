@@ -120,10 +120,10 @@ def test_adaln_zero_blocks_start_as_identity():
     x, t, y = inputs()
     h = model.x_embedder(x) + model.pos_embed
     c = model.t_embedder(t) + model.y_embedder(y, False)
-    assert torch.equal(model._run_blocks(h, c), h)
+    assert torch.equal(model._run_blocks(h, c)[0], h)
     assert not model(x, t, y).any()                                             # zero decoder
     plain = tiny(block="adaln")                                                 # no zero-init: blocks act
-    assert not torch.allclose(plain._run_blocks(h, c), h)
+    assert not torch.allclose(plain._run_blocks(h, c)[0], h)
 
 
 @pytest.mark.parametrize("block", ["adaln_zero", "cross_attention"])

@@ -1,0 +1,169 @@
+"""REPA's parts: the frozen encoder from a local file (a tiny random ViT saved here, nothing downloaded),
+the alignment loss and token-grid match, the projector, the DiT's hidden state of block k, and the
+training module whose projector never reaches an export."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ditscale.models import DiT
+from ditscale.repa.align import alignment_loss, build_projector, match_tokens
+from ditscale.repa.encoder import (ENCODERS, EncoderError, build_vit, encoder_dim, encoder_input_size,
+                                   load_encoder)
+from ditscale.repa.model import DiTWithProjector, is_training_only
+
+TINY = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=3, num_heads=2, num_classes=5)
+
+
+@pytest.fixture(scope="module")
+def tiny_vit_file(tmp_path_factory):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    vit = build_vit("vit_tiny_test")
+    path = tmp_path_factory.mktemp("enc") / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(path))
+    return path, vit
+
+
+# --- encoder -------------------------------------------------------------------------------------------
+
+def test_encoder_matches_timm_reference_computation(tiny_vit_file):
+    """Our preprocessing + patch tokens equal torchvision's normalise/resize and timm's own forward."""
+    import torchvision.transforms.functional as TF
+
+    path, vit = tiny_vit_file
+    enc = load_encoder("vit_tiny_test", path, torch.device("cpu"))
+    assert not any(p.requires_grad for p in enc.parameters()) and not enc.train().training
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    size = encoder_input_size(32)
+    tokens = enc(images, size)
+    assert size == 28 and tokens.shape == (3, (28 // 14) ** 2, 32) and tokens.dtype == torch.float32
+    x = TF.normalize(images.float() / 255, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    x = F.interpolate(x, size=(28, 28), mode="bicubic", align_corners=False)
+    ref = vit.eval().forward_features(x)[:, 1:]                                   # drop the class token
+    torch.testing.assert_close(tokens, ref)
+    grey = enc(images[:, :1], size)                                                # grey → RGB
+    torch.testing.assert_close(grey, enc(images[:, :1].expand(-1, 3, -1, -1), size))
+
+
+def test_encoder_sizes_follow_repa():
+    assert encoder_input_size(256) == 224 and encoder_input_size(512) == 448
+    assert [encoder_dim(n) for n in ("dinov2_vits14", "dinov2_vitb14", "dinov2_vitl14", "dinov2_vitg14")] == \
+        [384, 768, 1024, 1536]
+
+
+@pytest.mark.parametrize("name,timm_name", [("dinov2_vitb14", "vit_base_patch14_dinov2"),
+                                            ("dinov2_vitg14", "vit_giant_patch14_dinov2")])
+def test_encoder_architectures_are_timms_dinov2(name, timm_name):
+    import timm
+
+    with torch.device("meta"):
+        ours, theirs = build_vit(name), timm.create_model(timm_name, pretrained=False, num_classes=0)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+
+
+def test_meta_layout_pth_loads_with_weights_only(tiny_vit_file, tmp_path):
+    """Meta's dinov2_*_pretrain.pth layout (mask_token, plain state dict) through torch.load(weights_only)."""
+    path, vit = tiny_vit_file
+    state = {**vit.state_dict(), "mask_token": torch.zeros(1, 32)}
+    torch.save(state, tmp_path / "meta.pth")
+    enc = load_encoder("vit_tiny_test", tmp_path / "meta.pth", torch.device("cpu"))
+    images = torch.randint(0, 256, (2, 3, 28, 28), dtype=torch.uint8)
+    torch.testing.assert_close(enc(images, 28), load_encoder("vit_tiny_test", path, torch.device("cpu"))(images, 28))
+
+
+def test_encoder_refuses_bad_files(tiny_vit_file, tmp_path):
+    path, _ = tiny_vit_file
+    with pytest.raises(EncoderError, match="does not exist"):
+        load_encoder("vit_tiny_test", tmp_path / "missing.safetensors", torch.device("cpu"))
+    with pytest.raises(EncoderError, match=f"{path}.*does not fit repa.encoder=dinov2_vits14"):
+        load_encoder("dinov2_vits14", path, torch.device("cpu"))
+    with pytest.raises(EncoderError, match="unknown encoder"):
+        load_encoder("dinov3", path, torch.device("cpu"))
+    torch.save({"weights": np.zeros(3)}, tmp_path / "pickled.pt")               # needs unpickling: refused
+    with pytest.raises(EncoderError, match="cannot read"):
+        load_encoder("vit_tiny_test", tmp_path / "pickled.pt", torch.device("cpu"))
+    assert set(ENCODERS) >= {"dinov2_vits14", "dinov2_vitb14", "dinov2_vitl14", "dinov2_vitg14"}
+
+
+# --- loss, grid match, projector ------------------------------------------------------------------------
+
+def test_alignment_loss_is_mean_negative_cosine_per_sample():
+    torch.manual_seed(0)
+    a = torch.randn(2, 4, 8)
+    assert torch.allclose(alignment_loss(a, 3 * a), torch.full((2,), -1.0))
+    assert torch.allclose(alignment_loss(a, -a), torch.full((2,), 1.0))
+    b = torch.randn(2, 4, 8)
+    ref = -F.cosine_similarity(a, b, dim=-1).mean(1)
+    torch.testing.assert_close(alignment_loss(a.bfloat16(), b), ref, atol=1e-2, rtol=0)
+    with pytest.raises(ValueError, match="differ"):
+        alignment_loss(a, b[:, :3])
+
+
+def test_match_tokens_interpolates_differing_grids():
+    target = torch.randn(2, 16, 5)
+    assert match_tokens(target, 16) is target
+    const = torch.ones(1, 16, 3) * torch.tensor([1.0, 2.0, 3.0])
+    torch.testing.assert_close(match_tokens(const, 4), torch.ones(1, 4, 3) * torch.tensor([1.0, 2.0, 3.0]))
+    grid = torch.arange(16.0).view(1, 4, 4, 1).expand(1, 4, 4, 2).reshape(1, 16, 2)
+    down = match_tokens(grid, 4).view(2, 2, 2)[..., 0]                            # 2x2 means of the 4x4 ramp
+    torch.testing.assert_close(down, torch.tensor([[2.5, 4.5], [10.5, 12.5]]))
+    assert match_tokens(torch.randn(1, 4, 3), 64).shape == (1, 64, 3)
+    with pytest.raises(ValueError, match="square"):
+        match_tokens(torch.randn(1, 6, 3), 4)
+
+
+def test_projector_is_repas_mlp():
+    proj = build_projector(1152, 768)
+    kinds = [type(m).__name__ for m in proj]
+    assert kinds == ["Linear", "SiLU", "Linear", "SiLU", "Linear"]
+    assert [(m.in_features, m.out_features) for m in proj if isinstance(m, torch.nn.Linear)] == \
+        [(1152, 2048), (2048, 2048), (2048, 768)]
+
+
+# --- model: hidden state of block k, training module ----------------------------------------------------
+
+def _inputs(n=3):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 3, 8, 8, generator=g), torch.tensor([1, 500, 999][:n]), torch.tensor([0, 4, 2][:n])
+
+
+@pytest.mark.parametrize("block", ["adaln_zero", "in_context", "cross_attention"])
+def test_dit_returns_the_tokens_after_block_k_and_nothing_else_changes(block):
+    torch.manual_seed(0)
+    model = DiT(**TINY, block=block).eval()
+    for p in model.parameters():                              # zero-init gates would make every block the identity
+        p.data.normal_(0, 0.05)
+    x, t, y = _inputs()
+    out, hidden = model(x, t, y, hidden_block=2)
+    torch.testing.assert_close(out, model(x, t, y))
+    captured = []
+    model.blocks[1].register_forward_hook(lambda m, i, o: captured.append(o))
+    model(x, t, y)
+    expected = captured[0][:, 2:] if block == "in_context" else captured[0]
+    torch.testing.assert_close(hidden, expected)
+    assert hidden.shape == (3, 16, 32)
+    with pytest.raises(ValueError, match="hidden_block=4 outside 1..depth=3"):
+        model(x, t, y, hidden_block=4)
+
+
+def test_training_module_projects_block_k_and_keeps_official_names():
+    torch.manual_seed(0)
+    model = DiTWithProjector(align_block=2, encoder_dim=24, checkpoint_every=1, **TINY)
+    plain = DiT(**TINY)
+    names = set(model.state_dict())
+    assert {n for n in names if not is_training_only(n)} == set(plain.state_dict())
+    assert {n for n in names if is_training_only(n)} == {f"repa_projector.{i}.{w}" for i in (0, 2, 4)
+                                                         for w in ("weight", "bias")}
+    x, t, y = _inputs()
+    out, extras = model(x, t, y, align=True)
+    assert extras["repa_tokens"].shape == (3, 16, 24)
+    torch.testing.assert_close(out, model(x, t, y))
+    alignment_loss(extras["repa_tokens"], torch.randn(3, 16, 24)).sum().backward()   # through checkpointed blocks
+    assert model.repa_projector[0].weight.grad.abs().sum() > 0
+    assert model.blocks[0].adaLN_modulation[1].weight.grad.abs().sum() > 0         # zero-init gates learn
+    assert model.blocks[2].adaLN_modulation[1].weight.grad is None                 # after block k: untouched
+    with pytest.raises(ValueError, match="repa.block=4"):
+        DiTWithProjector(align_block=4, encoder_dim=24, **TINY)
+
