@@ -65,7 +65,7 @@ class Setting:
     checkpoint_every: int = 0  # activation checkpointing (0 off, 1 every block)
     est_s: float = 30.0        # what it needs of the budget (build + compile + steps), to skip early
     note: str = ""
-    ds_overrides: dict | None = None   # changes to ds_configs/zero{N}_bf16.json (trainer only)
+    overrides: tuple[str, ...] = ()    # trainer config overrides (trainer only)
 
 
 # In priority order: what must be measured comes first, so a short budget still answers the question.
@@ -76,8 +76,8 @@ SETTINGS = [
     Setting("ds-zero2+ckpt", "trainer", 256, 128, zero=2, checkpoint_every=1, est_s=35,
             note="activation checkpointing, same batch: its cost"),
     Setting("compiled", "compiled", 256, 128, est_s=50, note="plain PyTorch, compiled blocks, fused AdamW"),
-    Setting("ds-zero2-nocheck", "trainer", 256, 128, zero=2, est_s=25, ds_overrides={"bf16.check_grad_overflow": False},
-            note="DeepSpeed's bf16 overflow check off: what its per-step host sync costs"),
+    Setting("ds-zero2-async", "trainer", 256, 128, zero=2, est_s=25, overrides=("engine.nonfinite_check=async",),
+            note="engine.nonfinite_check=async: DeepSpeed's per-step overflow syncs off, no host sync per step"),
     Setting("eager", "eager", 512, 32, est_s=20, note="baseline at 512 (1,024 tokens)"),
     Setting("ds-zero2", "trainer", 512, 32, zero=2, est_s=60),
     Setting("ds-zero2+ckpt", "trainer", 256, 256, zero=2, checkpoint_every=1, est_s=50,
@@ -324,145 +324,94 @@ def _init_dist_once(device):
         _DIST_READY = True
 
 
-def _ds_config(s: Setting, workdir: Path, ds_overrides: dict | None) -> str:
-    path = ROOT / "ds_configs" / f"zero{s.zero}_bf16.json"
-    if not ds_overrides:
-        return str(path)
-    ds = json.loads(path.read_text())
-    for key, value in ds_overrides.items():             # "bf16.check_grad_overflow": False
-        node, *rest = key.split(".")
-        target = ds
-        while rest:
-            target, node, rest = target.setdefault(node, {}), rest[0], rest[1:]
-        target[node] = value
-    out = workdir / path.name
-    out.write_text(json.dumps(ds))
-    return str(out)
+def describe_optimizer(engine) -> str:
+    inner = getattr(engine.optimizer, "optimizer", None)
+    return f"{type(engine.optimizer).__name__} over {type(inner).__name__ if inner else '?'}" + (
+        f" (fused={inner.defaults.get('fused')}, foreach={inner.defaults.get('foreach')})"
+        if isinstance(inner, torch.optim.Optimizer) else "")
 
 
-def _compile_blocks_into_build(enabled: bool):
-    """Until the trainer has a compile option: ditscale.models.fused.compile_blocks on the model that
-    ditscale.engine.build makes (before deepspeed.initialize), which is what such an option would do."""
-    import ditscale.engine.build as build
-
-    original = build.build_model
-
-    def build_model(cfg, ds):
-        model = original(cfg, ds)
-        return compile_blocks(model) if enabled else model
-
-    return patch(build, "build_model", build_model)
-
-
-def _describe_engine(info: dict):
-    """Wrap ditscale.engine.build.build_engine to note which optimizer the engine runs (no reference kept)."""
-    import ditscale.engine.build as build
-
-    original = build.build_engine
-
-    def build_engine(*a, **k):
-        engine = original(*a, **k)
-        inner = getattr(engine.optimizer, "optimizer", None)
-        info["optimizer"] = f"{type(engine.optimizer).__name__} over {type(inner).__name__ if inner else '?'}" + (
-            f" (fused={inner.defaults.get('fused')}, foreach={inner.defaults.get('foreach')})"
-            if isinstance(inner, torch.optim.Optimizer) else "")
-        return engine
-
-    return patch(build, "build_engine", build_engine)
-
-
-@contextlib.contextmanager
-def patch(obj, name, value):
-    old = getattr(obj, name)
-    setattr(obj, name, value)
-    try:
-        yield old
-    finally:
-        setattr(obj, name, old)
-
-
-class IntervalClock:
-    """Wraps Metrics.log: every logged interval ends with the metrics' own host sync, so the interval's wall
-    time (from the previous log) is an exact measure of its steps. The first `warmup` intervals (compilation)
-    are dropped (the first log only starts the clock: the steps before it hold compilation); after `window_s`
-    of timed intervals one more interval runs under CUDA's sync debug mode to
+def _interval_clock(device, every, warmup, window_s, min_intervals, max_intervals):
+    """The trainer's hooks (ditscale.train.Hooks) that time it: every logged interval ends with the metrics'
+    own host sync, so the wall time between two logged steps is an exact measure of their steps. The first
+    `warmup` intervals (compilation) are dropped (the first log only starts the clock); after `window_s` of
+    timed intervals the next steps before a log (every - 1 of them) run under CUDA's sync debug mode to
     count host synchronisations per step; then BenchDone ends the run."""
+    from ditscale.train import Hooks
 
-    def __init__(self, device, every, warmup, window_s, min_intervals, max_intervals):
-        self.device, self.every, self.warmup, self.window_s = device, every, warmup, window_s
-        self.min_intervals, self.max_intervals = min_intervals, max_intervals
-        self.records, self.timed = [], []
-        self.sync_phase = None          # warnings.catch_warnings while counting
-        self.caught = None
-        self.syncs = None
-        self.mem = 0.0
-        self.last = None                # time of the previous log's end (the first log only starts the clock)
+    class IntervalClock(Hooks):
+        def __init__(self):
+            self.records, self.timed = [], []
+            self.optimizer = None
+            self.sync_phase = None          # warnings.catch_warnings while counting
+            self.caught, self.syncs, self.sync_steps = None, None, max(1, every - 1)
+            self.counted = 0
+            self.mem = 0.0
+            self.last = None                # time of the previous log (the first log only starts the clock)
 
-    def __call__(self, original, metrics, step, *a, **k):
-        if self.device.type == "cuda":
-            self.mem = max(self.mem, torch.cuda.max_memory_allocated(self.device) / 2 ** 30)
-        if self.sync_phase is not None:       # the interval under sync debug mode ends here (before logging)
-            torch.cuda.set_sync_debug_mode("default")
-            self.sync_phase.__exit__(None, None, None)
-            self.syncs = self.caught
-            raise BenchDone()
-        rec = dict(original(metrics, step, *a, **k) or {})      # ends with the interval's host sync
-        now = time.perf_counter()
-        if self.last is not None:           # the whole interval: its steps and the logging itself
-            rec["interval_s"] = now - self.last
-            self.records.append(rec)
-            if len(self.records) > self.warmup:
-                self.timed.append(rec)
-        self.last = now
-        spent = sum(r["interval_s"] for r in self.timed)
-        if len(self.timed) >= self.max_intervals or (len(self.timed) >= self.min_intervals and spent >= self.window_s):
-            if self.device.type != "cuda":
-                raise BenchDone()
-            self.sync_phase = warnings.catch_warnings(record=True)
-            self.caught = self.sync_phase.__enter__()
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-        return rec
+        def engine_built(self, engine):
+            self.optimizer = describe_optimizer(engine)
+
+        def step_end(self, step, record):
+            if self.sync_phase is not None:
+                self.counted += 1
+                if self.counted == self.sync_steps:
+                    torch.cuda.set_sync_debug_mode("default")
+                    self.sync_phase.__exit__(None, None, None)
+                    self.syncs = self.caught
+                    raise BenchDone()
+                return
+            if record is None:
+                return
+            if device.type == "cuda":
+                self.mem = max(self.mem, torch.cuda.max_memory_allocated(device) / 2 ** 30)
+            now = time.perf_counter()
+            if self.last is not None:           # the whole interval: its steps and the logging itself
+                self.records.append({**record, "interval_s": now - self.last})
+                if len(self.records) > warmup:
+                    self.timed.append(self.records[-1])
+            self.last = now
+            spent = sum(r["interval_s"] for r in self.timed)
+            if len(self.timed) >= max_intervals or (len(self.timed) >= min_intervals and spent >= window_s):
+                if device.type != "cuda":
+                    raise BenchDone()
+                self.sync_phase = warnings.catch_warnings(record=True)
+                self.caught = self.sync_phase.__enter__()
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+
+    return IntervalClock()
 
 
 def run_trainer(s: Setting, device, data_root, workdir: Path, args, *, model: dict | None = None,
-                ds_overrides=None, compiled=True, num_workers: int | None = None) -> dict:
-    """ditscale.train.train on the synthetic MDS dataset: its engine (ditscale.engine.build), its EMA
-    (every step), its loader, metrics (every `every` steps: jsonl + TensorBoard), stop checks. The bench only
-    (1) compiles the blocks (no trainer option yet), (2) skips checkpoint writes (not what is measured),
-    (3) observes Metrics.log to time intervals and end the run. model: overrides of the preset's shape
-    (tiny models for CPU checks); num_workers: loader processes (default: the trainer's)."""
+                compiled=True, num_workers: int | None = None) -> dict:
+    """ditscale.train.train on the synthetic MDS dataset: its engine (ditscale.engine.build, with
+    engine.compile=blocks unless --no-compile), its EMA (every step), its loader, metrics (every `every`
+    steps: jsonl + TensorBoard), stop checks; no checkpoint is due before the bench ends the run from the
+    trainer's hooks. model: overrides of the preset's shape (tiny models for CPU checks); num_workers:
+    loader processes (default: the trainer's)."""
     from ditscale import train as T
-    from ditscale.engine import checkpoint
-    from ditscale.engine.metrics import Metrics
+    from ditscale.engine import launch
 
     _init_dist_once(device)
     every = args.log_every
     overrides = [f"data.root={data_root}", f"run_dir={workdir / 'run'}", f"data.cache={workdir / 'cache'}",
-                 f"engine.ds_config={_ds_config(s, workdir, ds_overrides)}", f"train.global_batch={s.batch}",
+                 f"engine.ds_config=ds_configs/zero{s.zero}_bf16.json", f"train.global_batch={s.batch}",
                  "train.max_steps=1000000", "train.ckpt_every=1000000", f"log.every={every}", "log.progress=off",
-                 "sample.every=0", f"model.checkpoint_every={s.checkpoint_every}", f"model.preset={PRESET}"]
+                 "sample.every=0", f"model.checkpoint_every={s.checkpoint_every}", f"model.preset={PRESET}",
+                 f"engine.compile={'blocks' if compiled else 'off'}", *s.overrides]
     overrides += [f"model.{k}={v}" for k, v in (model or {}).items()]
     if num_workers is not None:
         overrides.append(f"data.num_workers={num_workers}")
     cfg, meta, ds = T.prepare(T.parse_args(overrides), 1)
-    from ditscale.engine import launch
-
-    clock = IntervalClock(device, every, warmup=1, window_s=args.window_s,
-                          min_intervals=2, max_intervals=args.max_steps // every + 1)
-    original_log = Metrics.log
-    saves, info = [], {}
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(_compile_blocks_into_build(compiled))
-        stack.enter_context(_describe_engine(info))
-        stack.enter_context(patch(checkpoint, "save", lambda *a, **k: saves.append(a[3] if len(a) > 3 else None)))
-        stack.enter_context(patch(Metrics, "log", lambda m, step, *a, **k: clock(original_log, m, step, *a, **k)))
-        t0 = time.perf_counter()
-        try:
-            T.train(cfg, meta, ds, launch.detect(), device)
-            raise RuntimeError("ditscale.train returned before the bench had its intervals")
-        except BenchDone:
-            pass
+    clock = _interval_clock(device, every, warmup=1, window_s=args.window_s,
+                            min_intervals=2, max_intervals=args.max_steps // every + 1)
+    t0 = time.perf_counter()
+    try:
+        T.train(cfg, meta, ds, launch.detect(), device, hooks=clock)
+        raise RuntimeError("ditscale.train returned before the bench had its intervals")
+    except BenchDone:
+        pass
     if len(clock.timed) < 1:
         raise RuntimeError(f"no timed interval: {len(clock.records)} logged")
     steps = len(clock.timed) * every
@@ -470,7 +419,7 @@ def run_trainer(s: Setting, device, data_root, workdir: Path, args, *, model: di
     syncs, sites = None, []
     if clock.syncs is not None:
         found = [w for w in clock.syncs if "synchroniz" in str(w.message).lower()]
-        syncs = len(found) / every
+        syncs = len(found) / clock.sync_steps
         counts = {}
         for w in found:
             key = f"{Path(w.filename).name}:{w.lineno}"
@@ -479,9 +428,8 @@ def run_trainer(s: Setting, device, data_root, workdir: Path, args, *, model: di
     return {"steps": steps, "step_s": step_s, "mem_gib": clock.mem, "syncs_per_step": syncs, "sync_sites": sites,
             "total_s": time.perf_counter() - t0,
             "interval_ms_per_step": [round(r["interval_s"] / every * 1e3, 1) for r in clock.records],
-            "data_wait_frac": [round(r.get("data_wait_frac", 0), 3) for r in clock.timed],
-            "checkpoint_saves_skipped": len(saves), "log_every": every,
-            "optimizer": info.get("optimizer"), "compile": "every block (applied by the bench)" if compiled else "off",
+            "data_wait_frac": [round(r.get("data_wait_frac", 0), 3) for r in clock.timed], "log_every": every,
+            "optimizer": clock.optimizer, "compile": cfg.engine.compile, "overrides": list(s.overrides),
             "ema": "ditscale.engine.ema.ShardedEMA (foreach lerp on fp32 master shards)"}
 
 
@@ -504,8 +452,7 @@ def run_setting(s: Setting, device, smoke, budget: Budget, args, data) -> Result
             if s.kind == "trainer":
                 root = data.root(s.resolution)
                 with tempfile.TemporaryDirectory(prefix="ditscale-bench-run-", dir=data.dir) as workdir:
-                    t = run_trainer(s, device, root, Path(workdir), args, ds_overrides=s.ds_overrides,
-                                    compiled=not args.no_compile, model=SMOKE_MODEL if smoke else None,
+                    t = run_trainer(s, device, root, Path(workdir), args, compiled=not args.no_compile, model=SMOKE_MODEL if smoke else None,
                                     num_workers=1 if smoke else None)
                 timing = {"steps": t["steps"], "step_s": t["step_s"]}
                 res.host_syncs_per_step, res.sync_sites = t["syncs_per_step"], t["sync_sites"]

@@ -1,17 +1,18 @@
 """What the full trainer costs per step over a bare PyTorch loop, on CPU.
 
-    python bench/trainer_overhead_bench.py [--steps 60] [--batch 16]
+    python bench/trainer_overhead_bench.py [--steps 60] [--batch 16] [--models tiny small]
 
 Both sides train the same DiT with the same diffusion loss on the same batch size, one process,
-one thread:
+one thread, in the same run (the ratios are what to compare across machines):
 - bare: the official DiT loop without data loading: torch AdamW (foreach), an fp32 EMA of every
-  parameter, a fixed batch in memory; with fp32 weights under bf16 autocast (the usual recipe), and with
-  the weights cast to bf16 as DeepSpeed does (the same kernels as the trainer);
-- trainer: `python -m ditscale.train` on one rank: DeepSpeed ZeRO-2 bf16, data from MDS shards through
-  the streaming loader, posterior sampling, sharded EMA, metrics accumulated on the device, stop-signal
-  check every step. Timed from its own metrics over the second half of the run (after warm-up), so
-  start-up, checkpoints and process launch are not counted.
-Prints one table: ms/step, steps/s, images/s and the ratio to the bf16 bare loop for each model size.
+  parameter, a fixed batch in memory; with the weights cast to bf16 as DeepSpeed does, and in fp32;
+- trainer: `python -m ditscale.train` on one rank: DeepSpeed, data from MDS shards through the streaming
+  loader, posterior sampling, sharded EMA, metrics accumulated on the device, stop-signal check every
+  step; ZeRO-2 bf16 (the GPU configs) against the bf16 loop, and ZeRO-1 fp32 (ds_configs/
+  zero1_fp32_cpu.json, what CPU demos such as the quickstart use) against the fp32 loop. Timed from its
+  own metrics over the second half of the run (after warm-up), so start-up, checkpoints and process
+  launch are not counted.
+Prints one table: ms/step, steps/s, images/s and the ratio to the bare loop of the same precision.
 """
 from __future__ import annotations
 
@@ -27,7 +28,9 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-MODELS = {"tiny (d2 w32)": dict(depth=2, hidden_size=32, num_heads=2), "small (d4 w128)": dict(depth=4, hidden_size=128, num_heads=4)}
+MODELS = {"tiny": ("d2 w32", dict(depth=2, hidden_size=32, num_heads=2)),
+          "small": ("d4 w128", dict(depth=4, hidden_size=128, num_heads=4))}
+TRAINERS = {"bf16": ("ZeRO-2 bf16", "ds_configs/zero2_bf16.json"), "fp32": ("ZeRO-1 fp32", "ds_configs/zero1_fp32_cpu.json")}
 
 
 def make_dataset(root: Path, resolution: int) -> str:
@@ -40,7 +43,7 @@ def make_dataset(root: Path, resolution: int) -> str:
 
 
 def bare_loop(shape: dict, resolution: int, batch: int, steps: int, bf16_weights: bool) -> float:
-    """Seconds per step of the bare loop over the second half of its steps."""
+    """Seconds per step of the bare loop over the second half of its steps (bf16 or fp32 weights)."""
     from ditscale.diffusion import create_diffusion
     from ditscale.models import DiT
 
@@ -58,8 +61,7 @@ def bare_loop(shape: dict, resolution: int, batch: int, steps: int, bf16_weights
         if i == warm:
             t0 = time.perf_counter()
         t = torch.randint(0, diffusion.num_timesteps, (batch,))
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not bf16_weights):
-            loss = diffusion.training_losses(model, x, t, {"y": y})["loss"].mean()
+        loss = diffusion.training_losses(model, x, t, {"y": y})["loss"].mean()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -69,11 +71,11 @@ def bare_loop(shape: dict, resolution: int, batch: int, steps: int, bf16_weights
     return (time.perf_counter() - t0) / (steps - warm)
 
 
-def trainer(shape: dict, data: str, run_dir: Path, batch: int, steps: int) -> float:
+def trainer(shape: dict, data: str, run_dir: Path, batch: int, steps: int, ds_config: str) -> float:
     """Seconds per step of the full trainer, from its metrics over the second half of the run."""
     overrides = [f"data.root={data}", f"run_dir={run_dir}", f"train.global_batch={batch}", f"train.max_steps={steps}",
                  f"train.ckpt_every={10 * steps}", f"log.every={steps // 2}", "train.ema_decay=0.9999",
-                 "engine.ds_config=ds_configs/zero2_bf16.json", "engine.device=cpu", "data.num_workers=0",
+                 f"engine.ds_config={ds_config}", "engine.device=cpu", "data.num_workers=0",
                  *[f"model.{k}={v}" for k, v in shape.items()]]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "DITSCALE_DATA_CACHE": str(run_dir / "cache")}
     out = subprocess.run([sys.executable, "-m", "ditscale.train", "--config", str(REPO / "configs/tiny_test.yaml"),
@@ -89,25 +91,26 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--resolution", type=int, default=16, help="pixel-mode image side (latent side)")
+    ap.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         data = make_dataset(Path(tmp) / "data", args.resolution)
-        for name, shape in MODELS.items():
-            times = {"bare, fp32 weights + bf16 autocast": bare_loop(shape, args.resolution, args.batch, args.steps, False),
-                     "bare, bf16 weights": bare_loop(shape, args.resolution, args.batch, args.steps, True),
-                     "ditscale.train (ZeRO-2 bf16)": trainer(shape, data, Path(tmp) / name.split()[0], args.batch,
-                                                             args.steps)}
-            rows.append((name, times))
+        for name in args.models:
+            label, shape = MODELS[name]
+            for precision, (zero, ds_config) in TRAINERS.items():
+                bare = bare_loop(shape, args.resolution, args.batch, args.steps, precision == "bf16")
+                run = trainer(shape, data, Path(tmp) / f"{name}-{precision}", args.batch, args.steps, ds_config)
+                rows.append((f"{name} ({label})", precision, {"bare": bare, f"ditscale.train ({zero})": run}))
     print(f"\ntrainer overhead on CPU ({torch.get_num_threads()} thread, batch {args.batch}, "
           f"{args.resolution}x{args.resolution}x3, {args.steps} steps, second half timed)")
-    print("| model | loop | ms/step | steps/s | images/s | time / bare bf16 |")
-    print("|---|---|---|---|---|---|")
-    for name, times in rows:
-        ref = times["bare, bf16 weights"]
+    print("| model | weights | loop | ms/step | steps/s | images/s | time / bare |")
+    print("|---|---|---|---|---|---|---|")
+    for name, precision, times in rows:
         for label, sec in times.items():
-            print(f"| {name} | {label} | {sec * 1e3:.1f} | {1 / sec:.1f} | {args.batch / sec:.0f} | {sec / ref:.2f} |")
+            print(f"| {name} | {precision} | {label} | {sec * 1e3:.1f} | {1 / sec:.1f} | {args.batch / sec:.0f} | "
+                  f"{sec / times['bare']:.2f} |")
     return 0
 
 

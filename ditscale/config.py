@@ -202,15 +202,20 @@ class TrainConfig:
 @dataclass
 class EngineConfig:
     """DeepSpeed: the JSON with the ZeRO stage and bf16 settings; batch, optimizer and clipping
-    come from this file's sections."""
+    come from this file's sections. `compile` and `nonfinite_check` are the trainer's fast path
+    (ditscale.engine.build.compile_mode, ditscale.engine.nonfinite)."""
 
     ds_config: str = "ds_configs/zero2_bf16.json"
     device: str = "auto"                # auto (cuda if available) | cuda | cpu; $DITSCALE_DEVICE overrides
     dist_timeout_min: int = 30
+    compile: str = "auto"               # auto (blocks on CUDA under ZeRO-1/2, else off) | off | blocks
+    nonfinite_check: str = "step"       # step (DeepSpeed skips bad steps; 2 host syncs/step) | async (none)
 
     def validate(self) -> None:
         _require(bool(self.ds_config), "engine.ds_config", "is required (a JSON in ds_configs/)")
         _choice(self.device, "engine.device", ("auto", "cuda", "cpu"))
+        _choice(self.compile, "engine.compile", ("auto", "off", "blocks"))
+        _choice(self.nonfinite_check, "engine.nonfinite_check", ("step", "async"))
         _require(self.dist_timeout_min >= 1, "engine.dist_timeout_min", f"must be >= 1, got {self.dist_timeout_min}")
 
 

@@ -154,20 +154,6 @@ def micro_step(engine, diffusion, batch: dict, g: torch.Generator, scale_factor,
     return losses
 
 
-def endless(loader):
-    """Batches across epoch ends (the loader's state_dict knows the epoch and position); an epoch without
-    a single batch raises DataError instead of looping forever."""
-    from ditscale.data import DataError
-
-    while True:
-        got = 0
-        for got, batch in enumerate(loader, 1):
-            yield batch
-        if not got:
-            raise DataError(f"an epoch of {loader.dataset.metadata['num_samples']} samples gave this rank no "
-                            f"batch of {loader.batch_size} (drop_last; {loader.num_workers} workers)")
-
-
 def report_memory(engine, ema, metrics, step: int, rss_before_model_gib: float | None) -> None:
     """What every rank holds (params, grads, optimizer state, EMA, RSS now and peak), after the run's first
     step and at its end: a "memory" event in metrics.jsonl, a log line for rank 0 and the rank of the
@@ -212,6 +198,18 @@ def sample_grid(cfg: ExperimentConfig, meta: dict, ema, step: int, device, tb) -
 #################################################################################
 #                                    The run                                    #
 #################################################################################
+
+class Hooks:
+    """Observers of a run (`train(..., hooks=)`: benchmarks, tests), called on every rank. A hook may raise
+    to end the run: the trainer closes its files and saves nothing."""
+
+    def engine_built(self, engine) -> None:
+        """The DeepSpeed engine, before the first step."""
+
+    def step_end(self, step: int, record: dict | None) -> None:
+        """After step `step` (update, EMA, log, save, sample grid); record: the log record when it logged
+        (rank 0), else None."""
+
 
 @dataclass
 class Start:
@@ -273,12 +271,14 @@ def make_loader(cfg: ExperimentConfig, micro_batch: int, device: torch.device, c
     return loader
 
 
-def train(cfg: ExperimentConfig, meta: dict, ds: dict, env, device: torch.device) -> int:
+def train(cfg: ExperimentConfig, meta: dict, ds: dict, env, device: torch.device, hooks: Hooks | None = None) -> int:
+    from ditscale.data.prefetch import DevicePrefetcher
     from ditscale.diffusion import create_diffusion
     from ditscale.engine import checkpoint
     from ditscale.engine.build import skips_nonfinite_steps, zero_stage
     from ditscale.engine.memory import process_memory
     from ditscale.engine.metrics import Metrics
+    from ditscale.engine.nonfinite import NonfiniteWatch
     from ditscale.engine.signals import StopRequest, StopWaiting
     from ditscale.models.flops import train_flops_per_image
 
@@ -290,11 +290,12 @@ def train(cfg: ExperimentConfig, meta: dict, ds: dict, env, device: torch.device
     rss_before_model = process_memory()["rss_gib"]
     run = start(cfg, ds, env, device)
     engine, ema, step, images_seen = run.engine, run.ema, run.step, run.images_seen
+    hooks = hooks or Hooks()
+    hooks.engine_built(engine)
     if env.rank == 0:
         save_config(cfg, Path(cfg.run_dir) / "config.yaml")
     micro, accum = tc.batch_split(env.world_size)
-    loader = make_loader(cfg, micro, device, run.client)
-    batches = endless(loader)
+    batches = DevicePrefetcher(make_loader(cfg, micro, device, run.client), device)
     diffusion = create_diffusion("", noise_schedule=dc.noise_schedule, use_kl=dc.use_kl, sigma_small=dc.sigma_small,
                                  predict_xstart=dc.predict_xstart, learn_sigma=cfg.model.learn_sigma,
                                  rescale_learned_sigmas=dc.rescale_learned_sigmas, diffusion_steps=dc.diffusion_steps)
@@ -311,7 +312,7 @@ def train(cfg: ExperimentConfig, meta: dict, ds: dict, env, device: torch.device
     def save(at: int) -> None:
         nonlocal saved_at
         checkpoint.save(engine, ema, cfg.run_dir, at, keep_last=tc.keep_last, log=say,
-                        client={"loader": loader.state_dict(), "step": at, "images_seen": images_seen},
+                        client={"loader": batches.state_dict(), "step": at, "images_seen": images_seen},
                         meta={"images_seen": images_seen, "config": to_dict(cfg), "config_hash": config_hash(cfg),
                               "dataset": dataset_info})
         saved_at = at
@@ -323,10 +324,11 @@ def train(cfg: ExperimentConfig, meta: dict, ds: dict, env, device: torch.device
         metrics.write_event(event="nonfinite_stop", step=step, count=count)
         return EXIT_NONFINITE
 
-    # DeepSpeed skips a step whose gradients are not finite (bf16.check_grad_overflow, a host sync per
-    # step). Without that check (or in fp32) a non-finite loss reaches the weights: it is caught at the
-    # next log or checkpoint and the run stops before saving.
+    # DeepSpeed skips a step whose gradients are not finite (bf16.check_grad_overflow, host syncs every
+    # step). Without that check (fp32, or engine.nonfinite_check=async) a non-finite loss reaches the
+    # weights: it is caught at the next step (async) or the next log, always before a save, and the run stops.
     skips_nonfinite = skips_nonfinite_steps(ds)
+    watch = NonfiniteWatch(metrics.nonfinite, env.world_size, every_step=cfg.engine.nonfinite_check == "async")
     engine.train()
     scale, drop = meta["scale_factor"], cfg.model.class_dropout_prob
     nonfinite_run, saved_at = 0, None
@@ -360,11 +362,10 @@ def train(cfg: ExperimentConfig, meta: dict, ds: dict, env, device: torch.device
                 report_memory(engine, ema, metrics, step, rss_before_model)
 
             save_due = step % tc.ckpt_every == 0 or step == tc.max_steps
-            if not skips_nonfinite and (metrics.due(step) or save_due) and (bad := metrics.take_nonfinite()):
+            if not skips_nonfinite and (bad := watch.check(saving=save_due, logging=metrics.due(step))):
                 return diverged(bad, f"{bad} non-finite losses, and DeepSpeed did not skip their steps (fp32, or "
                                      f"bf16.check_grad_overflow=false): the weights took them")
-            if metrics.due(step):
-                metrics.log(step, engine.get_lr()[0], images_seen)
+            record = metrics.log(step, engine.get_lr()[0], images_seen) if metrics.due(step) else None
             if nonfinite_run >= tc.max_nonfinite:
                 return diverged(nonfinite_run, f"{nonfinite_run} non-finite steps in a row "
                                                f"(train.max_nonfinite={tc.max_nonfinite})")
@@ -372,6 +373,7 @@ def train(cfg: ExperimentConfig, meta: dict, ds: dict, env, device: torch.device
                 save(step)
             if cfg.sample.every and step % cfg.sample.every == 0:
                 sample_grid(cfg, meta, ema, step, device, metrics.tb)
+            hooks.step_end(step, record)
             if stop.agreed(step) and step < tc.max_steps:
                 print(f"[ditscale.train] rank {env.rank}: stop agreed at step {step} ({stop.name})", flush=True)
                 if saved_at != step:

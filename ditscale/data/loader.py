@@ -25,10 +25,15 @@ class LatentDataLoader(StreamingDataLoader):
             if end is not None:
                 end()
 
-    def state_dict(self) -> dict[str, Any] | None:
-        if isinstance(self.dataset, StreamingDataset):
-            return super().state_dict()
-        return self.dataset.state_dict(self.num_samples_yielded * World.detect().num_ranks, False)
+    def state_dict(self, held: int = 0) -> dict[str, Any] | None:
+        """held: samples handed out but not trained on yet (a prefetcher's lookahead), counted as unseen."""
+        self.num_samples_yielded -= held
+        try:
+            if isinstance(self.dataset, StreamingDataset):
+                return super().state_dict()
+            return self.dataset.state_dict(self.num_samples_yielded * World.detect().num_ranks, False)
+        finally:
+            self.num_samples_yielded += held
 
     def load_state_dict(self, obj: dict[str, Any]) -> None:
         self.dataset.load_state_dict(obj)

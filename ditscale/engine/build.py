@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -89,6 +91,11 @@ def complete_ds_config(ds: dict, cfg: ExperimentConfig, world_size: int, *, univ
         ds["scheduler"] = {"type": "WarmupLR", "params": {
             "warmup_min_lr": 0.0, "warmup_max_lr": cfg.optim.lr, "warmup_num_steps": cfg.optim.warmup_steps,
             "warmup_type": "linear"}}
+    if cfg.engine.compile == "blocks" and zero_stage(ds) == 3:
+        raise ConfigError(f"engine.compile=blocks: {where} is ZeRO-3, whose per-module parameter gathers break "
+                          f"the compiled graphs; use engine.compile=off (or auto) with ZeRO-3, or ZeRO-1/2")
+    if cfg.engine.nonfinite_check == "async" and is_bf16(ds):
+        ds["bf16"]["check_grad_overflow"] = False       # ditscale.engine.nonfinite watches instead
     ds.setdefault("steps_per_print", 2**62)
     ds.setdefault("wall_clock_breakdown", False)
     ds.setdefault("checkpoint", {})["load_universal"] = universal
@@ -119,11 +126,35 @@ def build_optimizer(model: torch.nn.Module, cfg: ExperimentConfig, device: torch
                              weight_decay=cfg.optim.weight_decay, **fast)
 
 
+def compile_mode(cfg: ExperimentConfig, ds: dict, device: torch.device) -> str:
+    """engine.compile resolved to "blocks" or "off". auto is blocks on CUDA under ZeRO-1/2: inductor fuses
+    what eager runs as separate kernels in every block (ditscale.models.fused), paid once by a compile of
+    one block (~1 min for XL). auto is off on CPU, where a compile costs more than a short run saves and
+    needs a C++ compiler, and under ZeRO-3 (its gather hooks break the graphs)."""
+    if cfg.engine.compile == "auto":
+        return "blocks" if device.type == "cuda" and zero_stage(ds) != 3 else "off"
+    if cfg.engine.compile == "blocks" and device.type == "cpu" and not _cxx_compiler():
+        raise ConfigError("engine.compile=blocks on CPU: inductor needs a C++ compiler and none was found "
+                          "($CXX, g++, c++, clang++); install g++ (Debian: apt-get install g++) or use engine.compile=off")
+    return cfg.engine.compile
+
+
+def _cxx_compiler() -> str | None:
+    names = [os.environ["CXX"]] if os.environ.get("CXX") else ["g++", "c++", "clang++"]
+    return next((path for path in map(shutil.which, names) if path), None)
+
+
 def build_engine(cfg: ExperimentConfig, ds: dict, device: torch.device):
-    """(engine, model) with `ds` completed by `complete_ds_config`."""
+    """The DeepSpeed engine for `ds` completed by `complete_ds_config`; with engine.compile=blocks every
+    block is compiled before DeepSpeed wraps the model (ZeRO-1/2 only add gradient hooks, which compiled
+    blocks keep; activation checkpointing recomputes through the same compiled graph)."""
     import deepspeed
 
+    from ditscale.models.fused import compile_blocks
+
     model = build_model(cfg, ds)
+    if compile_mode(cfg, ds, device) == "blocks":
+        compile_blocks(model)
     optimizer = None if "optimizer" in ds else build_optimizer(model, cfg, device)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            model_parameters=None if optimizer else model.parameters(),

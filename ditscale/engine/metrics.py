@@ -49,7 +49,7 @@ class Metrics:
         self.peak = peak_tflops(device, log_cfg.peak_tflops)
         self.sums = torch.zeros(5, dtype=torch.float32, device=device)       # loss, mse, vb, samples, grad norm
         self.index_sums = [0, 0]        # Σ index, Σ index² of the samples seen: a fingerprint of the data order
-        self.nonfinite = torch.zeros((), dtype=torch.int64, device=device)  # samples since take_nonfinite()
+        self.nonfinite = torch.zeros((), dtype=torch.int64, device=device)  # read by engine.nonfinite.NonfiniteWatch
         self.steps = self.applied = 0
         self.skipped_total = 0
         self.data_wait = 0.0
@@ -94,20 +94,12 @@ class Metrics:
             self.applied += 1
             if grad_norm is not None:
                 self.sums[4] += grad_norm
+                if isinstance(grad_norm, torch.Tensor):       # finite losses, overflowing gradients
+                    self.nonfinite += (~torch.isfinite(grad_norm)).sum()
         else:
             self.skipped_total += 1
         if self.bar is not None:
             self.bar.update(1)
-
-    def take_nonfinite(self) -> int:
-        """Non-finite samples on all ranks since the last call (a collective and a host sync)."""
-        import torch.distributed as dist
-
-        bad = self.nonfinite.clone()
-        if dist.is_initialized() and self.world > 1:
-            dist.all_reduce(bad)
-        self.nonfinite.zero_()
-        return int(bad)
 
     def due(self, step: int) -> bool:
         return step % self.cfg.every == 0

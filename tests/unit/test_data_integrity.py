@@ -197,7 +197,8 @@ def test_dataset_smaller_than_a_global_batch_is_refused_with_the_numbers(pristin
 
 
 def test_train_refuses_damaged_or_small_data_with_exit_2(pristine, tmp_path, capsys):
-    from ditscale.train import endless, main
+    from ditscale.data.prefetch import endless
+    from ditscale.train import main
 
     root = copy_of(pristine, "wds", tmp_path)
     tiny = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "tiny_test.yaml")

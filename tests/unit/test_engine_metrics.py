@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from ditscale.engine.metrics import Metrics, peak_tflops
+from ditscale.engine.nonfinite import NonfiniteWatch
 
 
 def log_cfg(**changes):
@@ -34,7 +35,8 @@ def test_interval_means_mfu_and_fingerprint(tmp_path):
     assert rec["grad_norm"] == pytest.approx(2.0) and rec["skipped_steps"] == 1
     assert (rec["index_sum"], rec["index_sqsum"]) == (10, 30)
     assert rec["mfu"] == pytest.approx(rec["images_per_s"] * 1e12 / 100e12)
-    assert m.take_nonfinite() == 1 and m.take_nonfinite() == 0
+    watch = NonfiniteWatch(m.nonfinite, world_size=1)
+    assert watch.drain() == 1 and watch.drain() == 0
     m.write_event(event="done", step=2)
     m.close()
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -335,11 +335,13 @@ def test_compile_blocks_rejects_models_without_blocks():
 #                    The real trainer's loop (ditscale.train)                   #
 #################################################################################
 
-def trainer_loop_syncs(workdir: str, ds_config: str = "ds_configs/zero2_bf16.json") -> dict:
+def trainer_loop_syncs(workdir: str, ds_config: str = "ds_configs/zero2_bf16.json",
+                       nonfinite_check: str = "step") -> dict:
     """Run ditscale.train.train (tiny DiT, CPU, one rank on gloo, 6 steps, log every 2) and record the host
     syncs of steps 3-4: data, micro_step (posterior draw, loss, backward, DeepSpeed step), EMA, metrics,
     stop check. Observation only: Metrics.log is wrapped to switch the detector on and off, build_engine
     to learn which values the optimizer keeps on the host."""
+    import ditscale.data.prefetch as prefetch
     import ditscale.engine.build as build
     from data_prep.testing import write_synthetic_latents
     from ditscale import train as T
@@ -352,13 +354,13 @@ def trainer_loop_syncs(workdir: str, ds_config: str = "ds_configs/zero2_bf16.jso
                  "model.preset=DiT-S/2", "model.depth=2", "model.hidden_size=64", "model.num_heads=4",
                  "train.global_batch=4", "train.max_steps=6", "train.ckpt_every=1000", "log.every=2",
                  "log.tensorboard=false", "log.progress=off", "sample.every=0", f"engine.ds_config={ds_config}",
-                 "engine.device=cpu"]
+                 "engine.device=cpu", f"engine.nonfinite_check={nonfinite_check}"]
     cfg, meta, ds = T.prepare(T.parse_args(overrides), 1)
     env = launch.detect()
     device = launch.pick_device(env, "cpu")
     launch.init_distributed(env, device)
     engines, detector, logged = [], None, []
-    original_build, original_log, original_endless = build.build_engine, Metrics.log, T.endless
+    original_build, original_log, original_endless = build.build_engine, Metrics.log, prefetch.endless
 
     def endless(loader):                          # the loader's batches are host tensors in a GPU run too
         for batch in original_endless(loader):
@@ -383,11 +385,11 @@ def trainer_loop_syncs(workdir: str, ds_config: str = "ds_configs/zero2_bf16.jso
             detector.__enter__()
         return rec
 
-    build.build_engine, Metrics.log, T.endless = build_engine, log, endless
+    build.build_engine, Metrics.log, prefetch.endless = build_engine, log, endless
     try:
         code = T.train(cfg, meta, ds, env, device)
     finally:
-        build.build_engine, Metrics.log, T.endless = original_build, original_log, original_endless
+        build.build_engine, Metrics.log, prefetch.endless = original_build, original_log, original_endless
         launch.shutdown()
     return {"exit": code, "syncs": logged[0] if logged else None, "steps": 2}
 
@@ -426,6 +428,15 @@ def test_trainer_loop_has_no_host_sync_but_deepspeeds_overflow_check(tmp_path, z
         raise RuntimeError(f"DeepSpeed syncs beyond its overflow check: {theirs}")
     ours = [(op, where) for op, where in result["syncs"] if where.startswith("ditscale/")]
     assert ours == [], ours
+
+
+def test_trainer_loop_with_async_nonfinite_check_has_no_host_sync(tmp_path):
+    """engine.nonfinite_check=async: DeepSpeed's overflow check is off and the trainer reads its device-side
+    count of non-finite values a step late without waiting: not one host sync in the steady-state step."""
+    result = _run_probe(tmp_path, "ds_configs/zero2_bf16.json", "async")
+    if result["exit"] != 0 or result["syncs"] is None:
+        raise RuntimeError(f"the trainer probe did not run its steps: {result}")
+    assert result["syncs"] == [], result["syncs"]
 
 
 if __name__ == "__main__":
