@@ -10,16 +10,14 @@ one thread, in the same run (the ratios are what to compare across machines):
   loader, posterior sampling, sharded EMA, metrics accumulated on the device, stop-signal check every
   step; ZeRO-2 bf16 (the GPU configs) against the bf16 loop, and ZeRO-1 fp32 (ds_configs/
   zero1_fp32_cpu.json, what CPU demos such as the quickstart use) against the fp32 loop. Timed from its
-  own metrics over the second half of the run (after warm-up), so start-up, checkpoints and process
-  launch are not counted.
-Prints one table: ms/step, steps/s, images/s and the ratio to the bare loop of the same precision.
+  hooks (ditscale.train.Hooks, in this process) over the second half of the run, so start-up and
+  checkpoints are not counted.
+Prints one table: CPU and wall ms/step, images/s and the CPU-time ratio to the bare loop of the same precision.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,7 +40,22 @@ def make_dataset(root: Path, resolution: int) -> str:
     return encode(images, str(root / "mds"), resolution=resolution, vae="none", decode_workers=0)
 
 
-def bare_loop(shape: dict, resolution: int, batch: int, steps: int, bf16_weights: bool) -> float:
+class Clock:
+    """Wall and CPU time (this process: the trainer's loader runs in it too, num_workers=0) over a window of
+    steps. On a shared machine CPU time is the figure to compare: other processes stretch wall time, while
+    a one-thread process's CPU time per step barely moves."""
+
+    def __init__(self):
+        self.wall = self.cpu = None
+
+    def start(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def stop(self, steps: int) -> dict:
+        return {"wall": (time.perf_counter() - self.wall) / steps, "cpu": (time.process_time() - self.cpu) / steps}
+
+
+def bare_loop(shape: dict, resolution: int, batch: int, steps: int, bf16_weights: bool) -> dict:
     """Seconds per step of the bare loop over the second half of its steps (bf16 or fp32 weights)."""
     from ditscale.diffusion import create_diffusion
     from ditscale.models import DiT
@@ -56,10 +69,10 @@ def bare_loop(shape: dict, resolution: int, batch: int, steps: int, bf16_weights
     diffusion = create_diffusion("")
     x = torch.randn(batch, 3, resolution, resolution)
     y = torch.randint(0, 4, (batch,))
-    warm = steps // 2
+    warm, clock = steps // 2, Clock()
     for i in range(steps):
         if i == warm:
-            t0 = time.perf_counter()
+            clock.start()
         t = torch.randint(0, diffusion.num_timesteps, (batch,))
         loss = diffusion.training_losses(model, x, t, {"y": y})["loss"].mean()
         loss.backward()
@@ -68,49 +81,67 @@ def bare_loop(shape: dict, resolution: int, batch: int, steps: int, bf16_weights
         with torch.no_grad():
             torch._foreach_lerp_(ema, [p.detach().float() for p in model.parameters()], 1e-4)
         loss.item()                                   # the official loop logs the loss every step
-    return (time.perf_counter() - t0) / (steps - warm)
+    return clock.stop(steps - warm)
 
 
-def trainer(shape: dict, data: str, run_dir: Path, batch: int, steps: int, ds_config: str) -> float:
-    """Seconds per step of the full trainer, from its metrics over the second half of the run."""
-    overrides = [f"data.root={data}", f"run_dir={run_dir}", f"train.global_batch={batch}", f"train.max_steps={steps}",
-                 f"train.ckpt_every={10 * steps}", f"log.every={steps // 2}", "train.ema_decay=0.9999",
-                 f"engine.ds_config={ds_config}", "engine.device=cpu", "data.num_workers=0",
-                 *[f"model.{k}={v}" for k, v in shape.items()]]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "DITSCALE_DATA_CACHE": str(run_dir / "cache")}
-    out = subprocess.run([sys.executable, "-m", "ditscale.train", "--config", str(REPO / "configs/tiny_test.yaml"),
-                          *overrides], cwd=REPO, env=env, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"trainer failed ({out.returncode}):\n{out.stderr[-3000:]}")
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in records if "step_time_s" in r][-1]["step_time_s"]
+def trainer(shape: dict, data: str, run_dir: Path, batch: int, steps: int, ds_config: str) -> dict:
+    """Seconds per step of ditscale.train.train (in this process, one rank on gloo) over the second half of
+    the run, timed from its hooks: start-up and the final checkpoint are not counted."""
+    from ditscale import train as T
+    from ditscale.engine import launch
+
+    overrides = [f"data.root={data}", f"run_dir={run_dir}", f"data.cache={run_dir / 'cache'}",
+                 f"train.global_batch={batch}", f"train.max_steps={steps}", f"train.ckpt_every={10 * steps}",
+                 f"log.every={steps // 2}", "train.ema_decay=0.9999", f"engine.ds_config={REPO / ds_config}",
+                 "engine.device=cpu", "data.num_workers=0", *[f"model.{k}={v}" for k, v in shape.items()]]
+    cfg, meta, ds = T.prepare(T.parse_args(["--config", str(REPO / "configs/tiny_test.yaml"), *overrides]), 1)
+    warm, clock, timed = steps // 2, Clock(), {}
+
+    class Hooks(T.Hooks):
+        def step_end(self, step, record):
+            if step == warm:
+                clock.start()
+            elif step == steps - 1:                   # the last step saves a checkpoint: not counted
+                timed.update(clock.stop(steps - 1 - warm))
+
+    if T.train(cfg, meta, ds, launch.detect(), torch.device("cpu"), hooks=Hooks()) != 0:
+        raise RuntimeError(f"the trainer failed; see {run_dir}")
+    return timed
 
 
 def main(argv=None) -> int:
+    from ditscale.engine import launch
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--resolution", type=int, default=16, help="pixel-mode image side (latent side)")
     ap.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    ap.add_argument("--precisions", nargs="+", choices=list(TRAINERS), default=list(TRAINERS))
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    os.environ["DITSCALE_DS_LOG_LEVEL"] = "ERROR"
+    launch.init_distributed(launch.detect(), torch.device("cpu"))
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         data = make_dataset(Path(tmp) / "data", args.resolution)
         for name in args.models:
             label, shape = MODELS[name]
-            for precision, (zero, ds_config) in TRAINERS.items():
+            for precision in args.precisions:
+                zero, ds_config = TRAINERS[precision]
                 bare = bare_loop(shape, args.resolution, args.batch, args.steps, precision == "bf16")
                 run = trainer(shape, data, Path(tmp) / f"{name}-{precision}", args.batch, args.steps, ds_config)
                 rows.append((f"{name} ({label})", precision, {"bare": bare, f"ditscale.train ({zero})": run}))
+    launch.shutdown()
     print(f"\ntrainer overhead on CPU ({torch.get_num_threads()} thread, batch {args.batch}, "
-          f"{args.resolution}x{args.resolution}x3, {args.steps} steps, second half timed)")
-    print("| model | weights | loop | ms/step | steps/s | images/s | time / bare |")
+          f"{args.resolution}x{args.resolution}x3, {args.steps} steps, second half timed; CPU time is the figure "
+          f"to compare on a shared machine)")
+    print("| model | weights | loop | CPU ms/step | wall ms/step | images/s (CPU) | CPU time / bare |")
     print("|---|---|---|---|---|---|---|")
     for name, precision, times in rows:
-        for label, sec in times.items():
-            print(f"| {name} | {precision} | {label} | {sec * 1e3:.1f} | {1 / sec:.1f} | {args.batch / sec:.0f} | "
-                  f"{sec / times['bare']:.2f} |")
+        for label, t in times.items():
+            print(f"| {name} | {precision} | {label} | {t['cpu'] * 1e3:.1f} | {t['wall'] * 1e3:.1f} | "
+                  f"{args.batch / t['cpu']:.0f} | {t['cpu'] / times['bare']['cpu']:.2f} |")
     return 0
 
 
