@@ -99,9 +99,10 @@ def save_tiny_vae(path: str, *, latent_channels: int = 4, seed: int = 0) -> str:
 
 def write_synthetic_latents(out: str, num_samples: int, *, latent_channels: int = 4, latent_size: int = 32,
                             num_classes: int = 1000, format: str = "mds", num_slices: int = 1,
-                            shard_size: int = 1 << 26, seed: int = 0) -> str:
+                            shard_size: int = 1 << 26, seed: int = 0, nan_samples: tuple[int, ...] = ()) -> str:
     """A merged dataset of random posteriors (no images, no VAE) through the real writers and merge:
-    loader benchmarks and trainer tests at ImageNet-latent shapes in seconds. Returns `out`."""
+    loader benchmarks and trainer tests at ImageNet-latent shapes in seconds. The posterior means of
+    `nan_samples` (indices) are NaN, for the trainer's fault tests. Returns `out`."""
     import time
 
     import torch
@@ -129,6 +130,9 @@ def write_synthetic_latents(out: str, num_samples: int, *, latent_channels: int 
             mean = rng.standard_normal((n, *shape), dtype=np.float32).astype(np.float16) * 5
             logvar = rng.uniform(-12, -4, (n, *shape)).astype(np.float16)
             stats.update(torch.from_numpy(mean), torch.from_numpy(logvar))
+            for j, i in enumerate(indices[lo:lo + n]):
+                if i in nan_samples:
+                    mean[j] = np.nan
             writer.put(mean, logvar, labels[lo:lo + n].tolist(),
                        [f"synthetic/{i:09d}" for i in indices[lo:lo + n]])
         shards = writer.finish()

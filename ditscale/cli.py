@@ -9,6 +9,7 @@ COMMANDS = {
     "sample": "ditscale.sample",
     "evaluate": "ditscale.evaluate.__main__",
     "export": "ditscale.engine.export",
+    "checkpoint": "ditscale.engine.checkpoint",
     "interop": "ditscale.interop",
     "plan": "ditscale.plan",
     "prep": "data_prep.__main__",

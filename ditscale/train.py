@@ -5,8 +5,10 @@
     python -m ditscale.train --config ... --check [--deep]   # validate config, data, run dir; exit 0 / 2
 
 The story: parse → validate → build → resume → loop (step, EMA, log, save) → exit code:
-0 finished, 2 bad configuration or input, 3 too many non-finite steps in a row, 85 preempted (SIGTERM /
-SIGUSR1) after a complete checkpoint. `run_dir` holds config.yaml, metrics.jsonl, tb/, ckpt/, samples/.
+0 finished (a complete checkpoint of max_steps exists), 2 bad configuration or input (also: no space
+for a checkpoint), 3 non-finite steps (too many in a row, non-finite losses that reached the weights, or
+max_steps reached inside a run of skipped steps), 4 a checkpoint write failed (I/O error), 85 preempted
+(SIGTERM / SIGUSR1) after a complete checkpoint. `run_dir` holds config.yaml, metrics.jsonl, tb/, ckpt/, samples/.
 
 Exactness: a step is a pure function of the weights, the batch and (seed, step, rank, micro-batch): the
 latent draw, timesteps, noise and label dropout all come from a generator seeded with those, on the
@@ -31,7 +33,7 @@ from ditscale.config import (ConfigError, ExperimentConfig, config_diff, config_
                              resolve_with_dataset, save_config, to_dict)
 from ditscale.engine.signals import EXIT_PREEMPTED
 
-EXIT_OK, EXIT_BAD_INPUT, EXIT_NONFINITE = 0, 2, 3
+EXIT_OK, EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_SAVE_FAILED = 0, 2, 3, 4
 
 
 def say(*parts) -> None:
@@ -103,9 +105,10 @@ def prepare(args, world_size: int) -> tuple[ExperimentConfig, dict, dict]:
 
 def check_resume(cfg: ExperimentConfig):
     """(checkpoint dir, its meta) to resume from, or (None, None); ConfigError when it cannot be used."""
-    from ditscale.engine.checkpoint import CKPT_DIR, newest_complete, read_meta, resolve_resume
+    from ditscale.engine.checkpoint import CKPT_DIR, newest_complete, read_meta, resolve_resume, verify_across_ranks
 
-    path = resolve_resume(cfg.run_dir, cfg.train.resume, log=say)
+    path = resolve_resume(cfg.run_dir, cfg.train.resume, log=say,
+                          verify=lambda p, m: verify_across_ranks(p, m, log=say))
     if path is None:
         existing = newest_complete(Path(cfg.run_dir) / CKPT_DIR, log=lambda *_: None)
         if cfg.train.resume == "none" and existing is not None:
@@ -259,7 +262,9 @@ def start(cfg: ExperimentConfig, ds: dict, env, device: torch.device) -> Start:
 def make_loader(cfg: ExperimentConfig, micro_batch: int, device: torch.device, client: dict | None):
     """The rank's loader over the shards, at the saved position when resuming."""
     from ditscale.data import build_dataloader, build_dataset
+    from ditscale.data.shm import release_stale_loader_shm
 
+    release_stale_loader_shm(log=say)                 # left by a killed job on this node, else "Reused local directory"
     seed = cfg.train.seed if cfg.data.shuffle_seed is None else cfg.data.shuffle_seed
     dataset = build_dataset(cfg.data.root, batch_size=micro_batch, seed=seed, shuffle=cfg.data.shuffle,
                             local=cfg.data.cache, hflip=cfg.data.hflip)
@@ -324,9 +329,11 @@ def train(cfg: ExperimentConfig, meta: dict, ds: dict, env, device: torch.device
         metrics.write_event(event="nonfinite_stop", step=step, count=count)
         return EXIT_NONFINITE
 
-    # DeepSpeed skips a step whose gradients are not finite (bf16.check_grad_overflow, host syncs every
-    # step). Without that check (fp32, or engine.nonfinite_check=async) a non-finite loss reaches the
-    # weights: it is caught at the next step (async) or the next log, always before a save, and the run stops.
+    # DeepSpeed skips a step whose gradients are not finite; engine.was_step_applied() says which (fp32 and
+    # bf16 alike), and only the losses of applied steps are counted. With bf16.check_grad_overflow every
+    # non-finite step is skipped and there is nothing to read. Without it (engine.nonfinite_check=async,
+    # or check_grad_overflow=false) a non-finite loss reaches the weights: it is caught at the next step
+    # (async) or the next log, always before a save, and the run stops. fp32 checks at log / save.
     skips_nonfinite = skips_nonfinite_steps(ds)
     watch = NonfiniteWatch(metrics.nonfinite, env.world_size, every_step=cfg.engine.nonfinite_check == "async")
     engine.train()
@@ -363,13 +370,20 @@ def train(cfg: ExperimentConfig, meta: dict, ds: dict, env, device: torch.device
 
             save_due = step % tc.ckpt_every == 0 or step == tc.max_steps
             if not skips_nonfinite and (bad := watch.check(saving=save_due, logging=metrics.due(step))):
-                return diverged(bad, f"{bad} non-finite losses, and DeepSpeed did not skip their steps (fp32, or "
-                                     f"bf16.check_grad_overflow=false): the weights took them")
+                return diverged(bad, f"{bad} non-finite values (losses or gradient norms) in steps DeepSpeed "
+                                     f"applied: the weights took them")
             record = metrics.log(step, engine.get_lr()[0], images_seen) if metrics.due(step) else None
             if nonfinite_run >= tc.max_nonfinite:
                 return diverged(nonfinite_run, f"{nonfinite_run} non-finite steps in a row "
-                                               f"(train.max_nonfinite={tc.max_nonfinite})")
-            if save_due and nonfinite_run == 0:      # no saves inside a run of skipped steps
+                                               f"(train.max_nonfinite={tc.max_nonfinite}), all skipped by DeepSpeed")
+            if save_due and nonfinite_run:           # no saves inside a run of skipped steps
+                if step == tc.max_steps:
+                    return diverged(nonfinite_run, f"train.max_steps reached, but the last {nonfinite_run} step(s) "
+                                                   f"were skipped by DeepSpeed (non-finite gradients): no checkpoint "
+                                                   f"of step {step} is written")
+                say(f"not saving at step {step}: the last {nonfinite_run} step(s) were skipped by DeepSpeed "
+                    f"(non-finite gradients); the next save follows an applied step")
+            elif save_due:
                 save(step)
             if cfg.sample.every and step % cfg.sample.every == 0:
                 sample_grid(cfg, meta, ema, step, device, metrics.tb)
@@ -382,7 +396,8 @@ def train(cfg: ExperimentConfig, meta: dict, ds: dict, env, device: torch.device
                 metrics.write_event(event="preempted", step=step)
                 return EXIT_PREEMPTED
         report_memory(engine, ema, metrics, step, rss_before_model)      # peak RSS of the whole run, saves included
-        say(f"done: {step} steps, {images_seen} images")
+        skipped = f", {engine.skipped_steps} skipped by DeepSpeed (non-finite gradients)" if engine.skipped_steps else ""
+        say(f"done: {step} steps{skipped}, {images_seen} images; checkpoint {checkpoint.tag_for(step)} is complete")
         metrics.write_event(event="done", step=step)
         return EXIT_OK
     finally:
@@ -412,13 +427,13 @@ def main(argv=None) -> int:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))
     launch.init_distributed(env, device, cfg.engine.dist_timeout_min)
     from ditscale.data import DataError
-    from ditscale.engine.checkpoint import CheckpointError
+    from ditscale.engine.checkpoint import CheckpointError, SaveError
 
     try:
         return train(cfg, meta, ds, env, device)
     except (ConfigError, CheckpointError, DataError) as e:
         print(f"[ditscale.train] rank {env.rank}: error: {last_line(e)}", file=sys.stderr, flush=True)
-        return EXIT_BAD_INPUT
+        return EXIT_SAVE_FAILED if isinstance(e, SaveError) and not e.no_space else EXIT_BAD_INPUT
     finally:
         launch.shutdown()
 

@@ -22,9 +22,11 @@
 #   MASTER_PORT    rendezvous port (15000 + job id % 15000)
 #   DITSCALE_REPO  the checkout, if you submit from elsewhere ($SLURM_SUBMIT_DIR)
 #
-# Exit codes of the trainer decide what happens: 0 done; 2 bad config/input: fail, never requeue;
-# 3 non-finite loss: fail (a human looks); 85 preempted after a complete checkpoint: requeue this job.
-# Any other code is a crash: requeued up to MAX_RETRIES times in a row unless a new checkpoint appeared.
+# Exit codes of the trainer decide what happens: 0 done (checkpoint of max_steps complete); 2 bad
+# config/input, or no space for the next checkpoint: fail, never requeue; 3 non-finite loss: fail (a human
+# looks); 85 preempted after a complete checkpoint: requeue this job. 4 (a checkpoint write failed with an
+# I/O error; `latest` untouched) and any other code are crashes: requeued up to MAX_RETRIES times in a row
+# unless a new checkpoint appeared.
 # Only a job still RUNNING is requeued: `scancel` (the trainer saves on its SIGTERM) ends the run for good.
 #
 #SBATCH --job-name=dit-xl-2-256
@@ -135,7 +137,8 @@ case $rc in
     both "run finished"
     exit 0 ;;
   2)
-    both "error: bad configuration or input: not requeued (fix it and sbatch again; the run resumes)"
+    both "error: bad configuration or input, or no space for a checkpoint: not requeued (fix it and sbatch" \
+         "again; the run resumes)"
     exit 2 ;;
   3)
     both "error: stopped after too many non-finite steps: not requeued (inspect $RUN_DIR, then sbatch again)"

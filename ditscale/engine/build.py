@@ -156,7 +156,10 @@ def build_engine(cfg: ExperimentConfig, ds: dict, device: torch.device):
     if compile_mode(cfg, ds, device) == "blocks":
         compile_blocks(model)
     optimizer = None if "optimizer" in ds else build_optimizer(model, cfg, device)
+    from ditscale.engine.ema import zero_partition_padding
+
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            model_parameters=None if optimizer else model.parameters(),
                                            config=ds)
+    zero_partition_padding(engine)
     return engine

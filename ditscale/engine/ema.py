@@ -45,19 +45,49 @@ def _followed(engine):
     return [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad and exported(n)]
 
 
-def _zero3_shards(engine) -> list[Shard]:
+def _zero3_partitions(engine, params):
+    """(name, param, group, offset in the group's flat fp32 buffer, partition numel, start in the flattened
+    parameter, real elements) of this rank's slice of each ZeRO-3 parameter in `params` ((name, param)
+    pairs). A parameter is cut into world equal slices, so the last ranks' slices run past its end:
+    partition - real elements of padding."""
     import torch.distributed as dist
 
     opt = engine.optimizer
-    shards = []
-    for name, p in _followed(engine):
+    for name, p in params:
         group, offset, part = opt.grad_position[opt.get_param_id(p)]
         start = dist.get_rank(group=p.ds_process_group) * p.partition_numel()
-        real = max(0, min(part, p.ds_numel - start))                    # the last rank's slice is padded
-        if real:
-            flat = opt.fp32_partitioned_groups_flat[group]
-            shards.append(Shard(name, start, tuple(p.ds_shape), flat.narrow(0, offset, real)))
-    return shards
+        yield name, p, group, offset, part, start, max(0, min(part, p.ds_numel - start))
+
+
+def _zero3_shards(engine) -> list[Shard]:
+    flats = engine.optimizer.fp32_partitioned_groups_flat
+    return [Shard(name, start, tuple(p.ds_shape), flats[group].narrow(0, offset, real))
+            for name, p, group, offset, part, start, real in _zero3_partitions(engine, _followed(engine)) if real]
+
+
+@torch.no_grad()
+def zero_partition_padding(engine) -> int:
+    """Zero the padding of ZeRO-3's partitions (DeepSpeed leaves it uninitialised: it may hold NaN and
+    differs between identical runs) in the bf16 partitions, the fp32 master copy and the optimizer state,
+    so checkpoints compare byte for byte and a NaN scan means something. Returns the padded elements.
+    A no-op for ZeRO-1/2 (their flat buffers are zero-initialised)."""
+    if engine.zero_optimization_stage() != 3:
+        return 0
+    opt = engine.optimizer
+    padded = 0
+    trainable = [(n, p) for n, p in engine.module.named_parameters() if p.requires_grad]
+    for name, p, group, offset, part, start, real in _zero3_partitions(engine, trainable):
+        if real == part:
+            continue
+        padded += part - real
+        p.ds_tensor.narrow(0, real, part - real).zero_()
+        flat = opt.fp32_partitioned_groups_flat[group]
+        targets = [flat] + [s for s in opt.optimizer.state.get(flat, {}).values()
+                            if torch.is_tensor(s) and s.shape == flat.shape]
+        for t in targets:
+            if t.numel():                   # NVMe-swapped groups hold no memory here
+                t.narrow(0, offset + real, part - real).zero_()
+    return padded
 
 
 def _hp_mapping_shards(engine) -> list[Shard]:

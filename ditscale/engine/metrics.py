@@ -49,7 +49,10 @@ class Metrics:
         self.peak = peak_tflops(device, log_cfg.peak_tflops)
         self.sums = torch.zeros(5, dtype=torch.float32, device=device)       # loss, mse, vb, samples, grad norm
         self.index_sums = [0, 0]        # Σ index, Σ index² of the samples seen: a fingerprint of the data order
-        self.nonfinite = torch.zeros((), dtype=torch.int64, device=device)  # read by engine.nonfinite.NonfiniteWatch
+        # Non-finite values of the step in progress, and of the steps DeepSpeed applied (read by
+        # engine.nonfinite.NonfiniteWatch): a skipped step's losses never reached the weights.
+        self.step_nonfinite = torch.zeros((), dtype=torch.int64, device=device)
+        self.nonfinite = torch.zeros((), dtype=torch.int64, device=device)
         self.steps = self.applied = 0
         self.skipped_total = 0
         self.data_wait = 0.0
@@ -79,7 +82,7 @@ class Metrics:
         finite = torch.isfinite(parts).all(0)                                               # (N,)
         self.sums[:3] += torch.where(finite, parts, 0.0).sum(1)
         self.sums[3] += finite.sum()
-        self.nonfinite += (~finite).sum()
+        self.step_nonfinite += (~finite).sum()
 
     def add_indices(self, index: torch.Tensor) -> None:
         """The dataset indices of one micro-batch (a CPU tensor from the loader: no device sync)."""
@@ -88,9 +91,11 @@ class Metrics:
         self.index_sums[1] += int((index * index).sum())
 
     def add_step(self, applied: bool, grad_norm, data_wait: float) -> None:
+        """`applied`: engine.was_step_applied() (False: DeepSpeed skipped the step, gradients not finite)."""
         self.steps += 1
         self.data_wait += data_wait
         if applied:
+            self.nonfinite += self.step_nonfinite
             self.applied += 1
             if grad_norm is not None:
                 self.sums[4] += grad_norm
@@ -98,6 +103,7 @@ class Metrics:
                     self.nonfinite += (~torch.isfinite(grad_norm)).sum()
         else:
             self.skipped_total += 1
+        self.step_nonfinite.zero_()
         if self.bar is not None:
             self.bar.update(1)
 

@@ -1,5 +1,6 @@
-"""Faults on 2 CPU ranks (ZeRO-2): a stop signal to one rank, kill -9 inside a save, divergence, and
-checkpoints that do not fit the run."""
+"""Faults on 2 CPU ranks (ZeRO-2; 3 ranks under ZeRO-3, where partitions are padded): a stop signal to one
+rank, kill -9 inside a save, divergence, skipped steps at the end of a run, a flipped byte in a checkpoint, a
+full disk, and checkpoints that do not fit the run."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,8 @@ import sys
 
 import pytest
 import torch
-from ds_launch import N, REPO, TINY, TOTAL, child_env, ckpt, metrics, reference_overrides, start_training, train
+from ds_launch import (N, REPO, TINY, TOTAL, child_env, ckpt, metrics, reference_overrides, start_training,
+                       tensor_leaves, train)
 
 pytestmark = pytest.mark.distributed
 
@@ -92,21 +94,6 @@ def test_divergence_stops_with_exit_3_keeping_the_last_good_checkpoint(digits64,
     assert f"last good checkpoint: {run_dir / 'ckpt' / good}" in result.output
 
 
-def test_without_deepspeeds_overflow_check_a_nonfinite_loss_stops_before_saving(digits64, tmp_path):
-    """In fp32 (as with bf16.check_grad_overflow=false) DeepSpeed applies every step and the step has no
-    host sync: non-finite losses are found at the next log / checkpoint, and the run stops with exit 3
-    without writing the poisoned weights. (One process: the fp32 ZeRO-1 CPU config.)"""
-    run_dir = tmp_path / "run"
-    out = single_process(reference_overrides(1, run_dir, digits64, "optim.lr=1e8", "train.ckpt_every=2",
-                                             "train.max_steps=50", "log.every=10",
-                                             "engine.ds_config=ds_configs/zero1_fp32_cpu.json"), tmp_path)
-    assert out.returncode == 3, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "non-finite losses, and DeepSpeed did not skip their steps" in out.stdout
-    stopped = int(re.search(r"at step (\d+): stopping", out.stdout).group(1))
-    saved = [int(p.name.split("_")[1]) for p in (run_dir / "ckpt").glob("step_*")]
-    assert saved and max(saved) < stopped and latest(run_dir) == f"step_{max(saved):08d}"
-
-
 def single_process(args: list[str], tmp_path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "ditscale.train", "--config", str(TINY), *args], cwd=REPO,
                           env=child_env({"DITSCALE_DATA_CACHE": str(tmp_path / "cache")}), capture_output=True,
@@ -133,3 +120,183 @@ def test_unreadable_checkpoint_is_exit_2_naming_the_file(reference_run, digits64
     out = single_process(reference_overrides(2, tmp_path / "run", digits64, f"train.resume={broken}"), tmp_path)
     assert out.returncode == 2
     assert f"checkpoint file {victim} has 100 bytes" in out.stderr
+
+
+#################################################################################
+#         Checkpoints that prove themselves (issue 19): replays of each failure   #
+#################################################################################
+
+def zero3_3_ranks(run_dir, data, *extra) -> list[str]:
+    return reference_overrides(3, run_dir, data, "train.global_batch=6", *extra)
+
+
+def fp32(run_dir, data, *extra) -> list[str]:
+    return reference_overrides(1, run_dir, data, "engine.ds_config=ds_configs/zero1_fp32_cpu.json", *extra)
+
+
+def padding_of(model_states: dict, rank: int, world: int, group: int):
+    """(start, end) of the padding in rank's flat fp32 group: parameters in order, each cut in world slices."""
+    import math
+
+    offset = 0
+    for shape in model_states["param_shapes"][group].values():
+        numel = math.prod(shape)
+        part = math.ceil(numel / world)
+        real = max(0, min(part, numel - rank * part))
+        if real < part:
+            yield offset + real, offset + part
+        offset += part
+
+
+def flip_a_tensor_byte(f) -> None:
+    """Flip one byte in the middle of the largest tensor's storage of a torch zip file (size unchanged)."""
+    import zipfile
+
+    with zipfile.ZipFile(f) as z:
+        info = max((i for i in z.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    data = bytearray(f.read_bytes())
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    data[start + info.file_size // 2] ^= 0x10
+    f.write_bytes(bytes(data))
+
+
+def test_zero3_flipped_byte_is_caught_and_resume_falls_back_padding_is_zero(digits64, tmp_path):
+    """Issue 19, failure 1 and the ZeRO-3 padding, on 3 ranks."""
+    run_dir = tmp_path / "run"
+    overrides = zero3_3_ranks(run_dir, digits64, f"train.max_steps={2 * N}")
+    first = train(3, overrides, tmp_path / "a.log")
+    assert first.returncode == 0, first.output[-5000:]
+    assert f"checkpoint step_{2 * N:08d} is complete" in first.output
+    for step in (N, 2 * N):                              # every file recorded with its checksum; no NaN anywhere
+        meta = json.loads((ckpt(run_dir, step) / "meta.json").read_text())
+        assert meta["files"] and all(set(e) == {"bytes", "xxh3_64"} for e in meta["files"].values())
+    path = ckpt(run_dir, 2 * N)
+    for rank in range(3):
+        model = torch.load(next(path.glob(f"zero_pp_rank_{rank}_*model_states.pt")), weights_only=False)
+        optim = torch.load(next(path.glob(f"*zero_pp_rank_{rank}_*optim_states.pt")), weights_only=False)
+        for where, t in tensor_leaves(optim):
+            assert not t.is_floating_point() or torch.isfinite(t).all(), (rank, where)
+        sd = optim["optimizer_state_dict"]
+        padded = 0
+        for g, flat in enumerate(sd["fp32_flat_groups"]):
+            states = [v for v in sd["optimizer_state_dict"]["state"][g].values() if v.shape == flat.shape]
+            for lo, hi in padding_of(model, rank, 3, g):
+                padded += hi - lo
+                for t in [flat, *states]:
+                    assert (t[lo:hi] == 0).all(), (rank, g, lo, hi)
+        assert padded > 0 or rank < 2                  # the last rank's slices run past the parameters' ends
+
+    victim = sorted(path.glob("bf16_zero_pp_rank_1_*_optim_states.pt"))[0]
+    flip_a_tensor_byte(victim)
+    torch.load(victim, weights_only=False)               # torch still reads it: only the checksum tells
+    verify = subprocess.run([sys.executable, "-m", "ditscale.engine.checkpoint", "verify", str(run_dir)], cwd=REPO,
+                            env=child_env(), capture_output=True, text=True, timeout=300)
+    assert verify.returncode == 1, verify.stdout + verify.stderr
+    assert f"{path}: BAD: checkpoint file {victim} is corrupt" in verify.stdout
+    assert f"resume auto would start from: {ckpt(run_dir, N)}" in verify.stdout
+
+    before = metrics(run_dir)
+    resumed = train(3, overrides, tmp_path / "b.log")
+    assert resumed.returncode == 0, resumed.output[-5000:]
+    assert f"skipping checkpoint {path}: checkpoint file {victim} is corrupt" in resumed.output
+    assert f"resumed from {ckpt(run_dir, N)} at step {N}" in resumed.output
+    again = metrics(run_dir)
+    for step in range(N + 1, 2 * N + 1):                 # retrained from the good checkpoint, exactly
+        assert again[step]["loss"] == before[step]["loss"], step
+    assert latest(run_dir) == f"step_{2 * N:08d}"
+    aside = [p for p in (run_dir / "ckpt").iterdir() if p.name.startswith("abandoned-")]
+    assert len(aside) == 1 and (aside[0] / path.name / victim.name).exists()      # kept for a post-mortem
+
+
+def test_fp32_skipped_steps_never_end_in_done_without_the_final_checkpoint(tmp_path):
+    """Issue 19, failure 3: lr=1e10 in fp32, every save inside a run of skipped steps."""
+    from data_prep.testing import write_synthetic_latents
+
+    data = write_synthetic_latents(str(tmp_path / "data"), 16, latent_size=8, num_classes=10)
+    run_dir = tmp_path / "run"
+    out = single_process(fp32(run_dir, data, "optim.lr=1e10", "train.max_steps=6", "train.ckpt_every=1"), tmp_path)
+    assert out.returncode == 3, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "done:" not in out.stdout
+    m = metrics(run_dir)
+    skipped = m[6]["skipped_steps"]
+    good = latest(run_dir)
+    assert skipped > 0 and f"train.max_steps reached, but the last {skipped} step(s) were skipped by DeepSpeed" in out.stdout
+    assert f"last good checkpoint: {run_dir / 'ckpt' / good}" in out.stdout
+    assert not (ckpt(run_dir, 6) / "meta.json").exists()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16_unchecked"])
+def test_one_nan_sample_is_skipped_by_deepspeed_or_stops_the_run(precision, tmp_path):
+    """Issue 19, failure 3's second half: one NaN sample. fp32: DeepSpeed skips that step (the trainer asks
+    it, not the precision), the run finishes with its final checkpoint. bf16 without DeepSpeed's overflow
+    check: the step is applied, the run stops with exit 3 before saving the poisoned weights."""
+    from data_prep.testing import write_synthetic_latents
+
+    data = write_synthetic_latents(str(tmp_path / "data"), 16, latent_size=8, num_classes=10, nan_samples=(3,))
+    run_dir = tmp_path / "run"
+    common = ["data.shuffle=false", "train.max_steps=4", "train.ckpt_every=1"]
+    if precision == "fp32":
+        out = single_process(fp32(run_dir, data, *common), tmp_path)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        assert "skipped by DeepSpeed (non-finite gradients)" in out.stdout and "the weights took them" not in out.stdout
+        assert re.search(r"done: 4 steps, [12] skipped by DeepSpeed", out.stdout)
+        assert latest(run_dir) == "step_00000004"
+    else:
+        ds = json.loads((REPO / "ds_configs" / "zero2_bf16.json").read_text())
+        ds["bf16"]["check_grad_overflow"] = False
+        (tmp_path / "unchecked.json").write_text(json.dumps(ds))
+        out = single_process(reference_overrides(2, run_dir, data, f"engine.ds_config={tmp_path / 'unchecked.json'}",
+                                                  *common), tmp_path)
+        assert out.returncode == 3, out.stdout[-3000:] + out.stderr[-3000:]
+        assert "non-finite values (losses or gradient norms) in steps DeepSpeed applied: the weights took them" \
+            in out.stdout
+        stopped = int(re.search(r"at step (\d+): stopping", out.stdout).group(1))
+        saved = [int(p.name.split("_")[1]) for p in (run_dir / "ckpt").glob("step_*")]
+        assert max(saved, default=0) < stopped
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs mounted at tmp_path/disk (root only): the real ENOSPC of a full filesystem."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs (needs root): {mounted.stderr.strip()}")
+
+    def resize(size: str) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={size}", str(disk)], check=True)
+
+    yield disk, resize
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_disk_full_stops_with_a_clear_message_and_keeps_the_last_checkpoint(reference_run, digits64, tmp_path,
+                                                                           small_disk):
+    """Issue 19, failure 2: 2 ranks ZeRO-2 with run_dir on a tmpfs. A first save that does not fit fails with
+    ENOSPC: every rank reports it, the partial checkpoint is removed, exit 2. With room for one checkpoint
+    only, the next save is refused before anything is written, naming the path and the bytes."""
+    from ditscale.engine.checkpoint import checkpoint_bytes, verify_run
+
+    disk, resize = small_disk
+    run_dir = disk / "run"
+    overrides = reference_overrides(2, run_dir, digits64, f"train.max_steps={2 * N}")
+    full = train(2, overrides, tmp_path / "a.log")
+    assert full.returncode == 2, full.output[-5000:]
+    reports = re.findall(rf"rank (\d): error: checkpoint {re.escape(str(ckpt(run_dir, N)))} could not be written "
+                         rf"\(rank \d: writing .+ failed: no space left on device", full.output)
+    assert sorted(reports) == ["0", "1"], full.output[-5000:]
+    assert "the partial checkpoint was removed and `latest` still names no checkpoint yet" in full.output
+    assert not ckpt(run_dir, N).exists() and not (run_dir / "ckpt" / "latest").exists()
+
+    size = checkpoint_bytes(json.loads((ckpt(reference_run(2), N) / "meta.json").read_text()))
+    resize(f"{(64 << 10) + size * 5 // 4}")                    # this run's files and 1.25 checkpoints
+    short = train(2, overrides, tmp_path / "b.log")
+    assert short.returncode == 2, short.output[-5000:]
+    refused = re.findall(rf"rank (\d): error: not enough free space to save checkpoint "
+                         rf"{re.escape(str(ckpt(run_dir, 2 * N)))}: it needs about (\d+) bytes", short.output)
+    assert sorted(r for r, _ in refused) == ["0", "1"], short.output[-5000:]
+    assert int(refused[0][1]) > size and f"`latest` still names step_{N:08d}" in short.output
+    assert latest(run_dir) == f"step_{N:08d}" and not ckpt(run_dir, 2 * N).exists()
+    assert verify_run(run_dir, out=lambda *_: None) == 0               # the last checkpoint is intact

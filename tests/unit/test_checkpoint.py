@@ -108,3 +108,105 @@ def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path):
     aside = [p for p in (tmp_path / "ckpt").iterdir() if p.name.startswith("abandoned-")]
     assert len(aside) == 1 and sorted(p.name for p in aside[0].iterdir()) == ["step_00000020", "step_00000030"]
     assert resolve_resume(tmp_path, "auto").name == "step_00000010"
+
+
+#################################################################################
+#                  Checksums, the verify command, write errors                  #
+#################################################################################
+
+def make_checked_ckpt(root, step, files=None):
+    """A complete checkpoint whose meta.json records sizes and checksums, as save() writes it."""
+    from ditscale.engine import integrity
+
+    path = make_ckpt(root, step, complete=False, files=files)
+    recorded = {str(f.relative_to(path)): integrity.file_record(f) for f in sorted(path.rglob("*")) if f.is_file()}
+    (path / "meta.json").write_text(json.dumps({"step": step, "world_size": 1, "zero_stage": 2, "files": recorded,
+                                                "checksum": integrity.CHECKSUM}))
+    return path
+
+
+def flip_byte(f, at=-3):
+    data = bytearray(f.read_bytes())
+    data[at] ^= 0x40
+    f.write_bytes(bytes(data))
+
+
+def test_a_flipped_byte_is_found_named_and_resume_falls_back(tmp_path):
+    from ditscale.engine.checkpoint import verify_across_ranks
+
+    for step in (10, 20):
+        make_checked_ckpt(tmp_path, step)
+    victim = tmp_path / "ckpt" / "step_00000020" / "mp_rank_00_model_states.pt"
+    flip_byte(victim)
+    assert read_meta(victim.parent)["step"] == 20                  # the size is unchanged: complete as before
+    lines = []
+    verify = lambda p, m: verify_across_ranks(p, m, log=lines.append)   # noqa: E731 (one process: no group)
+    assert resolve_resume(tmp_path, "auto", log=lines.append, verify=verify).name == "step_00000010"
+    assert any(f"skipping checkpoint {victim.parent}: checkpoint file {victim} is corrupt" in x for x in lines)
+    assert any("verified checkpoint" in x and "step_00000010" in x for x in lines)
+    with pytest.raises(CheckpointError, match=rf"{victim} is corrupt: its xxh3_64 is [0-9a-f]+, [0-9a-f]+ was recorded"):
+        resolve_resume(tmp_path, str(victim.parent), verify=verify)
+
+
+def test_verify_command_reports_each_checkpoint(tmp_path):
+    from ditscale.engine.checkpoint import verify_run
+
+    make_ckpt(tmp_path, 5)                                         # an older version's meta: sizes only
+    make_checked_ckpt(tmp_path, 10)
+    bad = make_checked_ckpt(tmp_path, 20)
+    make_ckpt(tmp_path, 30, complete=False)
+    out = []
+    assert verify_run(tmp_path, out=out.append) == 0
+    assert "resume auto would start from: " + str(tmp_path / "ckpt" / "step_00000020") in out[-1]
+    flip_byte(bad / "ema" / "rank_00000.safetensors")
+    out.clear()
+    assert verify_run(tmp_path, out=out.append) == 1
+    text = "\n".join(out)
+    assert "step_00000005: ok: step 5, 2 files" in text and "no checksums recorded" in text
+    assert "step_00000010: ok: step 10" in text and "checksums match" in text
+    assert f"step_00000020: BAD: checkpoint file {bad / 'ema' / 'rank_00000.safetensors'} is corrupt" in text
+    assert "step_00000030: incomplete" in text
+    assert out[-1].endswith("step_00000010")
+    assert verify_run(tmp_path / "ckpt" / "step_00000010", out=out.append) == 0
+    assert verify_run(tmp_path / "nothing", out=out.append) == 2
+
+
+def test_recording_engine_checksums_writes_and_keeps_the_first_error(tmp_path):
+    import errno
+
+    from ditscale.engine import integrity
+
+    class Writer:
+        def save(self, state, path):
+            if "full" in str(path):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            torch.save(state, path)
+
+        def makedirs(self, path, exist_ok):
+            return "inner"
+
+    rec = integrity.RecordingCheckpointEngine(Writer())
+    rec.save({"x": torch.ones(3)}, str(tmp_path / "a.pt"))
+    rec.save({"x": torch.ones(3)}, str(tmp_path / "full.pt"))
+    rec.save({"x": torch.ones(3)}, str(tmp_path / "b.pt"))          # after an error: not attempted
+    assert list(rec.records) == [str((tmp_path / "a.pt").resolve())]
+    assert rec.records[str((tmp_path / "a.pt").resolve())] == integrity.file_record(tmp_path / "a.pt")
+    assert rec.error[0] == str(tmp_path / "full.pt") and not (tmp_path / "b.pt").exists()
+    assert rec.makedirs("x", exist_ok=True) == "inner"
+    message, no_space = integrity.describe_write_error(*rec.error)
+    assert no_space and message.startswith(f"writing {tmp_path / 'full.pt'} failed: no space left on device")
+    assert "errno ENOSPC" in message and "bytes free on its filesystem" in message
+    wrapped = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 123")
+    wrapped.__cause__ = OSError(errno.EIO, "Input/output error")
+    message, no_space = integrity.describe_write_error(tmp_path / "c.pt", wrapped)
+    assert not no_space and "input/output error" in message
+
+
+def test_files_are_split_over_ranks_by_bytes():
+    from ditscale.engine.integrity import assign, space_needed
+
+    files = {"big": {"bytes": 100}, "a": 30, "b": 30, "c": 30, "d": 10}
+    parts = assign(files, 2)
+    assert sorted(sum(parts, [])) == sorted(files) and parts[0] == ["big"]
+    assert assign(files, 1) == [["big", "a", "b", "c", "d"]]
+    assert space_needed(0) == 0 and space_needed(100 << 20) == int(105 << 20) + (1 << 20)

@@ -43,6 +43,19 @@ def test_interval_means_mfu_and_fingerprint(tmp_path):
     assert lines[0]["step"] == 2 and lines[1]["event"] == "done"
 
 
+def test_only_the_losses_of_steps_deepspeed_applied_count_as_reaching_the_weights(tmp_path):
+    m = Metrics(tmp_path, log_cfg(), rank=0, world_size=1, device=torch.device("cpu"), images_per_step=2,
+                flops_per_image=1.0, start_step=0, max_steps=10)
+    watch = NonfiniteWatch(m.nonfinite, world_size=1)
+    m.add_losses(losses(float("nan"), 1.0))
+    m.add_step(applied=False, grad_norm=None, data_wait=0.0)      # skipped (fp32 or bf16 alike): not counted
+    assert watch.drain() == 0
+    m.add_losses(losses(float("inf"), float("nan")))
+    m.add_step(applied=True, grad_norm=torch.tensor(1.0), data_wait=0.0)
+    assert watch.drain() == 2
+    m.close()
+
+
 def test_an_interval_of_only_nonfinite_losses_logs_none(tmp_path, capsys):
     m = Metrics(tmp_path, log_cfg(peak_tflops=None), rank=0, world_size=1, device=torch.device("cpu"),
                 images_per_step=2, flops_per_image=1.0, start_step=4, max_steps=10)

@@ -1,0 +1,68 @@
+"""Streaming shared memory of a killed job is released on the next start; a live job's is left alone."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ditscale.data.shm import SHM_ROOT, release_stale_loader_shm
+
+REPO = Path(__file__).resolve().parents[2]
+
+READER = """
+import sys, time
+from ditscale.data import build_dataset
+ds = build_dataset(sys.argv[1], batch_size=2, local=sys.argv[2], shuffle=False)
+next(iter(ds))
+print(ds._shm_prefix_int, flush=True)
+time.sleep(600)
+"""
+
+
+def start_reader(root: str, cache: Path, tmp: Path) -> tuple[subprocess.Popen, str]:
+    """A process reading the dataset through `cache`, with its own TMPDIR (streaming's file locks)."""
+    tmp.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp)}
+    proc = subprocess.Popen([sys.executable, "-c", READER, root, str(cache)], stdout=subprocess.PIPE, text=True,
+                            env=env, cwd=REPO, start_new_session=True)
+    line = proc.stdout.readline()
+    assert line.strip().isdigit(), f"reader did not start (exit {proc.poll()})"
+    return proc, f"{int(line):06d}"
+
+
+def segments(prefix: str) -> set[str]:
+    return {p.name for p in SHM_ROOT.glob(f"{prefix}_*")}
+
+
+@pytest.mark.skipif(not SHM_ROOT.is_dir(), reason="no /dev/shm")
+def test_a_killed_readers_shm_is_released_and_its_cache_dir_works_again(tmp_path):
+    from data_prep.testing import write_synthetic_latents
+    from ditscale.data import build_dataset
+
+    root = write_synthetic_latents(str(tmp_path / "data"), 8, latent_size=4, num_classes=2)
+    live, live_prefix = start_reader(root, tmp_path / "cache_live", tmp_path / "tmp_live")
+    dead, dead_prefix = start_reader(root, tmp_path / "cache_dead", tmp_path / "tmp_dead")
+    try:
+        os.killpg(dead.pid, signal.SIGKILL)   # the whole job, resource tracker included: nothing cleans up
+        dead.wait()
+        shutil.rmtree(tmp_path / "tmp_dead")  # SLURM removes a job's TMPDIR; /dev/shm stays
+        dead_names = segments(dead_prefix)
+        assert f"{dead_prefix}_locals" in dead_names and f"{live_prefix}_locals" in segments(live_prefix)
+        # (streaming refuses this cache dir while the dead segments precede the first free prefix:
+        # "Reused local directory", issue 21; on a shared test box the prefixes in use vary)
+        removed = release_stale_loader_shm()
+        assert dead_names <= set(removed) and not segments(dead_prefix)
+        assert not set(removed) & segments(live_prefix) and f"{live_prefix}_locals" in segments(live_prefix)
+        assert live.poll() is None
+
+        again = build_dataset(root, batch_size=2, local=str(tmp_path / "cache_dead"), shuffle=False)
+        assert int(next(iter(again))["index"]) == 0
+    finally:
+        os.killpg(live.pid, signal.SIGKILL)
+        live.wait()
+    assert live_prefix in {n.split("_")[0] for n in release_stale_loader_shm()}   # now dead: released too
