@@ -173,6 +173,7 @@ class TrainConfig:
     resume: str = "auto"                # auto (newest complete checkpoint, else fresh) | none | a checkpoint dir
     resume_ignore: list[str] = field(default_factory=list)  # keys allowed to differ from the checkpoint's
     stop_check_every: int = 1           # steps between the ranks' agreement on a stop signal
+    hang_timeout_min: float = 10.0      # no step completed for this long: the rank exits 4 (0 = off; watchdog.py)
     deterministic: bool = False         # deterministic kernels (bit-exact resume on GPUs; slower)
 
     def validate(self) -> None:
@@ -184,6 +185,8 @@ class TrainConfig:
                  f"{self.micro_batch} does not divide train.global_batch={self.global_batch}")
         _require(0 <= self.ema_decay < 1, "train.ema_decay", f"must be in [0, 1), got {self.ema_decay}")
         _require(self.seed >= 0, "train.seed", f"must be >= 0, got {self.seed}")
+        _require(self.hang_timeout_min >= 0, "train.hang_timeout_min",
+                 f"must be >= 0 (0 = no watchdog), got {self.hang_timeout_min}")
         _require(bool(self.resume), "train.resume", "must be auto, none or a checkpoint directory")
 
     def batch_split(self, world_size: int) -> tuple[int, int]:
@@ -498,7 +501,8 @@ def resolve_with_dataset(cfg: ExperimentConfig, meta: dict) -> ExperimentConfig:
 # split over ranks. Everything else (model, diffusion, optimizer, batch, seeds, data order) must match.
 RESUME_MAY_CHANGE = (
     "run_dir", "train.max_steps", "train.ckpt_every", "train.keep_last", "train.max_nonfinite",
-    "train.resume", "train.resume_ignore", "train.stop_check_every", "train.micro_batch", "train.deterministic",
+    "train.resume", "train.resume_ignore", "train.stop_check_every", "train.hang_timeout_min", "train.micro_batch",
+    "train.deterministic",
     "model.checkpoint_every", "data.root", "data.cache", "data.num_workers", "data.prefetch_factor",
     "engine.", "log.", "sample.",
 )

@@ -245,6 +245,7 @@ def export_diffusers(model: DiT, out_dir, *, vae, scale_factor=None, class_names
     (copied; its scaling_factor set to `scale_factor` when given). Returns the output Path."""
     from diffusers import AutoencoderKL, DiTPipeline, DiTTransformer2DModel
 
+    from ditscale.files import follow_umask
     from ditscale.models.convert import diffusers_config_for, official_to_diffusers
     from ditscale.sampling.core import load_vae
 
@@ -279,6 +280,7 @@ def export_diffusers(model: DiT, out_dir, *, vae, scale_factor=None, class_names
     pipe.register_to_config(id2label=id2label)
     out_dir = Path(out_dir)
     pipe.save_pretrained(str(out_dir), safe_serialization=True)
+    follow_umask(*out_dir.rglob("*.safetensors"))
     (out_dir / "README.md").write_text(_README.format(
         dir=out_dir, model=preset_of(model.config) or "custom DiT", num_classes=model.num_classes,
         scale=vae.config.scaling_factor, channels=model.in_channels,

@@ -7,8 +7,11 @@
 The story: parse → validate → build → resume → loop (step, EMA, log, save) → exit code:
 0 finished (a complete checkpoint of max_steps exists), 2 bad configuration or input (also: no space
 for a checkpoint), 3 non-finite steps (too many in a row, non-finite losses that reached the weights, or
-max_steps reached inside a run of skipped steps), 4 a checkpoint write failed (I/O error), 85 preempted
-(SIGTERM / SIGUSR1) after a complete checkpoint. `run_dir` holds config.yaml, metrics.jsonl, tb/, ckpt/, samples/.
+max_steps reached inside a run of skipped steps), 4 a checkpoint write failed (I/O error), 5 hung (no step
+completed for train.hang_timeout_min), 85 preempted (SIGTERM / SIGUSR1) after a complete checkpoint, or
+during start-up with nothing new to save. A stop signal is handled from the first line of main() to the exit:
+after the final checkpoint it changes nothing (exit 0). `run_dir` holds config.yaml, metrics.jsonl, tb/, ckpt/,
+samples/.
 
 Exactness: a step is a pure function of the weights, the batch and (seed, step, rank, micro-batch): the
 latent draw, timesteps, noise and label dropout all come from a generator seeded with those, on the
@@ -31,7 +34,7 @@ import torch
 
 from ditscale.config import (ConfigError, ExperimentConfig, config_diff, config_hash, load_config,
                              resolve_with_dataset, save_config, to_dict)
-from ditscale.engine.signals import EXIT_PREEMPTED
+from ditscale.engine.signals import EXIT_PREEMPTED, catch_stop_signals, pause_for_test, signal_name, stop_received
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_SAVE_FAILED = 0, 2, 3, 4
 
@@ -285,10 +288,12 @@ def train(cfg: ExperimentConfig, meta: dict, ds: dict, env, device: torch.device
     from ditscale.engine.metrics import Metrics
     from ditscale.engine.nonfinite import NonfiniteWatch
     from ditscale.engine.signals import StopRequest, StopWaiting
+    from ditscale.engine.watchdog import StepWatchdog
     from ditscale.models.flops import train_flops_per_image
 
     tc, dc = cfg.train, cfg.diffusion
     stop = StopRequest(tc.stop_check_every)
+    watchdog = StepWatchdog(tc.hang_timeout_min, env.rank)
     if tc.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
@@ -316,12 +321,14 @@ def train(cfg: ExperimentConfig, meta: dict, ds: dict, env, device: torch.device
 
     def save(at: int) -> None:
         nonlocal saved_at
-        checkpoint.save(engine, ema, cfg.run_dir, at, keep_last=tc.keep_last, log=say,
-                        client={"loader": batches.state_dict(), "step": at, "images_seen": images_seen},
-                        meta={"images_seen": images_seen, "config": to_dict(cfg), "config_hash": config_hash(cfg),
-                              "dataset": dataset_info})
+        t0 = time.perf_counter()
+        with watchdog.paused("checkpoint save"):
+            checkpoint.save(engine, ema, cfg.run_dir, at, keep_last=tc.keep_last, log=say,
+                            client={"loader": batches.state_dict(), "step": at, "images_seen": images_seen},
+                            meta={"images_seen": images_seen, "config": to_dict(cfg),
+                                  "config_hash": config_hash(cfg), "dataset": dataset_info})
         saved_at = at
-        metrics.write_event(event="checkpoint", step=at)
+        metrics.write_event(event="checkpoint", step=at, seconds=round(time.perf_counter() - t0, 1))
 
     def diverged(count: int, why: str) -> int:
         last = checkpoint.newest_complete(Path(cfg.run_dir) / checkpoint.CKPT_DIR, log=lambda *_: None)
@@ -340,6 +347,11 @@ def train(cfg: ExperimentConfig, meta: dict, ds: dict, env, device: torch.device
     scale, drop = meta["scale_factor"], cfg.model.class_dropout_prob
     nonfinite_run, saved_at = 0, None
     try:
+        pause_for_test("loop")
+        if step < tc.max_steps and stop.agreed(step, now=True):      # a stop signal during start-up
+            say(f"stop signal ({stop.name}) before the first step: nothing new to save, exit {EXIT_PREEMPTED}")
+            metrics.write_event(event="preempted", step=step, before_first_step=True)
+            return EXIT_PREEMPTED
         while step < tc.max_steps:
             data_wait = 0.0
             for m in range(accum):
@@ -362,6 +374,8 @@ def train(cfg: ExperimentConfig, meta: dict, ds: dict, env, device: torch.device
             if applied:
                 ema.update()
             step += 1
+            watchdog.beat(step)
+            pause_for_test(f"step:{step}")
             images_seen += tc.global_batch
             nonfinite_run = 0 if applied else nonfinite_run + 1
             metrics.add_step(applied, engine.get_global_grad_norm() if applied else None, data_wait)
@@ -386,7 +400,9 @@ def train(cfg: ExperimentConfig, meta: dict, ds: dict, env, device: torch.device
             elif save_due:
                 save(step)
             if cfg.sample.every and step % cfg.sample.every == 0:
-                sample_grid(cfg, meta, ema, step, device, metrics.tb)
+                with watchdog.paused("sample grid"):
+                    sample_grid(cfg, meta, ema, step, device, metrics.tb)
+                    torch.distributed.barrier()     # the other ranks wait here, not in the next step
             hooks.step_end(step, record)
             if stop.agreed(step) and step < tc.max_steps:
                 print(f"[ditscale.train] rank {env.rank}: stop agreed at step {step} ({stop.name})", flush=True)
@@ -399,13 +415,16 @@ def train(cfg: ExperimentConfig, meta: dict, ds: dict, env, device: torch.device
         skipped = f", {engine.skipped_steps} skipped by DeepSpeed (non-finite gradients)" if engine.skipped_steps else ""
         say(f"done: {step} steps{skipped}, {images_seen} images; checkpoint {checkpoint.tag_for(step)} is complete")
         metrics.write_event(event="done", step=step)
+        pause_for_test("done")
         return EXIT_OK
     finally:
+        watchdog.close()
         metrics.close()
-        stop.restore()
 
 
 def main(argv=None) -> int:
+    catch_stop_signals()        # from here to the exit a stop signal is recorded, never fatal (engine/signals.py)
+    pause_for_test("start")
     from ditscale.engine import launch
 
     args = parse_args(argv)
@@ -430,7 +449,10 @@ def main(argv=None) -> int:
     from ditscale.engine.checkpoint import CheckpointError, SaveError
 
     try:
-        return train(cfg, meta, ds, env, device)
+        code = train(cfg, meta, ds, env, device)
+        if code == EXIT_OK and stop_received():
+            say(f"got {signal_name(stop_received())} after the final checkpoint: the run is finished, exit 0")
+        return code
     except (ConfigError, CheckpointError, DataError) as e:
         print(f"[ditscale.train] rank {env.rank}: error: {last_line(e)}", file=sys.stderr, flush=True)
         return EXIT_SAVE_FAILED if isinstance(e, SaveError) and not e.no_space else EXIT_BAD_INPUT

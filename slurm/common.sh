@@ -57,15 +57,18 @@ accelerator_env() {
 }
 
 # run_srun ARGS...: srun in the background, forwarding SIGUSR1/SIGTERM that reach the batch shell
-# (`--signal=B:USR1@...`, `scancel --signal=USR1 --batch`) to every task; sets SRUN_RC, and SIGNALLED=1
-# when such a signal came.
+# (`--signal=B:USR1@...`, `scancel --signal=USR1 --batch`) to every task; sets SRUN_RC. Any stop signal
+# the batch shell gets (note_signal, also trapped by the scripts before and after srun) sets SIGNALLED=1
+# and SIGNAL_TIME (epoch seconds of the first one).
 SIGNALLED=0
+SIGNAL_TIME=
+note_signal() { SIGNALLED=1; SIGNAL_TIME=${SIGNAL_TIME:-$(date +%s)}; }
 run_srun() {
   local pid got=0
   srun "$@" &
   pid=$!
-  trap 'got=1 SIGNALLED=1; say "got SIGUSR1: forwarding to every task"; kill -USR1 $pid 2>/dev/null' USR1
-  trap 'got=1 SIGNALLED=1; say "got SIGTERM: forwarding to every task"; kill -TERM $pid 2>/dev/null' TERM
+  trap 'got=1; note_signal; say "got SIGUSR1: forwarding to every task"; kill -USR1 $pid 2>/dev/null' USR1
+  trap 'got=1; note_signal; say "got SIGTERM: forwarding to every task"; kill -TERM $pid 2>/dev/null' TERM
   while :; do
     wait "$pid"
     SRUN_RC=$?
@@ -73,5 +76,5 @@ run_srun() {
     if (( SRUN_RC > 128 && got )); then got=0; continue; fi
     break
   done
-  trap 'SIGNALLED=1' USR1 TERM   # from here on, only remember a late signal
+  trap note_signal USR1 TERM   # from here on, only remember a late signal
 }

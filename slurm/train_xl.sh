@@ -18,16 +18,37 @@
 #   PYTHON     interpreter                          (.venv/bin/python, else python3)
 #   GPUS_PER_NODE  GPUs per node, must equal --ntasks-per-node (the allocation's GPUs, else 8);
 #                  0 = CPU with gloo, for tests (also DITSCALE_DEVICE=cpu)
-#   MAX_RETRIES    requeues after crashes without a new checkpoint before giving up (3)
+#   MAX_RETRIES    requeues after real crashes without a new checkpoint before giving up (3)
+#   SIGNAL_MARGIN  the N of --signal=B:USR1@N (600, as below): set it with --signal so that the start-up
+#                  check can warn when the last checkpoint's save time leaves too little of it
 #   MASTER_PORT    rendezvous port (15000 + job id % 15000)
 #   DITSCALE_REPO  the checkout, if you submit from elsewhere ($SLURM_SUBMIT_DIR)
 #
-# Exit codes of the trainer decide what happens: 0 done (checkpoint of max_steps complete); 2 bad
-# config/input, or no space for the next checkpoint: fail, never requeue; 3 non-finite loss: fail (a human
-# looks); 85 preempted after a complete checkpoint: requeue this job. 4 (a checkpoint write failed with an
-# I/O error; `latest` untouched) and any other code are crashes: requeued up to MAX_RETRIES times in a row
-# unless a new checkpoint appeared.
-# Only a job still RUNNING is requeued: `scancel` (the trainer saves on its SIGTERM) ends the run for good.
+# The trainer handles SIGUSR1/SIGTERM from its first line to its exit: in the loop it saves and exits 85,
+# during start-up it exits 85 with nothing new to save, after its final checkpoint (of max_steps) it exits 0.
+# It exits 2 also when there is no space for the next checkpoint, 4 when a checkpoint write failed with an
+# I/O error (`latest` untouched), 5 when no step completed for train.hang_timeout_min (a hung rank): 4 and 5
+# are crashes like any other code. What this script does when the trainer
+# has ended is decided by `decide` below from four facts: the trainer's exit code, whether a stop signal
+# reached this shell, whether a new checkpoint appeared, and what SLURM says of the job (scontrol):
+#
+#   trainer exit        stop signal  new ckpt  SLURM says     this script                       crash count
+#   0                   -            -         -              finished: exit 0                  reset
+#   2 (bad input/space) -            -         -              fail, never requeue               -
+#   3 (non-finite)      -            -         -              fail, never requeue               -
+#   85 (stopped)        -            -         RUNNING        requeue                           reset if new ckpt
+#   not started         yes          no        RUNNING        requeue (twice in a row: fail)    kept
+#   other               yes          -         RUNNING        requeue: killed by the stop,      reset if new ckpt
+#                                                             not a crash
+#   other (crash)       no           yes       RUNNING        requeue                           1
+#   other (crash)       no           no        RUNNING        requeue; past MAX_RETRIES: fail   +1
+#   85/other/not started  -          -         requeued it    nothing: SLURM already requeued   kept
+#                                              (Restarts grew: scontrol requeue, node failure, preemption)
+#   85/other/not started  -          -         ending         nothing: cancelled, past its time kept
+#                                              (CANCELLED,    limit or preempted for good; the log says
+#                                              TIMEOUT, ...)  "sbatch again to resume"
+#   ("-": any. "not started": a stop signal reached this shell before srun; the trainer never ran.)
+#   `slurm/train_xl.sh --decide RC SIGNAL NEW_CKPT SLURM RETRIES MAX UNSTARTED` prints a row's outcome.
 #
 #SBATCH --job-name=dit-xl-2-256
 #SBATCH --partition=gpu
@@ -47,8 +68,68 @@ source "${DITSCALE_REPO:-${SLURM_SUBMIT_DIR:-$PWD}}/slurm/common.sh" 2>/dev/null
   echo "train_xl: error: slurm/common.sh not found: submit from the repository root or set DITSCALE_REPO" >&2
   exit 2
 }
+
+# ----------------------------------------------------------------------------------------------------------
+# The decision table (see the header), as a pure function
+# ----------------------------------------------------------------------------------------------------------
+# decide RC SIGNAL NEW_CKPT SLURM RETRIES MAX UNSTARTED -> prints "ACTION RETRIES WHY..."
+#   RC: the trainer's exit code, or "none" when it did not start; SIGNAL, NEW_CKPT: 0 or 1;
+#   SLURM: running | requeued | ended:STATE | unknown; RETRIES: crashes in a row so far; MAX: MAX_RETRIES;
+#   UNSTARTED: allocations in a row, this one included, stopped before the trainer started.
+#   ACTION: finish | fail | requeue (this script requeues) | leave (SLURM decides; this script does not).
+decide() {
+  local rc=$1 signal=$2 progress=$3 slurm=$4 retries=$5 max=$6 unstarted=$7 why
+  (( progress )) && retries=0
+  case $rc in
+    0) echo "finish 0 run finished$( ((signal)) && echo ' (the stop signal came after the final checkpoint)')"
+       return ;;
+    2) echo "fail $retries bad configuration or input, or no space for a checkpoint: not requeued (fix it and" \
+            "sbatch again; the run resumes)"
+       return ;;
+    3) echo "fail $retries stopped after too many non-finite steps: not requeued (inspect the run, then sbatch again)"
+       return ;;
+    85) why="preempted after a complete checkpoint" ;;
+    none)
+      if (( unstarted >= 2 )) && [[ $slurm == running ]]; then
+        echo "fail $retries a stop signal came before the trainer started in $unstarted allocations in a row" \
+             "(is --time shorter than the --signal margin?): not requeued"
+        return
+      fi
+      why="stopped by a signal before the trainer started (nothing to save)" ;;
+    *)
+      if (( signal )); then
+        why="the trainer ended with exit $rc after a stop signal (not a crash; the newest checkpoint stands)"
+      else
+        retries=$((retries + 1))
+        if (( retries > max )) && [[ $slurm == running ]]; then
+          echo "fail $retries crashed (exit $rc) $retries times in a row without a new checkpoint: giving up," \
+               "not requeued (MAX_RETRIES=$max; fix the cause and sbatch again)"
+          return
+        fi
+        why="crashed (exit $rc)"
+        [[ $slurm == running ]] && why+=": retry $retries/$max"
+        (( progress )) && why+=" (a new checkpoint since the last start)"
+      fi ;;
+  esac
+  case $slurm in
+    running) echo "requeue $retries $why" ;;
+    requeued) echo "leave $retries $why; SLURM has requeued the job itself (scontrol requeue, node failure or" \
+                   "preemption): it resumes from the newest checkpoint when it starts again" ;;
+    unknown) echo "leave $retries $why, but SLURM did not answer (scontrol show job failed): not requeued;" \
+                  "sbatch again to resume from the newest checkpoint" ;;
+    *) echo "leave $retries $why, but the job is ${slurm#ended:} (cancelled, past its time limit or preempted)" \
+            "and SLURM will not requeue it: not requeued; sbatch again to resume from the newest checkpoint" ;;
+  esac
+}
+
+if [[ ${1:-} == --decide ]]; then
+  (( $# == 8 )) || fail 2 "--decide takes RC SIGNAL NEW_CKPT SLURM RETRIES MAX UNSTARTED, got: ${*:2}"
+  decide "${@:2}"
+  exit 0
+fi
+
 [[ -n ${SLURM_JOB_ID:-} ]] || fail 2 "not inside a SLURM job: submit with sbatch slurm/train_xl.sh"
-trap 'SIGNALLED=1' USR1 TERM   # a stop signal before the trainer runs: requeue without starting it
+trap note_signal USR1 TERM   # a stop signal before the trainer runs: requeue without starting it
 
 find_repo
 find_python
@@ -107,6 +188,34 @@ exec 3>&1 >>"$LOG" 2>&1
 both() { say "$@"; say "$@" >&3; }   # the outcome also goes to the job's own output file
 
 # ----------------------------------------------------------------------------------------------------------
+# The stop margin: SLURM's warning signal must leave time to reach a step boundary, save and exit
+# ----------------------------------------------------------------------------------------------------------
+SIGNAL_MARGIN=${SIGNAL_MARGIN:-600}
+last_save_seconds() {  # the trainer writes each save's duration to metrics.jsonl ("checkpoint" events)
+  grep '"event": "checkpoint"' "$RUN_DIR/metrics.jsonl" 2>/dev/null | tail -n 1 | grep -o '"seconds": [0-9.]*' \
+    | cut -d' ' -f2
+}
+check_margin() {  # at start: warn when the last save would not fit twice in the margin, plus a minute
+  local last need
+  last=$(last_save_seconds)
+  [[ -n $last ]] || return 0
+  need=$(( 2 * ${last%.*} + 60 ))
+  if (( SIGNAL_MARGIN < need )); then
+    both "warning: the last checkpoint took $last s to save: a stop margin of $SIGNAL_MARGIN s (SIGNAL_MARGIN) is" \
+         "too small; submit with --signal=B:USR1@$need or more and SIGNAL_MARGIN=$need (README: Preemption)"
+  else
+    say "stop margin $SIGNAL_MARGIN s, last checkpoint save $last s"
+  fi
+}
+report_signal_margin() {  # after a stop signal: when it came, against the save time
+  (( SIGNALLED )) || return 0
+  local end
+  end=$(date -d "$(job_field EndTime)" +%s 2>/dev/null) || return 0
+  say "the stop signal came $((end - SIGNAL_TIME)) s before the job's time limit; the last checkpoint took" \
+      "$(last_save_seconds) s to save"
+}
+
+# ----------------------------------------------------------------------------------------------------------
 # Train
 # ----------------------------------------------------------------------------------------------------------
 tasks_per_node=${SLURM_NTASKS_PER_NODE:-1}
@@ -115,59 +224,53 @@ say "=== job $SLURM_JOB_ID restart $RESTART on $SLURM_JOB_NODELIST: $SLURM_JOB_N
 say "run: ${TRAIN[*]}"
 
 checkpoint_mark() { cat "$RUN_DIR/ckpt/latest" 2>/dev/null; }   # the newest complete checkpoint's tag
+job_field() { scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null | grep -o "$1=[^ ]*" | cut -d= -f2-; }
+check_margin
 before=$(checkpoint_mark)
 if (( SIGNALLED )); then
-  rc=143
-  say "got a stop signal before the trainer started (is --time shorter than the --signal margin?)"
+  rc=none
+  say "got a stop signal before the trainer started: not starting it"
 else
   # every task sees all of its node's GPUs and takes cuda:LOCAL_RANK (--gpu-bind=none); a task that ends
-  # leaves the others 300 s to end too (a crashed rank must not leave the rest hanging in a collective)
-  srun_args=(--ntasks-per-node="$tasks_per_node" --wait=300)
+  # leaves the others 60 s to end too (a crashed or hung rank must not hold the rest in a collective)
+  srun_args=(--ntasks-per-node="$tasks_per_node" --wait=60)
   [[ ${DITSCALE_DEVICE:-} == cpu ]] || srun_args+=(--gpu-bind=none)
   run_srun "${srun_args[@]}" "${TRAIN[@]}"
   rc=$SRUN_RC
   say "trainer exited with $rc"
 fi
+report_signal_margin
 
+# ----------------------------------------------------------------------------------------------------------
+# What next: the decision table (header); SLURM is asked what it is doing with the job
+# ----------------------------------------------------------------------------------------------------------
 retries_file=$RUN_DIR/.slurm_retries
-(( RESTART == 0 )) && rm -f "$retries_file"   # a new submission gets a fresh retry budget
-case $rc in
-  0)
-    rm -f "$retries_file"
-    both "run finished"
-    exit 0 ;;
-  2)
-    both "error: bad configuration or input, or no space for a checkpoint: not requeued (fix it and sbatch" \
-         "again; the run resumes)"
-    exit 2 ;;
-  3)
-    both "error: stopped after too many non-finite steps: not requeued (inspect $RUN_DIR, then sbatch again)"
-    exit 3 ;;
-  85)
-    rm -f "$retries_file"
-    why="preempted after a complete checkpoint" ;;
-  *)
-    retries=$(cat "$retries_file" 2>/dev/null || echo 0)
-    [[ $before != "$(checkpoint_mark)" ]] && retries=0   # progress since the last start: a fresh budget
-    retries=$((retries + 1))
-    if (( retries > MAX_RETRIES )); then
-      both "error: crashed (exit $rc) $retries times in a row without a new checkpoint: giving up," \
-           "not requeued (MAX_RETRIES=$MAX_RETRIES; fix the cause and sbatch again)"
-      exit "$rc"
-    fi
-    echo "$retries" >"$retries_file"
-    why="crashed (exit $rc): retry $retries/$MAX_RETRIES" ;;
-esac
-# Requeue only a job that is still running: after scancel (whose SIGTERM also makes the trainer save and
-# exit 85), a time-limit kill or SLURM's own preemption, the job is already ending and stays ended.
-state=$(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null | grep -o 'JobState=[A-Z_]*')
-if [[ $state != JobState=RUNNING ]]; then
-  both "$why, but job $SLURM_JOB_ID is ${state#JobState=} (cancelled or past its limit): not requeued;" \
-       "sbatch again to resume from the newest checkpoint"
-  exit "$rc"
+unstarted_file=$RUN_DIR/.slurm_unstarted
+(( RESTART == 0 )) && rm -f "$retries_file" "$unstarted_file"   # a new submission: a fresh budget
+progress=0
+[[ $before != "$(checkpoint_mark)" ]] && progress=1
+unstarted=0
+[[ $rc == none ]] && unstarted=$(( $(cat "$unstarted_file" 2>/dev/null || echo 0) + 1 ))
+info=$(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null)
+if [[ -z $info ]]; then slurm=unknown
+elif (( $(grep -o 'Restarts=[0-9]*' <<<"$info" | cut -d= -f2) > RESTART )); then slurm=requeued
+else slurm=ended:$(grep -o 'JobState=[A-Z_]*' <<<"$info" | cut -d= -f2); [[ $slurm == ended:RUNNING ]] && slurm=running
 fi
+read -r action retries why < <(decide "$rc" "$SIGNALLED" "$progress" "$slurm" \
+                                      "$(cat "$retries_file" 2>/dev/null || echo 0)" "$MAX_RETRIES" "$unstarted")
+say "decision: exit $rc, stop signal $SIGNALLED, new checkpoint $progress, SLURM: $slurm -> $action"
+echo "$retries" >"$retries_file"
+echo "$unstarted" >"$unstarted_file"
+code=${rc/none/143}
+case $action in
+  finish) both "$why"; exit 0 ;;
+  fail) both "error: $why"; exit "$code" ;;
+  leave) both "$why"; exit "$code" ;;
+esac
 both "$why: requeueing job $SLURM_JOB_ID"
-scontrol requeue "$SLURM_JOB_ID" || { both "error: scontrol requeue failed; sbatch again to resume"; exit "$rc"; }
+scontrol requeue "$SLURM_JOB_ID" || { both "error: scontrol requeue failed; sbatch again to resume"; exit "$code"; }
+both "SLURM: job $SLURM_JOB_ID is $(job_field JobState) with Restarts=$(job_field Restarts): it starts again" \
+     "when nodes are free and resumes from $(checkpoint_mark || echo 'the start')"
 # the requeue ends this job step; should it return, do not report success
 sleep 60
-exit "$rc"
+exit "$code"

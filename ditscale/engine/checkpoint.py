@@ -39,6 +39,7 @@ import torch
 
 from ditscale.engine import integrity
 from ditscale.engine.ema import zero_partition_padding
+from ditscale.engine.signals import pause_for_test
 
 CKPT_DIR = "ckpt"
 META = "meta.json"
@@ -398,6 +399,7 @@ def save(engine, ema, run_dir: str | Path, step: int, *, client: dict, meta: dic
     rec.write(own[1], lambda f: torch.save({**client, "rng": rng_state(), "rank": rank, "world_size": world}, f))
     if rec.error is None:
         _fault_point("save", rank, step, path)
+        pause_for_test(f"save:{step}")
         try:
             fsync_own_files(path, rank, own)
         except OSError as e:

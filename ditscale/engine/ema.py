@@ -143,12 +143,12 @@ class ShardedEMA:
         return {f"{s.name}@{s.start}": e for s, e in zip(self.shards, self.ema)}
 
     def save(self, path: str | Path) -> None:
-        from safetensors.torch import save_file
+        from ditscale.files import save_safetensors
 
         shapes = {s.name: list(s.shape) for s in self.shards}
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(tensors, str(path), metadata={"format": EMA_FORMAT, "decay": repr(self.decay),
-                                                "shapes": json.dumps(shapes)})
+        save_safetensors(tensors, path, metadata={"format": EMA_FORMAT, "decay": repr(self.decay),
+                                                  "shapes": json.dumps(shapes)})
 
     def load(self, path: str | Path) -> None:
         """Load a file saved by a rank with the same layout (same world size and ZeRO stage)."""

@@ -131,8 +131,7 @@ def write_weights(out: Path, shapes: dict[str, tuple], tensors: Callable[[list[s
     `<stem>-00001-of-0000N.safetensors` + `<stem>.safetensors.index.json`, each shard asked of `tensors` and
     written before the next. Files of an earlier export to the same `out` in the other form are removed,
     so the path never names stale weights. Returns the files written (weights, then the index if any)."""
-    from safetensors.torch import save_file
-
+    from ditscale.files import save_safetensors
     from ditscale.interop import SHARD_INDEX, shard_name, shard_stem
 
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -144,13 +143,13 @@ def write_weights(out: Path, shapes: dict[str, tuple], tensors: Callable[[list[s
         torch.save(tensors(list(shapes)), out)
         files = [out]
     elif len(groups) == 1:
-        save_file(tensors(groups[0]), str(out), metadata=metadata)
+        save_safetensors(tensors(groups[0]), out, metadata=metadata)
         files = [out]
     else:
         files, weight_map = [], {}
         for i, names in enumerate(groups):
             shard = out.parent / shard_name(stem, i + 1, len(groups))
-            save_file(tensors(names), str(shard), metadata=metadata)
+            save_safetensors(tensors(names), shard, metadata=metadata)
             weight_map.update({n: shard.name for n in names})
             files.append(shard)
             log(f"wrote {shard}")

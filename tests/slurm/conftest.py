@@ -58,11 +58,12 @@ class Cluster:
     def run(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
         return subprocess.run(cmd, env=self.env, text=True, capture_output=True, check=check)
 
-    def sbatch(self, *args: str, env: dict[str, str] | None = None, cwd: Path = REPO) -> str:
-        """Submit; returns the job id. `env` is added to the cluster's environment (sbatch exports it)."""
+    def sbatch(self, *args: str, env: dict[str, str] | None = None, cwd: Path = REPO, umask: int | None = None) -> str:
+        """Submit; returns the job id. `env` is added to the cluster's environment (sbatch exports it);
+        `umask` is the submitter's (the job runs with it)."""
         full_env = {**self.env, **(env or {})}
         out = subprocess.run(["sbatch", "--parsable", *args], env=full_env, cwd=cwd, text=True,
-                             capture_output=True)
+                             capture_output=True, preexec_fn=None if umask is None else (lambda: os.umask(umask)))
         assert out.returncode == 0, f"sbatch {' '.join(args)} failed: {out.stderr}"
         return out.stdout.strip().split(";")[0]
 
@@ -85,14 +86,15 @@ class Cluster:
         raise AssertionError(f"job {job_id} not in {sorted(until)} after {timeout:.0f} s: {fields}")
 
     def train(self, run_dir: Path, data: Path, *, nodes: int, tasks_per_node: int, env=None,
-              overrides=(f"train.max_steps={STEPS}", f"train.ckpt_every={CKPT_EVERY}")) -> tuple[str, Path]:
+              overrides=(f"train.max_steps={STEPS}", f"train.ckpt_every={CKPT_EVERY}"), sbatch_args=("--time=30",),
+              umask: int | None = None) -> tuple[str, Path]:
         """sbatch slurm/train_xl.sh with the tiny config on CPU; returns (job id, the job's output file)."""
         out = run_dir.parent / f"{run_dir.name}-%j.out"
         job_env = {"CONFIG": "configs/tiny_test.yaml", "DATA": str(data), "RUN_DIR": str(run_dir),
                    "GPUS_PER_NODE": "0", "EXTRA": " ".join(overrides), **(env or {})}
         job_id = self.sbatch(f"--partition={self.partition}", "--gres=none", f"--nodes={nodes}",
-                             f"--ntasks-per-node={tasks_per_node}", "--cpus-per-task=1", "--time=30",
-                             f"--output={out}", "slurm/train_xl.sh", env=job_env)
+                             f"--ntasks-per-node={tasks_per_node}", "--cpus-per-task=1", *sbatch_args,
+                             f"--output={out}", "slurm/train_xl.sh", env=job_env, umask=umask)
         return job_id, Path(str(out).replace("%j", job_id))
 
     @staticmethod
