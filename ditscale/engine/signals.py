@@ -45,6 +45,15 @@ def catch_stop_signals(signals=STOP_SIGNALS) -> None:
             signal.signal(s, _record)
 
 
+def release_stop_signals(signals=STOP_SIGNALS) -> None:
+    """Default handlers again and no signal recorded: for code that runs the trainer in-process and goes on
+    (tests, benchmarks). The trainer itself never releases them."""
+    global _received, _waiting_pid
+    for s in signals:
+        signal.signal(s, signal.SIG_DFL)
+    _received = _waiting_pid = None
+
+
 def stop_received() -> int | None:
     """The first stop signal this process got, or None."""
     return _received
@@ -84,6 +93,11 @@ class StopRequest:
     @property
     def received(self) -> int | None:
         return _received
+
+    def restore(self, signals=STOP_SIGNALS) -> None:
+        """Default handlers again, the signal seen so far kept (in-process callers; see release_stop_signals)."""
+        for s in signals:
+            signal.signal(s, signal.SIG_DFL)
 
     @contextmanager
     def waiting(self):

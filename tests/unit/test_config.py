@@ -210,9 +210,13 @@ def test_rank_layout_from_each_launcher():
 # --------------------------------------------------------------------------------------------------
 
 def run_main(*args: str) -> int:
+    from ditscale.engine.signals import release_stop_signals
     from ditscale.train import main
 
-    return main(["--config", str(TINY), *args])
+    try:
+        return main(["--config", str(TINY), *args])
+    finally:
+        release_stop_signals()      # main() keeps its stop handlers to the process's exit
 
 
 def test_bad_config_is_exit_2_naming_the_key(capsys, tmp_path):
