@@ -86,7 +86,7 @@ decide() {
     2) echo "fail $retries bad configuration or input, or no space for a checkpoint: not requeued (fix it and" \
             "sbatch again; the run resumes)"
        return ;;
-    3) echo "fail $retries stopped after too many non-finite steps: not requeued (inspect the run, then sbatch again)"
+    3) echo "fail $retries stopped on non-finite steps: not requeued (inspect the run, then sbatch again)"
        return ;;
     85) why="preempted after a complete checkpoint" ;;
     none)

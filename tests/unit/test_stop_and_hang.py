@@ -128,8 +128,8 @@ def test_safetensors_files_follow_the_umask(tmp_path):
 ROWS = [  # RC SIGNAL NEW_CKPT SLURM RETRIES MAX UNSTARTED -> action, retries, words of the message
     ("0 1 0 running 2 3 0", "finish", 0, "run finished (the stop signal came after the final checkpoint)"),
     ("0 0 1 ended:COMPLETING 1 3 0", "finish", 0, "run finished"),
-    ("2 1 0 running 1 3 0", "fail", 1, "bad configuration or input: not requeued"),
-    ("3 0 1 running 1 3 0", "fail", 0, "too many non-finite steps: not requeued"),
+    ("2 1 0 running 1 3 0", "fail", 1, "bad configuration or input, or no space for a checkpoint: not requeued"),
+    ("3 0 1 running 1 3 0", "fail", 0, "non-finite steps: not requeued"),
     ("85 1 1 running 2 3 0", "requeue", 0, "preempted after a complete checkpoint"),
     ("85 1 0 running 2 3 0", "requeue", 2, "preempted after a complete checkpoint"),
     ("none 1 0 running 1 3 1", "requeue", 1, "stopped by a signal before the trainer started"),
