@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_data_reader import _streaming_shm  # noqa: F401  (autouse: streaming's shared memory cleaned)
 
 from data_prep import images, make_dataset
 from data_prep.encode import EncodeConfig
@@ -20,16 +21,6 @@ from ditscale.data import build_dataset, flip_of
 from ditscale.data.image_column import ImageColumn
 
 RES = 16
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _streaming_shm():
-    from streaming.base.util import clean_stale_shared_memory
-
-    torch.set_num_threads(1)
-    clean_stale_shared_memory()
-    yield
-    clean_stale_shared_memory()
 
 
 @pytest.fixture(scope="module")
@@ -129,3 +120,4 @@ def test_rerun_with_other_image_settings_is_refused(made, tmp_path):
     with pytest.raises(DataPrepError, match="keep_image"):
         run(EncodeConfig(input=src, out=made["png"], resolution=RES, decode_workers=0, num_slices=2, worker=0,
                          num_workers=1, progress=False, shard_size=3000))
+
