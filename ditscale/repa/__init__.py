@@ -4,9 +4,8 @@ the clean image; one term, λ · mean negative cosine, beside the diffusion loss
 
 - encoder.py  the frozen DINOv2 ViT-S/B/L/G-14 from a local weights file, REPA's preprocessing
 - align.py    the projector, the token-grid match, the loss (pure functions)
-- model.py    the DiT + projector module that DeepSpeed trains (the projector never leaves in exports)
-- term.py     the per-batch targets and the auxiliary term of the objective seam
+- model.py    the DiT + projector module for the engine to train (the projector never leaves in exports)
 
-The shards must keep the clean image (`data_prep encode --keep-image`); turned on by the config's
-`repa:` section (README "REPA").
+The shards must keep the clean image (`data_prep encode --keep-image`). The trainer's wiring (a `repa:`
+config section, the per-batch targets and the term through the objective seam) is not on main yet.
 """
