@@ -167,3 +167,14 @@ def test_training_module_projects_block_k_and_keeps_official_names():
     with pytest.raises(ValueError, match="repa.block=4"):
         DiTWithProjector(align_block=4, encoder_dim=24, **TINY)
 
+
+
+def test_ema_follows_the_dit_and_not_the_projector():
+    from types import SimpleNamespace
+
+    from ditscale.engine.ema import _followed
+
+    model = DiTWithProjector(align_block=1, encoder_dim=8, projector_width=16, **TINY)
+    followed = [n for n, _ in _followed(SimpleNamespace(module=model))]
+    assert followed == [n for n, p in DiT(**TINY).named_parameters()]
+    assert len(list(model.parameters())) == len(followed) + 6                      # 3 linears of the projector
