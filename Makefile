@@ -5,7 +5,7 @@ PIP      = $(VENV)/bin/pip
 PYTHON   = $(VENV)/bin/python
 STAMP    = $(VENV)/.ditscale-installed
 
-.PHONY: setup quickstart test test-fast constraints clean-venv
+.PHONY: setup quickstart test test-fast lint constraints clean-venv
 
 setup: $(STAMP)
 
@@ -23,6 +23,12 @@ test: setup
 
 test-fast: setup
 	PATH=$(abspath $(VENV))/bin:$$PATH $(PYTHON) -m pytest -m "not slow and not distributed and not slurm"
+
+# ruff (lint: pyproject's rule set; format check) over the tree, mypy (basic mode) over ditscale/ and data_prep/.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 constraints:
 	$(PIP) freeze --exclude-editable | grep -v '^-e' > constraints.txt.new

@@ -29,6 +29,7 @@ from data_prep import images, slices
 from data_prep.errors import DataPrepError
 from data_prep.report import bad_limit, check_bad, make_report, summary_line, to_json
 from data_prep.writers import BackgroundWriter, SliceOutput, open_slice_writer, other_slicings
+from ditscale import runtime
 from ditscale.data.image_column import CODECS as IMAGE_CODECS
 from ditscale.data.image_column import ImageColumn
 from ditscale.data.schema import FORMATS, REPORT_JSON, SUMMARY_JSON, slice_name
@@ -75,7 +76,7 @@ class EncodeConfig:
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
-            raise DataPrepError(f"--format {self.format!r}: expected one of {FORMATS}")
+            raise DataPrepError(f"--format {self.format!r}: expected one of {', '.join(FORMATS)}")
         if self.input_format not in ("auto", "folder", "wds"):
             raise DataPrepError(f"--input-format {self.input_format!r}: expected auto, folder or wds")
         if self.resolution < 1:
@@ -233,11 +234,8 @@ def default_batch_size(encoder, device: torch.device) -> int:
 
 
 def pick_device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
-    return torch.device("cpu")
+    """`ditscale.runtime.pick_device` for this process; workers on one node may share a GPU."""
+    return runtime.pick_device(runtime.rank_env(), name, share_gpus=True)
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:

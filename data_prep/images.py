@@ -1,4 +1,4 @@
-"""Image inputs: an ImageNet-layout folder or webdataset tars of images; ADM's center crop; decoding.
+"""Image inputs: an ImageNet-layout folder or webdataset tars of images; decoding with ADM's center crop.
 
 Every input is decoded by content, whatever its extension, and anything that fails (unreadable,
 truncated, not an image, empty) becomes a `bad` record with the reason, never an exception: the job
@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+from ditscale.data.crop import center_crop_arr
 
 IMAGE_EXTS = {"jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "ppm", "pgm", "pbm", "gif"}
 LABEL_EXTS = ("cls", "class", "label")
@@ -87,19 +89,7 @@ def read_class_names(path: str) -> list[str]:
     return names
 
 
-# --- ADM center crop and decoding ------------------------------------------------------------------
-
-def center_crop_arr(image: Image.Image, size: int) -> np.ndarray:
-    """ADM's (and DiT's) center crop: halve with BOX filtering while the short side is ≥ 2 × size, resize
-    with BICUBIC so the short side is `size`, then crop the center. Returns (size, size[, C]) uint8."""
-    while min(image.size) >= 2 * size:
-        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
-    scale = size / min(image.size)
-    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
-    arr = np.asarray(image)
-    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
-    return arr[top:top + size, left:left + size]
-
+# --- decoding (ADM's center crop: ditscale.data.crop) ----------------------------------------------
 
 @dataclass(frozen=True)
 class ImageChecks:

@@ -22,8 +22,9 @@ from data_prep.encode import scale_from_stats
 from data_prep.errors import DataPrepError
 from data_prep.report import human_bytes, make_report, to_json
 from ditscale.data.schema import (DATASET_JSON, MDS_INDEX, REPORT_JSON, SLICE_RE, SUMMARY_JSON, WDS_INDEX,
-                                  slice_name)
+                                  data_format, slice_name)
 from ditscale.data.storage import is_remote, join, local_path, read_bytes
+from ditscale.files import atomic_write
 
 
 def complete_slices(out: str) -> list[str]:
@@ -44,10 +45,7 @@ def complete_slices(out: str) -> list[str]:
 def _put(out: str, name: str, data: bytes) -> None:
     """Write root/name: atomically for local roots, by upload for remote ones."""
     if not is_remote(out):
-        path = os.path.join(local_path(out), name)
-        with open(path + ".tmp", "wb") as f:
-            f.write(data)
-        os.replace(path + ".tmp", path)
+        atomic_write(os.path.join(local_path(out), name), data)
         return
     from streaming.base.storage.upload import CloudUploader
 
@@ -57,7 +55,8 @@ def _put(out: str, name: str, data: bytes) -> None:
         CloudUploader.get((tmp, out), keep_local=True, exist_ok=True).upload_file(name)
 
 
-def _merge_mds(out: str, names: list[str]) -> None:
+def merge_mds(out: str, names: list[str]) -> None:
+    """The "mds" format's merge: streaming's merge_index over the slices' index.json."""
     from streaming.base.util import merge_index
 
     if not is_remote(out):
@@ -68,7 +67,8 @@ def _merge_mds(out: str, names: list[str]) -> None:
     merge_index([join(out, n, MDS_INDEX) for n in names], out)
 
 
-def _merge_wds(out: str, names: list[str]) -> None:
+def merge_wds(out: str, names: list[str]) -> None:
+    """The "wds" format's merge: one wds_index.json listing every slice's tars."""
     shards = []
     for n in names:
         for s in json.loads(read_bytes(join(out, n, WDS_INDEX)))["shards"]:
@@ -101,7 +101,7 @@ def merge(out: str) -> dict[str, Any]:
                             f"remove them or use another --out")
 
     fmt = first["format"]
-    (_merge_mds if fmt == "mds" else _merge_wds)(out, names)
+    data_format(fmt, f"{join(out, names[0], SUMMARY_JSON)}: 'format'").load("merge")(out, names)
 
     classes = first["classes"]
     if any(s["classes"] != classes for s in summaries):

@@ -2,14 +2,16 @@
 
 The sorted input list is cut into `num_slices` contiguous slices; worker w of W takes slices w, w + W,
 w + 2W, …, so more slices than workers makes a crash cost less. The worker's place comes from flags,
-else torchrun (RANK / WORLD_SIZE), else a SLURM array (SLURM_ARRAY_TASK_ID relative to
-SLURM_ARRAY_TASK_MIN, stepped, out of SLURM_ARRAY_TASK_COUNT), else srun tasks (SLURM_PROCID /
-SLURM_NTASKS), else a single worker.
+else torchrun / the deepspeed launcher, else a SLURM array (SLURM_ARRAY_TASK_ID relative to
+SLURM_ARRAY_TASK_MIN, stepped, out of SLURM_ARRAY_TASK_COUNT), else the tasks of an srun step, else a
+single worker (also an sbatch shell without srun); ranks follow `ditscale.runtime`'s rules.
 """
 from __future__ import annotations
 
 import os
 from typing import Mapping, Sequence, TypeVar
+
+from ditscale.runtime import rank_env
 
 T = TypeVar("T")
 
@@ -40,16 +42,16 @@ def resolve_worker(worker: int | None = None, num_workers: int | None = None,
         if worker is None or num_workers is None:
             raise ValueError("--worker and --num-workers go together")
         found = (worker, num_workers, "flags")
-    elif "RANK" in env and "WORLD_SIZE" in env:
-        found = (int(env["RANK"]), int(env["WORLD_SIZE"]), "torchrun RANK/WORLD_SIZE")
+    elif (ranks := rank_env(env)).launcher in ("deepspeed", "torchrun"):
+        found = (ranks.rank, ranks.world_size, f"{ranks.launcher} RANK/WORLD_SIZE")
     elif "SLURM_ARRAY_TASK_ID" in env:
         task, first = int(env["SLURM_ARRAY_TASK_ID"]), int(env.get("SLURM_ARRAY_TASK_MIN", 0))
         step = int(env.get("SLURM_ARRAY_TASK_STEP", 1))
         if "SLURM_ARRAY_TASK_COUNT" not in env:
             raise ValueError("SLURM_ARRAY_TASK_ID is set but SLURM_ARRAY_TASK_COUNT is not")
         found = ((task - first) // step, int(env["SLURM_ARRAY_TASK_COUNT"]), "SLURM array")
-    elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", 1)) > 1:
-        found = (int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), "SLURM_PROCID/SLURM_NTASKS")
+    elif ranks.launcher == "slurm" and ranks.world_size > 1:
+        found = (ranks.rank, ranks.world_size, "srun SLURM_PROCID/SLURM_NTASKS")
     else:
         found = (0, 1, "single worker")
     if not 0 <= found[0] < found[1]:

@@ -21,7 +21,7 @@ import numpy as np
 from ditscale.data import read_metadata
 from ditscale.data.image_column import ImageColumn
 from ditscale.data.integrity import shard_problems
-from ditscale.data.schema import MDS_INDEX, WDS_INDEX
+from ditscale.data.schema import data_format
 from ditscale.data.storage import join, read_bytes
 from ditscale.data.tario import tar_samples
 
@@ -87,7 +87,8 @@ def _pick(n: int, k: int, rng: random.Random) -> list[int]:
     return sorted({0, n - 1, *rng.sample(range(1, n - 1), max(0, k - 2))})
 
 
-def _verify_mds_shard(root: str, shard: dict, meta: dict, k: int, rng: random.Random) -> tuple[list[str], int]:
+def verify_mds_shard(root: str, shard: dict, meta: dict, k: int, rng: random.Random) -> tuple[list[str], int]:
+    """The "mds" format's check of one shard (see the module docstring): (problems, records decoded)."""
     from streaming.base.compression import decompress
     from streaming.base.format.mds.reader import MDSReader
 
@@ -123,7 +124,8 @@ def _verify_mds_shard(root: str, shard: dict, meta: dict, k: int, rng: random.Ra
     return problems, decoded
 
 
-def _verify_wds_shard(root: str, shard: dict, meta: dict, k: int, rng: random.Random) -> tuple[list[str], int]:
+def verify_wds_shard(root: str, shard: dict, meta: dict, k: int, rng: random.Random) -> tuple[list[str], int]:
+    """The "wds" format's check of one shard (see the module docstring): (problems, records decoded)."""
     name = shard["basename"]
     try:
         data = read_bytes(join(root, name))
@@ -163,13 +165,14 @@ def verify(root: str, *, records_per_shard: int = 4, seed: int = 0, threads: int
     except (FileNotFoundError, ValueError) as e:
         result.problems.append(str(e))
         return result
-    index_name = MDS_INDEX if meta["format"] == "mds" else WDS_INDEX
+    fmt = data_format(meta["format"])
+    index_name = fmt.index
     try:
         shards = json.loads(read_bytes(join(root, index_name)))["shards"]
     except (FileNotFoundError, json.JSONDecodeError, KeyError) as e:
         result.problems.append(f"{join(root, index_name)}: unreadable ({e})")
         return result
-    check = _verify_mds_shard if meta["format"] == "mds" else _verify_wds_shard
+    check = fmt.load("verify")
     rngs = [random.Random(f"{seed}/{i}") for i in range(len(shards))]
     with ThreadPoolExecutor(threads) as pool:
         jobs = pool.map(lambda a: check(root, a[0], meta, records_per_shard, a[1]), zip(shards, rngs))

@@ -26,7 +26,7 @@ from streaming.base.hashing import get_hash
 from streaming.base.storage.upload import CloudUploader
 
 from ditscale.data.image_column import ImageColumn
-from ditscale.data.schema import HASHES, SLICE_RE, SUMMARY_JSON, WDS_INDEX, mds_columns, wds_key
+from ditscale.data.schema import HASHES, SLICE_RE, SUMMARY_JSON, WDS_INDEX, data_format, mds_columns, wds_key
 from ditscale.data.storage import exists, is_remote, join, local_path, read_bytes
 
 
@@ -129,7 +129,8 @@ class WdsSliceWriter:
     """webdataset ShardWriter: uncompressed tars (mean.npy, logvar.npy, cls, __key__, optionally
     image.png | image.jpg), the slice's wds_index.json with per-shard sample counts and hashes."""
 
-    def __init__(self, output: SliceOutput, shard_size: int, image: ImageColumn | None = None):
+    def __init__(self, output: SliceOutput, latent_channels: int, latent_size: int, shard_size: int,
+                 image: ImageColumn | None = None):
         from webdataset import ShardWriter
 
         self.output, self.shards, self.count = output, [], 0
@@ -169,11 +170,9 @@ class WdsSliceWriter:
 
 def open_slice_writer(fmt: str, output: SliceOutput, latent_channels: int, latent_size: int,
                       shard_size: int, image: ImageColumn | None = None):
-    if fmt == "mds":
-        return MdsSliceWriter(output, latent_channels, latent_size, shard_size, image)
-    if fmt == "wds":
-        return WdsSliceWriter(output, shard_size, image)
-    raise ValueError(f"--format {fmt!r}: expected mds or wds")
+    """The registered writer of format `fmt` (`ditscale.data.schema.FORMATS`) for one slice."""
+    writer = data_format(fmt, "--format").load("writer")
+    return writer(output, latent_channels, latent_size, shard_size, image)
 
 
 class BackgroundWriter:

@@ -57,7 +57,7 @@ class ModelConfig:
     num_classes: int | None = None      # dataset classes
     class_dropout_prob: float = 0.1     # label dropout for classifier-free guidance
     learn_sigma: bool = True
-    block: str = "adaln_zero"           # adaln_zero | adaln | cross_attention | in_context
+    block: str = "adaln_zero"           # a registered block type: adaln_zero | adaln | cross_attention | in_context
     qk_norm: str | None = None          # None | layernorm | rmsnorm
     checkpoint_every: int = 0           # activation checkpointing: 0 off, k = every k-th block
 
@@ -122,7 +122,7 @@ class DataConfig:
 
     root: str = ""                      # dataset root (local dir or remote URL such as s3://...)
     cache: str | None = None            # local cache for a remote root (default: $DITSCALE_DATA_CACHE/...)
-    format: str = "auto"                # auto (dataset.json) | mds | wds
+    format: str = "auto"                # auto (dataset.json) | a registered format: mds, wds
     num_workers: int = 2                # loader processes per rank
     prefetch_factor: int = 4            # batches each worker keeps ready
     shuffle: bool = True
@@ -131,7 +131,9 @@ class DataConfig:
 
     def validate(self) -> None:
         _require(bool(self.root), "data.root", "is required (the dataset directory written by data_prep)")
-        _choice(self.format, "data.format", ("auto", "mds", "wds"))
+        from ditscale.data.schema import FORMATS
+
+        _choice(self.format, "data.format", ("auto", *FORMATS))
         _require(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
         _require(self.prefetch_factor >= 1, "data.prefetch_factor", f"must be >= 1, got {self.prefetch_factor}")
 
@@ -464,11 +466,11 @@ def model_from_dict(data: dict) -> ModelConfig:
 
 
 def save_config(cfg: ExperimentConfig, path: str | os.PathLike) -> None:
+    from ditscale.files import atomic_write
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    os.replace(tmp, path)
+    atomic_write(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 #################################################################################

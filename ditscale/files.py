@@ -1,4 +1,5 @@
-"""Files the project writes are created with the user's umask, like any file `open()` creates.
+"""Files the project writes: created with the user's umask, like any file `open()` creates, and whole or
+absent (`atomic_write`).
 
 safetensors >= 0.8 writes through a temporary file that it renames into place, and that temporary file
 is always mode 0600: EMA shards and exported weights would be readable by their owner alone, while
@@ -9,7 +10,9 @@ library wrote the same way (diffusers' save_pretrained).
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 
 def current_umask() -> int:
@@ -40,3 +43,42 @@ def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str,
     save_file(tensors, str(path), metadata=metadata)
     follow_umask(path)
     return Path(path)
+
+
+def fsync_path(path: str | Path) -> None:
+    """fsync a file or directory (a directory: so a rename or create in it survives a crash)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | Path, data: bytes | str | Callable[[BinaryIO], object], *, durable: bool = True) -> Path:
+    """Write `path` so that readers see the old file or the whole new one, never a part: into a temporary
+    file beside it, then renamed over it. `data`: bytes, text (UTF-8) or a function writing to the open
+    binary file (np.savez, torch.save, ...). durable: fsync the file before and the directory after the
+    rename (a crash then keeps the new file).
+
+    The file is created with mode 0o666 minus the umask, as open() would (not mkstemp's 0600): files of a
+    group-shared run directory stay readable to the group. The temporary name (hidden, host and process in
+    it) lets several ranks write the same path at once (the last rename wins); it is removed on error."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            if durable:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if durable:
+        fsync_path(path.parent)
+    return path

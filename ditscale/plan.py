@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ditscale.models import DIT_PRESETS, DiT, dit_config
+from ditscale.models import DIT_PRESETS, DiT, block_type, dit_config
 from ditscale.models.flops import dit_gflops, dit_params, train_flops_per_image
 
 GiB = 2 ** 30
@@ -228,7 +228,7 @@ class Activations:
 
 def _tokens(cfg):
     t = (cfg["input_size"] // cfg["patch_size"]) ** 2
-    return t + 2 if cfg["block"] == "in_context" else t
+    return t + 2 if block_type(cfg["block"]).conditioning == "tokens" else t
 
 
 def block_saved(cfg, n, act_bytes):
@@ -249,20 +249,20 @@ def block_saved(cfg, n, act_bytes):
         stats = (2 if qk_norm == "layernorm" else 1) * 2 * n * h * t * 4
         attention += [("normalised q, k", 2 * x), ("proj input copy", x), ("q/k norm statistics", stats)]
     mlp = [("fc1 input", x), ("fc1 output (GELU input)", tok * m * a), ("GELU output (fc2 input)", tok * m * a)]
-    if cfg["block"] in ("adaln_zero", "adaln"):
-        gated = cfg["block"] == "adaln_zero"
+    kind = block_type(cfg["block"])
+    if kind.conditioning == "adaln":
         items = [("block input (norm1 input)", x), ("norm1 output (modulate)", x), ("norm1 statistics", ln_stats)]
         items += attention
         items += [("norm2 input", x), ("norm2 output (modulate)", x), ("norm2 statistics", ln_stats)] + mlp
         # adaLN: SiLU(c) for the linear, (1 + scale) twice for modulate; the gates are views of the (N, 6D)
         # modulation output and keep all of it.
         items += [("adaLN SiLU(c), 1 + scale ×2", 3 * n * d * a)]
-        if gated:
+        if kind.gated:
             items += [("attention branch output (gate)", x), ("MLP branch output (gate)", x),
                       ("adaLN modulation output (gate views)", n * 6 * d * a)]
         return items
     items = [("block input (norm1 input)", x), ("norm1 statistics", ln_stats)] + attention
-    if cfg["block"] == "cross_attention":
+    if kind.conditioning == "context":
         items += [("norm_cross input", x), ("norm_cross statistics", ln_stats), ("q input", x), ("q output", x),
                   ("cross-attention output = proj input", x), ("cross-attention log-sum-exp", lse),
                   ("k, v of the condition tokens", n * 2 * 2 * d * a)]
@@ -285,7 +285,7 @@ def head_saved(cfg, n, act_bytes):
     latent = n * cfg["in_channels"] * cfg["input_size"] ** 2
     out_ch = cfg["in_channels"] * (2 if cfg["learn_sigma"] else 1)
     items = [("final norm input", x), ("final norm statistics", 2 * n * t * 4), ("final linear input", x)]
-    if cfg["block"] in ("adaln_zero", "adaln"):
+    if block_type(cfg["block"]).conditioning == "adaln":
         items += [("final norm output (modulate)", x), ("final adaLN SiLU(c), 1 + scale", 2 * n * d * a)]
     return items + [("model output", n * t * p * p * out_ch * a), ("loss (fp32)", int(LOSS_FP32_COPIES * latent * 4))]
 

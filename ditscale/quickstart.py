@@ -35,8 +35,8 @@ def main(argv=None) -> int:
     """argv: extra trainer overrides, e.g. train.max_steps=200 for a smoke run."""
     from data_prep import make_dataset
     from ditscale import quickstart_digits as qd
-    from ditscale.sample import load_model
     from ditscale.sampling import sample_latents, save_grid
+    from ditscale.weights import load_model
 
     OUT.mkdir(parents=True, exist_ok=True)
     images, data, run = OUT / "digits_images", OUT / "digits_mds", OUT / "run"

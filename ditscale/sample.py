@@ -22,18 +22,19 @@ import numpy as np
 import torch
 
 from ditscale.evaluate.inception import RESIZE_MODES
-from ditscale.interop import SHARD_INDEX, WEIGHTS, load_dit, preset_of, shard_stem
+from ditscale.runtime import RankEnv, pick_device, rank_env
 from ditscale.sampling.core import (SAMPLERS, GuidedSampler, decode, index_labels, index_seeds, sample_latents,
                                     sampling_diffusion, seeded_noise, to_uint8)
 from ditscale.sampling.grid import GridConfig, ema_grid, save_grid, vae_and_scale
-from ditscale.sampling.npz import RankEnv, prepare_dir, rank_env, run_chunks
+from ditscale.sampling.npz import prepare_dir, run_chunks
+from ditscale.weights import WEIGHTS, load_model, preset_of
 
 __all__ = ["GridConfig", "decode", "ema_grid", "load_model", "main", "read_dataset_meta", "sample_latents",
            "save_grid", "to_uint8"]
 
 
 # --------------------------------------------------------------------------------------------------
-# Inputs: dataset metadata, checkpoint + config
+# Inputs: dataset metadata (the checkpoint: `ditscale.weights.load_model`)
 # --------------------------------------------------------------------------------------------------
 
 def read_dataset_meta(path) -> dict:
@@ -50,68 +51,6 @@ def read_dataset_meta(path) -> dict:
     if not (isinstance(names, list) and all(isinstance(c, str) for c in names)):
         raise ValueError(f"--dataset: {path}: 'classes' must be a list of class names")
     return meta
-
-
-def _read_config(path: Path) -> dict:
-    text = path.read_text()
-    try:
-        data = json.loads(text) if path.suffix == ".json" else __import__("yaml").safe_load(text)
-    except Exception as e:
-        raise ValueError(f"cannot parse config {path}: {e}") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"config {path} is not a mapping")
-    model = data.get("model", data)
-    return model if isinstance(model, dict) else {}
-
-
-def _stem(weights: Path) -> str:
-    """A weights file's name without its suffix: `ema` of ema.safetensors and of ema.safetensors.index.json."""
-    return weights.name[:-len(SHARD_INDEX)] if weights.name.endswith(SHARD_INDEX) else weights.stem
-
-
-def _config_near(ckpt: Path) -> Path | None:
-    """A config written next to the weights: <name>.json/.yaml, config.json/.yaml, model_config.json."""
-    names = [_stem(ckpt) + s for s in (".json", ".yaml", ".yml")]
-    names += ["config.json", "config.yaml", "config.yml", "model_config.json"]
-    return next((ckpt.parent / n for n in names if (ckpt.parent / n).is_file() and ckpt.parent / n != ckpt), None)
-
-
-def _weights_file(path: Path, weights: str) -> Path:
-    """The weights file of a checkpoint path: the file itself; for a sharded export its index, also when
-    given as the export's --out path (ema.safetensors → ema.safetensors.index.json); in a directory the one
-    weights file or index whose name contains "ema" / "raw" (or the only one)."""
-    if path.is_file():
-        return path
-    index = path.with_name(path.name + ".index.json")
-    if path.name.endswith(".safetensors") and index.is_file():
-        return index
-    if not path.is_dir():
-        raise ValueError(f"--ckpt {path} does not exist")
-    indexes = sorted(p for p in path.iterdir() if p.name.endswith(SHARD_INDEX))
-    sharded = {_stem(i) for i in indexes}
-    files = [p for p in path.iterdir() if p.suffix in (".safetensors", ".pt", ".pth", ".bin")]
-    files = sorted([p for p in files if shard_stem(p.stem) not in sharded] + indexes)
-    named = [p for p in files if weights in _stem(p).lower()] or (files if len(files) == 1 else [])
-    if len(named) != 1:
-        raise ValueError(f"--ckpt {path}: cannot pick the {weights} weights among {[p.name for p in files]}; "
-                         "give the file")
-    return named[0]
-
-
-def load_model(ckpt, weights: str = "ema", config=None, num_heads: int | None = None):
-    """DiT from a checkpoint file or export directory. config: a JSON/YAML path, inline JSON or a dict of DiT
-    kwargs (top level or under "model"); by default one found next to the weights; shapes supply the rest."""
-    file = _weights_file(Path(ckpt), weights)
-    if config is None and (near := _config_near(file)) is not None:
-        config = near
-    if isinstance(config, str) and config.lstrip().startswith("{"):
-        try:
-            config = json.loads(config)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--config: invalid inline JSON ({e})") from None
-    if config is not None and not isinstance(config, dict):
-        config = _read_config(Path(config))
-    return load_dit(file, weights, config=config, num_heads=num_heads)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -178,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="sample i's noise and label come from (seed, i)")
     r = p.add_argument_group("run")
     r.add_argument("--batch-size", type=int, default=64, help="images per model call (per GPU; doubled for guidance)")
-    r.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when CUDA is present, else cpu")
+    r.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda:LOCAL_RANK when CUDA is present, "
+                   "else cpu; $DITSCALE_DEVICE overrides)")
     r.add_argument("--precision", default="auto", choices=("auto", "bf16", "bf16-weights", "fp32"),
                    help="bf16 = bf16 autocast, fp32 weights (auto on GPU); bf16-weights casts the model; "
                    "fp32 (auto on CPU)")
@@ -223,14 +163,7 @@ def _check_args(args, parser):
 
 def _setup(args, env: RankEnv) -> SimpleNamespace:
     """device, model, sampler, vae (+ its path), scale, class names for the parsed arguments."""
-    if args.device:
-        device = torch.device(args.device)
-    elif torch.cuda.is_available():
-        device = torch.device("cuda", env.local_rank)
-    else:
-        device = torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    device = pick_device(env, args.device or "auto")
     meta = read_dataset_meta(args.dataset) if args.dataset else {}
     vae_path = args.vae if args.vae is not None else meta.get("vae")
     if vae_path is None:

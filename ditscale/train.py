@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ditscale import runtime
 from ditscale.config import (ConfigError, ExperimentConfig, config_diff, config_hash, load_config,
                              resolve_with_dataset, save_config, to_dict)
 from ditscale.engine.signals import EXIT_PREEMPTED, catch_stop_signals, pause_for_test, signal_name, stop_received
@@ -40,7 +41,7 @@ EXIT_OK, EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_SAVE_FAILED = 0, 2, 3, 4
 
 
 def say(*parts) -> None:
-    if int(os.environ.get("RANK", "0")) == 0:
+    if runtime.rank_env().rank == 0:
         print("[ditscale.train]", *parts, flush=True)
 
 
@@ -429,7 +430,7 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     env = launch.detect()
-    world = env.world_size if env.launcher != "single" else int(os.environ.get("SLURM_NTASKS", "1"))
+    world = env.world_size if env.launcher != "single" else env.job_tasks    # a batch shell plans for srun's
     try:
         cfg, meta, ds = prepare(args, world)
     except ConfigError as e:

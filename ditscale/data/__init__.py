@@ -18,7 +18,7 @@ from ditscale.data.flip import flip_of
 from ditscale.data.image_column import image_column_of
 from ditscale.data.integrity import DataError
 from ditscale.data.posterior import sample_latents
-from ditscale.data.schema import DATASET_JSON, validate_metadata
+from ditscale.data.schema import DATASET_JSON, data_format, validate_metadata
 from ditscale.data.storage import join, read_bytes
 
 __all__ = ["read_metadata", "build_dataset", "build_dataloader", "sample_latents", "flip_of", "DataError"]
@@ -66,12 +66,9 @@ def build_dataset(path: str, *, batch_size: int, seed: int = 0, shuffle: bool = 
     if format is not None and format != meta["format"]:
         raise ValueError(f"{root}: dataset.json says format '{meta['format']}', asked for '{format}'")
     image = image_column_of(meta, join(root, DATASET_JSON)) if with_image else None
-    if meta["format"] == "mds":
-        from ditscale.data.mds import open_dataset
-    else:
-        from ditscale.data.wds import open_dataset
-    return open_dataset(root, meta, batch_size=batch_size, seed=seed, shuffle=shuffle, hflip=hflip, local=local,
-                        shuffle_buffer=shuffle_buffer, image=image, **streaming_kwargs)
+    reader = data_format(meta["format"]).load("reader")
+    return reader(root, meta, batch_size=batch_size, seed=seed, shuffle=shuffle, hflip=hflip, local=local,
+                  shuffle_buffer=shuffle_buffer, image=image, **streaming_kwargs)
 
 
 def build_dataloader(dataset, *, batch_size: int, num_workers: int = 2, drop_last: bool = True,

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 
 from ditscale.data.integrity import index_key
 from ditscale.data.schema import MDS_INDEX
+from ditscale.files import atomic_write
 
 CACHE_MARKER = "ditscale-cache.json"
 _CACHED_FILE = re.compile(r"^(index\.json(\.tmp)?|.*\.mds(\.[a-z0-9]+)?(\.tmp)?)$")
@@ -71,8 +72,8 @@ def claim_cache(local: str, root: str, index: bytes) -> bool:
         stale = bool(_clear(local)) or have is not None
         if stale:
             logging.getLogger(__name__).warning(f"data cache {local} held {have or 'unmarked files'}, not {want}: cleared, refilling")
-        _write(os.path.join(local, MDS_INDEX), index)
-        _write(marker, json.dumps(want).encode())
+        atomic_write(os.path.join(local, MDS_INDEX), index, durable=False)
+        atomic_write(marker, json.dumps(want), durable=False)
     return stale
 
 
@@ -83,8 +84,3 @@ def _same_file(path: str, data: bytes) -> bool:
     except OSError:
         return False
 
-
-def _write(path: str, data: bytes) -> None:
-    with open(path + ".part", "wb") as f:
-        f.write(data)
-    os.replace(path + ".part", path)

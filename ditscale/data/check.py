@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 from ditscale.data.integrity import DataError, read_index, shard_problems
-from ditscale.data.schema import MDS_INDEX, WDS_INDEX
+from ditscale.data.schema import data_format
 from ditscale.data.storage import is_remote, join, local_path, read_bytes
 
 
@@ -35,7 +35,7 @@ def stored_file(shard: dict) -> dict:
 def check_dataset(root: str, meta: dict, deep: bool = False) -> DatasetCheck:
     """Every shard of the index against the files (see the module doc); problems name the files."""
     start, out = time.perf_counter(), DatasetCheck()
-    _, index = read_index(root, MDS_INDEX if meta["format"] == "mds" else WDS_INDEX)
+    _, index = read_index(root, data_format(meta["format"]).index)
     remote = is_remote(root)
     for shard in index["shards"]:
         info = stored_file(shard)

@@ -11,22 +11,82 @@ One place names every file and column, so the two sides cannot drift apart:
         index.json | wds_index.json, report.json, summary.json (written last: the completion marker)
 
 A record holds the posterior of the image and of its horizontal mirror (index 0 = image, 1 = mirror).
+
+Formats are registered by name (`register_format`): what a format's index file is called and where its
+reader (ditscale.data), slice writer, merge and shard check (data_prep) live. Adding a format is one
+`register_format(DataFormat(...))`; everything that takes a format name looks it up with `data_format`.
 """
 from __future__ import annotations
 
+import importlib
 import re
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 DATASET_JSON = "dataset.json"
 SUMMARY_JSON = "summary.json"   # per slice; its presence marks the slice complete
 REPORT_JSON = "report.json"
 MDS_INDEX = "index.json"        # streaming's fixed name
 WDS_INDEX = "wds_index.json"
-FORMATS = ("mds", "wds")
 HASHES = ["sha1", "xxh64"]      # sorted, as MDSWriter requires
 SLICE_RE = re.compile(r"^slice-(\d{5})-of-(\d{5})$")
 WDS_FIELDS = ("mean.npy", "logvar.npy", "cls")
 
+
+# --------------------------------------------------------------------------------------------------
+# Formats
+# --------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DataFormat:
+    """One shard format. Each role is "module:callable", imported when first used (so naming the formats
+    imports neither streaming, webdataset nor data_prep):
+    - reader(root, meta, *, batch_size, seed, shuffle, hflip, local, shuffle_buffer, image, **options)
+      → a torch IterableDataset of reader items;
+    - writer(SliceOutput, latent_channels, latent_size, shard_size, image column or None) → a slice writer
+      (`write(mean, logvar, label, key)`, `finish() -> shard entries`) that leaves `index` in the slice;
+    - merge(root, slice names) → None: the root's `index` over all slices;
+    - verify(root, shard entry, meta, records, rng) → (problems, records decoded) for one shard."""
+    name: str
+    index: str
+    reader: str
+    writer: str
+    merge: str
+    verify: str
+
+    def load(self, role: str) -> Callable:
+        module, attr = getattr(self, role).split(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+FORMATS: dict[str, DataFormat] = {}
+
+
+def register_format(fmt: DataFormat) -> DataFormat:
+    if fmt.name in FORMATS:
+        raise ValueError(f"data format {fmt.name!r} is already registered")
+    FORMATS[fmt.name] = fmt
+    return fmt
+
+
+def data_format(name: str, what: str = "data format") -> DataFormat:
+    """The registered format `name`; ValueError naming `what` (a flag, a file's key) and the known ones."""
+    if name not in FORMATS:
+        raise ValueError(f"{what}: unknown data format {name!r}; known: {', '.join(FORMATS)}")
+    return FORMATS[name]
+
+
+register_format(DataFormat("mds", MDS_INDEX, reader="ditscale.data.mds:open_dataset",
+                           writer="data_prep.writers:MdsSliceWriter", merge="data_prep.merge:merge_mds",
+                           verify="data_prep.verify:verify_mds_shard"))
+register_format(DataFormat("wds", WDS_INDEX, reader="ditscale.data.wds:open_dataset",
+                           writer="data_prep.writers:WdsSliceWriter", merge="data_prep.merge:merge_wds",
+                           verify="data_prep.verify:verify_wds_shard"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Names and columns
+# --------------------------------------------------------------------------------------------------
 
 def slice_name(index: int, count: int) -> str:
     """`slice-00003-of-00008`: sorts in slice order and says how many slices to expect."""
@@ -69,8 +129,7 @@ def validate_metadata(meta: Any, where: str) -> dict:
             raise ValueError(f"{where}: missing key '{key}'")
         if not isinstance(meta[key], kind) or isinstance(meta[key], bool):
             raise ValueError(f"{where}: key '{key}' has type {type(meta[key]).__name__}")
-    if meta["format"] not in FORMATS:
-        raise ValueError(f"{where}: 'format' is {meta['format']!r}, expected one of {FORMATS}")
+    data_format(meta["format"], f"{where}: 'format'")
     scale = meta["scale_factor"]
     if isinstance(scale, list) and len(scale) != meta["latent_channels"]:
         raise ValueError(f"{where}: 'scale_factor' has {len(scale)} entries for "

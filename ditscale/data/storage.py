@@ -49,3 +49,4 @@ def exists(path: str) -> bool:
         return True
     except FileNotFoundError:
         return False
+

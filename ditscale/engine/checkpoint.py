@@ -40,6 +40,7 @@ import torch
 from ditscale.engine import integrity
 from ditscale.engine.ema import zero_partition_padding
 from ditscale.engine.signals import pause_for_test
+from ditscale.files import atomic_write, fsync_path
 
 CKPT_DIR = "ckpt"
 META = "meta.json"
@@ -62,30 +63,6 @@ class SaveError(CheckpointError):
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
-
-
-#################################################################################
-#                              Durable small writes                             #
-#################################################################################
-
-def fsync_path(path: str | Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str | Path, data: bytes) -> None:
-    """Write to a temporary file, fsync it, rename over `path`, fsync the directory."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_path(path.parent)
 
 
 def _owner(filename: str) -> int:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Callable
@@ -25,6 +24,7 @@ from typing import Callable
 import torch
 
 from ditscale.engine.checkpoint import POINTER, CheckpointError, read_meta
+from ditscale.weights import sidecar, write_weights
 
 
 def official_state_dict(params: dict[str, torch.Tensor], dit_kwargs: dict) -> dict[str, torch.Tensor]:
@@ -110,63 +110,6 @@ def parse_size(text: str) -> int:
         raise ValueError(f"--max-shard-size {text!r}: expected a size such as 5GB or 500MB") from None
 
 
-def plan_shards(shapes: dict[str, tuple], max_bytes: int) -> list[list[str]]:
-    """Names grouped into consecutive shards of at most max_bytes of fp32 (a larger tensor gets its own)."""
-    shards, current, size = [], [], 0
-    for name, shape in shapes.items():
-        nbytes = 4 * math.prod(shape)
-        if current and size + nbytes > max_bytes:
-            shards.append(current)
-            current, size = [], 0
-        current.append(name)
-        size += nbytes
-    if current:
-        shards.append(current)
-    return shards
-
-
-def write_weights(out: Path, shapes: dict[str, tuple], tensors: Callable[[list[str]], dict[str, torch.Tensor]],
-                  max_shard_bytes: int, metadata: dict[str, str], log=print) -> list[Path]:
-    """`out` as one .safetensors (or .pt) file; past max_shard_bytes of fp32, numbered shards
-    `<stem>-00001-of-0000N.safetensors` + `<stem>.safetensors.index.json`, each shard asked of `tensors` and
-    written before the next. Files of an earlier export to the same `out` in the other form are removed,
-    so the path never names stale weights. Returns the files written (weights, then the index if any)."""
-    from ditscale.files import save_safetensors
-    from ditscale.interop import SHARD_INDEX, shard_name, shard_stem
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    groups = plan_shards(shapes, max_shard_bytes)
-    stem = out.name[: -len(".safetensors")] if out.name.endswith(".safetensors") else out.name
-    if out.suffix == ".pt":
-        if len(groups) > 1:
-            raise ValueError(f"--out {out}: a .pt file is one piece; use .safetensors to shard above the limit")
-        torch.save(tensors(list(shapes)), out)
-        files = [out]
-    elif len(groups) == 1:
-        save_safetensors(tensors(groups[0]), out, metadata=metadata)
-        files = [out]
-    else:
-        files, weight_map = [], {}
-        for i, names in enumerate(groups):
-            shard = out.parent / shard_name(stem, i + 1, len(groups))
-            save_safetensors(tensors(names), shard, metadata=metadata)
-            weight_map.update({n: shard.name for n in names})
-            files.append(shard)
-            log(f"wrote {shard}")
-        index = out.parent / f"{stem}{SHARD_INDEX}"
-        total = sum(4 * math.prod(s) for s in shapes.values())
-        index.write_text(json.dumps({"metadata": {"total_size": total, **metadata}, "weight_map": weight_map},
-                                    indent=1))
-        files.append(index)
-    stale = [out, out.parent / f"{stem}{SHARD_INDEX}",
-             *(p for p in out.parent.glob(f"{stem}-*.safetensors") if shard_stem(p.stem) == stem)]
-    for f in stale:
-        if f not in files and f.is_file():
-            f.unlink()
-            log(f"removed {f} (an earlier export to {out})")
-    return files
-
-
 def export(ckpt: str | Path, out: str | Path, weights: str = "ema", max_shard_bytes: int = 10 * 10**9,
            log=print) -> list[Path]:
     """Write the weights of a checkpoint (`write_weights`) and the `<stem>.json` sidecar; returns the
@@ -194,7 +137,7 @@ def export(ckpt: str | Path, out: str | Path, weights: str = "ema", max_shard_by
     files = write_weights(out, shapes, tensors, max_shard_bytes, file_meta, log)
     side = {"model": dit_kwargs, "weights": weights, "step": meta["step"], "images_seen": meta.get("images_seen"),
             "checkpoint": str(ckpt), "config_hash": meta.get("config_hash"), "dataset": meta.get("dataset", {})}
-    out.with_suffix(".json").write_text(json.dumps(side, indent=1))
+    sidecar(out).write_text(json.dumps(side, indent=1))
     return files
 
 

@@ -1,13 +1,9 @@
-"""Who am I in the job: rank and world from whichever launcher started us, the device, the process group.
+"""The process group: the rank layout (`ditscale.runtime`, whichever launcher started us) plus the
+rendezvous address, the device, and torch.distributed through DeepSpeed.
 
-Launchers and what they set:
-- deepspeed / torchrun: RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT (deepspeed: LOCAL_SIZE, torchrun:
-  LOCAL_WORLD_SIZE);
-- srun (one task per GPU): SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS inside a job step; MASTER_ADDR/PORT
-  come from the batch script (slurm/common.sh);
-- nothing: one process on a free local port.
-`init_distributed` exports the torch names (RANK, LOCAL_WORLD_SIZE, ...) so every library (DeepSpeed,
-mosaicml-streaming) sees the same world.
+Rendezvous: deepspeed / torchrun export MASTER_ADDR/PORT; under srun the batch script does
+(slurm/common.sh rendezvous_env); a single process takes a free local port. `init_distributed` exports the
+torch names (RANK, LOCAL_WORLD_SIZE, ...) so every library (DeepSpeed, mosaicml-streaming) sees the same world.
 """
 from __future__ import annotations
 
@@ -18,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ditscale import runtime
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -27,7 +25,8 @@ class DistEnv:
     local_world_size: int
     master_addr: str
     master_port: int
-    launcher: str           # deepspeed | torchrun | slurm | single
+    launcher: str           # deepspeed | torchrun | slurm | single (runtime.LAUNCHERS)
+    job_tasks: int = 1      # a SLURM batch shell's task count (runtime.RankEnv.job_tasks)
 
 
 def free_port() -> int:
@@ -37,48 +36,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _slurm_tasks_per_node(env) -> int:
-    """SLURM_NTASKS_PER_NODE, or the first count of SLURM_STEP_TASKS_PER_NODE / SLURM_TASKS_PER_NODE ("8(x4)")."""
-    for key in ("SLURM_NTASKS_PER_NODE", "SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
-        if env.get(key):
-            return int(env[key].split("(")[0].split(",")[0])
-    return 1
-
-
 def detect(env=None) -> DistEnv:
-    """The rank layout from the environment (see the module docstring for the precedence)."""
+    """The rank layout from the environment (`runtime.rank_env`) and the rendezvous address."""
     env = os.environ if env is None else env
-    if "RANK" in env and "WORLD_SIZE" in env:
-        launcher = "deepspeed" if "LOCAL_SIZE" in env or "CROSS_RANK" in env else "torchrun"
-        local_world = int(env.get("LOCAL_WORLD_SIZE") or env.get("LOCAL_SIZE") or env["WORLD_SIZE"])
-        return DistEnv(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]), local_world,
-                       env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)), launcher)
-    if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:      # inside an srun step, not the batch shell
-        world = int(env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or 1)
-        if world > 1 and "MASTER_ADDR" not in env:
-            raise RuntimeError("srun task without MASTER_ADDR: export MASTER_ADDR/MASTER_PORT in the batch "
-                               "script (slurm/common.sh rendezvous_env does)")
-        return DistEnv(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), world,
-                       _slurm_tasks_per_node(env), env.get("MASTER_ADDR", "127.0.0.1"),
-                       int(env.get("MASTER_PORT", 29500)), "slurm")
-    return DistEnv(0, 0, 1, 1, "127.0.0.1", int(env.get("MASTER_PORT") or free_port()), "single")
+    r = runtime.rank_env(env)
+    if r.launcher == "slurm" and r.world_size > 1 and "MASTER_ADDR" not in env:
+        raise RuntimeError("srun task without MASTER_ADDR: export MASTER_ADDR/MASTER_PORT in the batch "
+                           "script (slurm/common.sh rendezvous_env does)")
+    port = env.get("MASTER_PORT") or (free_port() if r.launcher == "single" else 29500)
+    return DistEnv(r.rank, r.local_rank, r.world_size, r.local_world_size, env.get("MASTER_ADDR", "127.0.0.1"),
+                   int(port), r.launcher, r.job_tasks)
 
 
 def pick_device(dist_env: DistEnv, want: str = "auto") -> torch.device:
-    """cuda:LOCAL_RANK when CUDA is available (or asked), else cpu. $DITSCALE_DEVICE overrides `want`."""
-    want = os.environ.get("DITSCALE_DEVICE") or want
-    if want not in ("auto", "cuda", "cpu"):
-        raise ValueError(f"DITSCALE_DEVICE / engine.device: expected auto, cuda or cpu, got {want!r}")
-    if want == "cpu" or (want == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise RuntimeError("engine.device=cuda but CUDA is not available on this host")
-    n = torch.cuda.device_count()
-    if dist_env.local_rank >= n:
-        raise RuntimeError(f"local rank {dist_env.local_rank} but only {n} visible GPU(s) on this host: "
-                           f"start one task per GPU")
-    torch.cuda.set_device(dist_env.local_rank)
-    return torch.device("cuda", dist_env.local_rank)
+    """`runtime.pick_device` for this rank: cuda:LOCAL_RANK when CUDA is available (or asked), else cpu;
+    $DITSCALE_DEVICE overrides `want`."""
+    return runtime.pick_device(runtime.RankEnv(dist_env.rank, dist_env.world_size, dist_env.local_rank,
+                                               dist_env.local_world_size, dist_env.launcher), want)
 
 
 def init_distributed(dist_env: DistEnv, device: torch.device, timeout_min: int = 30) -> None:

@@ -12,6 +12,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ditscale.data.crop import center_crop_arr
+
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 
 
@@ -74,18 +76,6 @@ def iter_npz_batches(path, key="arr_0", batch_size=200):
 #################################################################################
 #                              Folder of images                                 #
 #################################################################################
-
-def center_crop_arr(image, size):
-    """ADM's preprocessing of real images: box-downsample while ≥ 2× the size, bicubic resize of the short
-    side to `size`, centre crop → (size, size, 3) uint8."""
-    while min(image.size) >= 2 * size:
-        image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
-    scale = size / min(image.size)
-    image = image.resize(tuple(round(x * scale) for x in image.size), resample=Image.BICUBIC)
-    arr = np.asarray(image)
-    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
-    return arr[top:top + size, left:left + size]
-
 
 def list_images(root):
     root = Path(root)

@@ -3,7 +3,8 @@
 State dicts use the layout of the official release (facebookresearch/DiT models.py), so its checkpoints
 (DiT-XL-2-256x256.pt, DiT-XL-2-512x512.pt) load with `load_state_dict(strict=True)` for the default
 adaLN-Zero block. Beyond the release:
-- the paper's other conditioning blocks (Figure 5): `block="in_context" | "cross_attention" | "adaln"`;
+- the paper's other conditioning blocks (Figure 5): `block="in_context" | "cross_attention" | "adaln"`,
+  block types registered by name in `BLOCKS` (`register_block`);
 - the module works when cast whole to bf16 (inputs and timestep frequencies follow the parameter dtype);
 - per-block activation checkpointing (`checkpoint_every`, `set_checkpointing`);
 - optional per-head q/k normalisation (`qk_norm`) for bf16 stability at scale (adds q_norm/k_norm keys);
@@ -15,13 +16,14 @@ from __future__ import annotations
 
 import inspect
 import math
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-BLOCKS = ("adaln_zero", "adaln", "cross_attention", "in_context")
 QK_NORMS = (None, "layernorm", "rmsnorm")
 
 
@@ -191,6 +193,53 @@ class ViTBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+#################################################################################
+#                                  Block Types                                  #
+#################################################################################
+
+CONDITIONINGS = ("adaln", "context", "tokens")
+
+
+@dataclass(frozen=True)
+class BlockType:
+    """A conditioning variant: `make(hidden_size, num_heads, mlp_ratio, qk_norm)` builds one block, called
+    as block(x (N, T, D), c). How DiT hands it the condition:
+    - "adaln": c = t + y (N, D) regresses shift/scale in every block and in the final layer; `gated`
+      adds the residual gates, zero-initialised with the final modulation (adaLN-Zero);
+    - "context": c = [t, y] (N, 2, D) for cross-attention, plain final layer;
+    - "tokens": [t, y] prepended to the sequence (N, T+2, D), c = None, plain final layer."""
+    make: Callable[[int, int, float, str | None], nn.Module]
+    conditioning: str
+    gated: bool = False
+
+    def __post_init__(self):
+        if self.conditioning not in CONDITIONINGS:
+            raise ValueError(f"BlockType: conditioning {self.conditioning!r} is not one of {CONDITIONINGS}")
+
+
+BLOCKS: dict[str, BlockType] = {}
+
+
+def register_block(name: str, block_type: BlockType) -> BlockType:
+    if name in BLOCKS:
+        raise ValueError(f"DiT block type {name!r} is already registered")
+    BLOCKS[name] = block_type
+    return block_type
+
+
+def block_type(name: str) -> BlockType:
+    if name not in BLOCKS:
+        raise ValueError(f"DiT: unknown block {name!r}; choose one of {', '.join(BLOCKS)}")
+    return BLOCKS[name]
+
+
+register_block("adaln_zero", BlockType(lambda d, h, r, q: DiTBlock(d, h, r, q, gated=True), "adaln", gated=True))
+register_block("adaln", BlockType(lambda d, h, r, q: DiTBlock(d, h, r, q, gated=False), "adaln"))
+register_block("cross_attention", BlockType(lambda d, h, r, q: ViTBlock(d, h, r, q, cross_attention=True),
+                                            "context"))
+register_block("in_context", BlockType(lambda d, h, r, q: ViTBlock(d, h, r, q, cross_attention=False), "tokens"))
+
+
 class FinalLayer(nn.Module):
     """Layer norm (adaptive for the adaLN blocks, plain otherwise) + linear decoder to p·p·out_channels.
     The decoder is zero-initialised for every block type, as in the official code."""
@@ -273,14 +322,11 @@ class DiT(nn.Module):
         grid = input_size // patch_size
         self.register_buffer("pos_embed", get_2d_sincos_pos_embed(hidden_size, grid).float().unsqueeze(0))  # (1, T, D)
 
-        if block in ("adaln_zero", "adaln"):
-            make = lambda: DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm, gated=block == "adaln_zero")
-        else:
-            make = lambda: ViTBlock(hidden_size, num_heads, mlp_ratio, qk_norm, block == "cross_attention")
-        self.blocks = nn.ModuleList([make() for _ in range(depth)])
+        kind = block_type(block)
+        self.conditioning = kind.conditioning
+        self.blocks = nn.ModuleList([kind.make(hidden_size, num_heads, mlp_ratio, qk_norm) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels,
-                                      adaptive=block in ("adaln_zero", "adaln"),
-                                      zero_modulation=block == "adaln_zero")
+                                      adaptive=kind.conditioning == "adaln", zero_modulation=kind.gated)
         self.set_checkpointing(checkpoint_every)
         self.initialize_weights()
 
@@ -350,15 +396,15 @@ class DiT(nn.Module):
         x = self.x_embedder(x.to(self.dtype)) + self.pos_embed                   # (N, T, D), T = H*W/p**2
         t = self.t_embedder(t)                                                   # (N, D)
         y = self.y_embedder(y, self.training, force_drop_ids)                    # (N, D)
-        if self.block == "in_context":
+        if self.conditioning == "tokens":
             x = torch.cat([t.unsqueeze(1), y.unsqueeze(1), x], dim=1)            # (N, T+2, D)
             c, skip = None, 2
-        elif self.block == "cross_attention":
+        elif self.conditioning == "context":
             c, skip = torch.stack([t, y], dim=1), 0                              # context (N, 2, D)
         else:
             c, skip = t + y, 0                                                   # (N, D)
         x, hidden = self._run_blocks(x, c, hidden_block)
-        x = self.final_layer(x[:, skip:], c if self.block in ("adaln_zero", "adaln") else None)  # (N, T, p*p*out)
+        x = self.final_layer(x[:, skip:], c if self.conditioning == "adaln" else None)  # (N, T, p*p*out)
         x = self.unpatchify(x)                                                   # (N, out, H, W)
         return x if hidden_block is None else (x, hidden[:, skip:])
 
@@ -418,8 +464,7 @@ def validate_config(cfg):
         raise ValueError(f"DiT: class_dropout_prob must be in [0, 1), got {cfg['class_dropout_prob']}")
     if not cfg["mlp_ratio"] > 0:
         raise ValueError(f"DiT: mlp_ratio must be > 0, got {cfg['mlp_ratio']}")
-    if cfg["block"] not in BLOCKS:
-        raise ValueError(f"DiT: unknown block {cfg['block']!r}; choose one of {', '.join(BLOCKS)}")
+    block_type(cfg["block"])
     if cfg["qk_norm"] not in QK_NORMS:
         raise ValueError(f"DiT: unknown qk_norm {cfg['qk_norm']!r}; choose one of {QK_NORMS}")
 

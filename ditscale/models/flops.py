@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from ditscale.models.dit import DIT_PRESETS, dit_config
+from ditscale.models.dit import DIT_PRESETS, block_type, dit_config
 
 
 def _shape(preset_or_kwargs, image_size, latent_channels, vae_factor):
@@ -29,12 +29,13 @@ def dit_params(preset_or_kwargs, image_size=256, latent_channels=4, vae_factor=8
     qk = {None: 0, "layernorm": 4 * head_dim, "rmsnorm": 2 * head_dim}[cfg["qk_norm"]]
     self_attn = linear(d, 3 * d) + linear(d, d) + qk
     block = self_attn + linear(d, m) + linear(m, d)
-    if cfg["block"] in ("adaln_zero", "adaln"):
-        block += linear(d, (6 if cfg["block"] == "adaln_zero" else 4) * d)
+    kind = block_type(cfg["block"])
+    if kind.conditioning == "adaln":
+        block += linear(d, (6 if kind.gated else 4) * d)
         final = linear(d, 2 * d)
     else:
         block += 2 * 2 * d                                                        # affine LayerNorms
-        if cfg["block"] == "cross_attention":
+        if kind.conditioning == "context":
             block += 2 * d + linear(d, d) + linear(d, 2 * d) + linear(d, d) + qk
         final = 2 * d
     embed = (p * p * cfg["in_channels"] * d + d) + linear(256, d) + linear(d, d)
@@ -45,13 +46,14 @@ def dit_params(preset_or_kwargs, image_size=256, latent_channels=4, vae_factor=8
 def dit_gflops(preset_or_kwargs, image_size=256, latent_channels=4, vae_factor=8):
     """Forward multiply-adds per image, in units of 1e9 (the paper's "Gflops")."""
     cfg, d, m, p, out, t = _shape(preset_or_kwargs, image_size, latent_channels, vae_factor)
-    seq = t + 2 if cfg["block"] == "in_context" else t
+    kind = block_type(cfg["block"])
+    seq = t + 2 if kind.conditioning == "tokens" else t
     block = seq * (4 * d * d + 2 * d * m) + 2 * seq * seq * d                    # qkv+proj, MLP, QKᵀ and AV
     final = t * d * p * p * out
-    if cfg["block"] in ("adaln_zero", "adaln"):
-        block += (6 if cfg["block"] == "adaln_zero" else 4) * d * d
+    if kind.conditioning == "adaln":
+        block += (6 if kind.gated else 4) * d * d
         final += 2 * d * d
-    elif cfg["block"] == "cross_attention":
+    elif kind.conditioning == "context":
         block += 2 * t * d * d + 2 * 2 * d * d + 2 * t * 2 * d                  # q, proj; kv of 2 tokens; attention
     embed = t * p * p * cfg["in_channels"] * d + 256 * d + d * d
     return (embed + cfg["depth"] * block + final) / 1e9

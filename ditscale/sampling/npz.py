@@ -15,41 +15,15 @@ for every chunk, then streams them, in index order, into one .npz without holdin
 from __future__ import annotations
 
 import json
-import os
 import time
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-
-# --------------------------------------------------------------------------------------------------
-# Ranks
-# --------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class RankEnv:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-
-def rank_env(environ=None) -> RankEnv:
-    """This process's rank from torchrun (RANK, WORLD_SIZE, LOCAL_RANK) or srun (SLURM_PROCID,
-    SLURM_NTASKS, SLURM_LOCALID); a single process otherwise."""
-    env = os.environ if environ is None else environ
-    for keys in (("RANK", "WORLD_SIZE", "LOCAL_RANK"), ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")):
-        if keys[0] in env and keys[1] in env:
-            try:
-                rank, world, local = (int(env.get(k, 0)) for k in keys)
-            except ValueError:
-                raise ValueError(f"non-integer rank variables {[(k, env.get(k)) for k in keys]}") from None
-            if not 0 <= rank < world:
-                raise ValueError(f"{keys[0]}={rank} is outside 0..{keys[1]}-1={world - 1}")
-            return RankEnv(rank, world, local)
-    return RankEnv()
+from ditscale.files import atomic_write
+from ditscale.runtime import RankEnv
 
 
 # --------------------------------------------------------------------------------------------------
@@ -68,22 +42,12 @@ def done_chunks(root, num_chunks: int) -> set[int]:
     return {j for j in range(num_chunks) if chunk_path(root, j).is_file()}
 
 
-def _atomic_write(path: Path, write: Callable) -> None:
-    """write(file) into path.tmp, fsync, rename over path: readers see the whole file or none."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_chunk(root, j: int, images: np.ndarray, labels: np.ndarray, indices) -> Path:
     path = chunk_path(root, j)
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = dict(images=np.ascontiguousarray(images, dtype=np.uint8), labels=np.asarray(labels, np.int64),
                   indices=np.asarray(list(indices), np.int64))
-    _atomic_write(path, lambda f: np.savez(f, **arrays))
+    atomic_write(path, lambda f: np.savez(f, **arrays))
     return path
 
 
@@ -100,9 +64,7 @@ def prepare_dir(root, settings: dict, chunk_size: int) -> int:
     path = root / "manifest.json"
     if not path.is_file():
         text = json.dumps({**settings, "chunk_size": chunk_size}, indent=2, sort_keys=True) + "\n"
-        tmp = path.with_name(f"manifest.json.{os.getpid()}.tmp")                 # every rank may write it
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        atomic_write(path, text)                                                # every rank may write it
     manifest = json.loads(path.read_text())
     saved = {k: v for k, v in manifest.items() if k != "chunk_size"}
     now = json.loads(json.dumps(settings))                                      # tuples → lists, as saved
@@ -188,7 +150,7 @@ def assemble(root, num_samples: int, chunk_size: int) -> Path:
             with zf.open("meta.npy", "w") as member:
                 np.lib.format.write_array(member, np.array(json.dumps(meta, sort_keys=True)))
 
-    _atomic_write(out, write)
+    atomic_write(out, write)
     return out
 
 

@@ -3,15 +3,12 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 from ds_launch import N, TOTAL, ckpt
 from safetensors.torch import load_file
 
 from ditscale.engine.export import export, main
 from ditscale.models import DiT
-
-pytestmark = pytest.mark.distributed
 
 
 def load_exported(weights_file):

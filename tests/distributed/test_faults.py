@@ -10,12 +10,9 @@ import signal
 import subprocess
 import sys
 
-import pytest
 import torch
 from ds_launch import (N, REPO, TINY, TOTAL, child_env, ckpt, metrics, reference_overrides, start_training,
                        tensor_leaves, train)
-
-pytestmark = pytest.mark.distributed
 
 
 def latest(run_dir) -> str:

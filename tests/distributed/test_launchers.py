@@ -4,10 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import pytest
 from ds_launch import TINY, Run, child_env, ckpt, free_port, metrics
-
-pytestmark = pytest.mark.distributed
 
 
 def test_torchrun_two_ranks(digits64, tmp_path):

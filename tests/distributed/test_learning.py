@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from ds_launch import metrics, train
 
-pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 
 def test_loss_falls_on_real_digits(digits_all, tmp_path):

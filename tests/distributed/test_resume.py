@@ -14,8 +14,6 @@ import torch
 from ds_launch import N, TOTAL, ckpt, metrics, reference_overrides, tensor_leaves, train
 from safetensors.torch import load_file
 
-pytestmark = pytest.mark.distributed
-
 
 def master_weights(path: Path) -> dict[str, torch.Tensor]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

@@ -23,7 +23,7 @@ import torch
 from ds_launch import REPO, child_env, ckpt, metrics, tensor_leaves, train
 from safetensors import safe_open
 
-pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 N = 2
 MODEL = dict(depth=16, hidden_size=1024, num_heads=16, patch_size=4)
@@ -192,7 +192,7 @@ def test_sharded_export_equals_deepspeeds_consolidation_without_holding_the_mode
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from ditscale.engine.export import official_state_dict
-    from ditscale.sample import load_model
+    from ditscale.weights import load_model
 
     full, _, base = runs
     out = base / "export"

@@ -5,12 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.slow
 def test_quickstart_generates_recognisable_varied_digits(tmp_path):
     env = dict(os.environ, DITSCALE_QUICKSTART_OUT=str(tmp_path / "qs"))
     proc = subprocess.run([sys.executable, "-m", "ditscale.quickstart"], cwd=REPO, env=env,

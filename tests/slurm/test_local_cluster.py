@@ -4,9 +4,7 @@ import re
 import sys
 import time
 
-import pytest
 
-pytestmark = pytest.mark.slurm
 
 ALLREDUCE_JOB = f"""#!/bin/bash
 set -euo pipefail

@@ -15,8 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 
-pytestmark = pytest.mark.slurm
-
 
 def final_weights(run_dir: Path) -> dict[str, dict[str, torch.Tensor]]:
     """EMA and raw (fp32 master) weights of the newest complete checkpoint, assembled over ranks."""

@@ -3,8 +3,14 @@ import pytest
 import torch
 
 from ditscale.models import build_dit
-from ditscale.models.convert import (diffusers_config_for, diffusers_to_official, match_dit_timesteps,
-                                     official_to_diffusers)
+from ditscale.models.convert import (
+    diffusers_config_for,
+    diffusers_to_official,
+    match_dit_timesteps,
+    official_to_diffusers,
+)
+
+from helpers import randomize
 
 diffusers = pytest.importorskip("diffusers")
 torch.set_num_threads(1)
@@ -15,14 +21,6 @@ CASES = {  # small depths keep it fast; the shapes of the real presets otherwise
     "S/4 7 classes, no sigma": ("DiT-S/4", dict(depth=3, input_size=8, num_classes=7, learn_sigma=False)),
     "S/8 3 channels": ("DiT-S/8", dict(depth=1, input_size=16, in_channels=3, num_classes=13)),
 }
-
-
-def randomize(module, seed=0, std=0.05):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return module
 
 
 def ours(name, kw):

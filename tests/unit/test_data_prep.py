@@ -22,17 +22,9 @@ from data_prep.merge import merge
 from data_prep.testing import save_tiny_vae, write_image_folder, write_image_tars
 from data_prep.verify import verify
 
+pytestmark = pytest.mark.usefixtures("streaming_shm")
+
 RES = 32
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _streaming_shm():
-    from streaming.base.util import clean_stale_shared_memory
-
-    torch.set_num_threads(1)
-    clean_stale_shared_memory()
-    yield
-    clean_stale_shared_memory()
 
 
 @pytest.fixture(scope="module")
@@ -381,7 +373,8 @@ def test_worker_place_from_flags_torchrun_and_slurm():
     stepped = {"SLURM_ARRAY_TASK_ID": "4", "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_STEP": "2",
                "SLURM_ARRAY_TASK_COUNT": "3"}
     assert resolve_worker(env=stepped)[:2] == (2, 3)
-    assert resolve_worker(env={"SLURM_PROCID": "5", "SLURM_NTASKS": "6"})[:2] == (5, 6)
+    assert resolve_worker(env={"SLURM_PROCID": "5", "SLURM_NTASKS": "6", "SLURM_STEP_ID": "0"})[:2] == (5, 6)
+    assert resolve_worker(env={"SLURM_PROCID": "0", "SLURM_NTASKS": "6", "SLURM_JOB_ID": "1"})[:2] == (0, 1)
     assert resolve_worker(env={})[:2] == (0, 1)
     with pytest.raises(ValueError, match="go together"):
         resolve_worker(1, None, {})

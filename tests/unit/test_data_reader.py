@@ -16,17 +16,9 @@ from data_prep.testing import write_image_folder
 from ditscale.data import build_dataloader, build_dataset, flip_of, read_metadata, sample_latents
 from ditscale.data.wds import consumed_per_worker, plan_epoch
 
+pytestmark = pytest.mark.usefixtures("streaming_shm")
+
 BATCH = 4
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _streaming_shm():
-    from streaming.base.util import clean_stale_shared_memory
-
-    torch.set_num_threads(1)
-    clean_stale_shared_memory()
-    yield
-    clean_stale_shared_memory()
 
 
 @pytest.fixture(scope="module")

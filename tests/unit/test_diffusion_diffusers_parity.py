@@ -5,15 +5,9 @@ from diffusers import DDIMScheduler, DDPMScheduler
 
 from ditscale.diffusion import create_diffusion, space_timesteps
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 BASE_ALPHA_BAR = torch.cumprod(1 - create_diffusion("").betas, 0)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def model(x, t, **_):

@@ -4,16 +4,9 @@ import torch
 
 from ditscale.diffusion import create_diffusion
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 BASE_ALPHA_BAR = torch.cumprod(1 - create_diffusion("").betas, 0)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """1000 small steps: thread hand-offs cost more than they give on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _alpha_bar(t, x):

@@ -12,14 +12,7 @@ from safetensors.torch import save_file
 
 from ditscale.evaluate.inception import FIDInceptionV3, load_inception, resize_tf1
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread is faster than two on a CPU shared with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -15,14 +15,7 @@ from ditscale.evaluate.metrics import precision_recall
 from ditscale.evaluate.reference import load_reference
 from ditscale.evaluate.tiny import TinyFeatureNet
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread is faster than two on a CPU shared with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

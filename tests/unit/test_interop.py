@@ -7,29 +7,24 @@ import numpy as np
 import pytest
 import torch
 
-from ditscale.interop import export_diffusers, infer_dit_config, load_dit, load_pipeline, preset_of, read_state_dict
 from ditscale.interop import main as interop_main
 from ditscale.models import DiT, build_dit
 from ditscale.sampling import decode, sample_latents, sampling_diffusion
+from ditscale.weights import export_diffusers, infer_dit_config, load_dit, load_pipeline, preset_of, read_state_dict
+
+from helpers import randomize
 
 torch.set_num_threads(1)
 
 
-def randomize(model, seed=0, std=0.05):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model.eval()
-
-
 def release_like():
     """The release's layout (learn_sigma, 1000 classes + null, 4 channels) at DiT-S/2 width, 2 blocks."""
-    return randomize(build_dit("DiT-S/2", depth=2, input_size=4))
+    return randomize(build_dit("DiT-S/2", depth=2, input_size=4)).eval()
 
 
 def tiny_1000(**kw):
-    return randomize(build_dit("DiT-S/2", **{"depth": 2, "hidden_size": 32, "num_heads": 2, "input_size": 8, **kw}))
+    kw = {"depth": 2, "hidden_size": 32, "num_heads": 2, "input_size": 8, **kw}
+    return randomize(build_dit("DiT-S/2", **kw)).eval()
 
 
 def tiny_vae():
@@ -69,7 +64,7 @@ def test_released_layout_loads_with_weights_only_and_matches(tmp_path):
 
 
 def test_training_checkpoint_layout_picks_ema_or_raw(tmp_path):
-    ema, raw = release_like(), randomize(build_dit("DiT-S/2", depth=2, input_size=4), seed=1)
+    ema, raw = release_like(), randomize(build_dit("DiT-S/2", depth=2, input_size=4), seed=1).eval()
     ckpt = {"model": {"module." + k: v for k, v in raw.state_dict().items()}, "ema": ema.state_dict(),
             "opt": {"state": {}, "param_groups": [{"lr": 1e-4}]}, "args": argparse.Namespace(model="DiT-S/2")}
     torch.save(ckpt, tmp_path / "0400000.pt")

@@ -7,6 +7,8 @@ import torch
 
 from ditscale.models import BLOCKS, DIT_PRESETS, DiT, build_dit, dit_config
 
+from helpers import randomize
+
 torch.set_num_threads(1)
 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=5)
@@ -20,15 +22,6 @@ def inputs(n=3, c=4, size=8, num_classes=5, seed=0):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(n, c, size, size, generator=g), torch.randint(0, 1000, (n,), generator=g),
             torch.randint(0, num_classes, (n,), generator=g))
-
-
-def randomize(model, std=0.05, seed=0):
-    """Random weights everywhere (the official init zeroes the gates and the decoder)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model
 
 
 # ---------------------------------------------------------------- shapes, layout, init

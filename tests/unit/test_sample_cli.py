@@ -15,16 +15,10 @@ from PIL import Image
 from ditscale.models import build_dit
 from ditscale.sample import main
 
+from helpers import randomize
+
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def randomize(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return model
 
 
 @pytest.fixture(scope="module")

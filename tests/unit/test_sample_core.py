@@ -6,9 +6,18 @@ import torch
 
 from ditscale.diffusion import cfg_wrapper, prepare_cfg_inputs
 from ditscale.models import build_dit
-from ditscale.sampling import (GuidedSampler, decode, index_labels, index_seeds, sample_latents, sampling_diffusion,
-                               to_uint8)
+from ditscale.sampling import (
+    GuidedSampler,
+    decode,
+    index_labels,
+    index_seeds,
+    sample_latents,
+    sampling_diffusion,
+    to_uint8,
+)
 from ditscale.sampling.core import respacing_for
+
+from helpers import randomize
 
 torch.set_num_threads(1)
 
@@ -17,11 +26,7 @@ def tiny(seed=0, **kw):
     """A DiT small enough for the CPU, with random (not zero-initialised) weights so outputs depend on x, t, y."""
     model = build_dit("DiT-S/2", **{"depth": 2, "hidden_size": 32, "num_heads": 2, "input_size": 8,
                                     "num_classes": 10, **kw}).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return model
+    return randomize(model, seed)
 
 
 @pytest.fixture(scope="module")

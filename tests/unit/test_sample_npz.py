@@ -1,4 +1,4 @@
-"""Resumable multi-rank .npz sampling: rank variables, chunk ownership, kill/resume without duplicates or gaps,
+"""Resumable multi-rank .npz sampling (rank variables: test_runtime.py): chunk ownership, kill/resume without duplicates or gaps,
 streamed ADM .npz assembly (read back by numpy and by ditscale.evaluate)."""
 import json
 
@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from ditscale.evaluate.features import check_image_array, iter_npz_batches, npz_array_info
-from ditscale.sampling.npz import (RankEnv, assemble, chunk_path, done_chunks, prepare_dir, rank_env, run_chunks,
-                                   write_chunk)
+from ditscale.runtime import RankEnv
+from ditscale.sampling.npz import assemble, chunk_path, done_chunks, prepare_dir, run_chunks, write_chunk
 
 N, S = 23, 5                                                                     # 5 chunks, the last of 3
 
@@ -29,23 +29,6 @@ def expected():
 def load(path):
     with np.load(path) as data:
         return data["arr_0"], data["arr_1"]
-
-
-@pytest.mark.parametrize("environ, want", [
-    ({}, RankEnv(0, 1, 0)),
-    ({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}, RankEnv(3, 8, 1)),
-    ({"SLURM_PROCID": "5", "SLURM_NTASKS": "6", "SLURM_LOCALID": "2"}, RankEnv(5, 6, 2)),
-    ({"RANK": "1", "WORLD_SIZE": "2", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}, RankEnv(1, 2, 0)),  # torchrun in srun
-])
-def test_rank_env(environ, want):
-    assert rank_env(environ) == want
-
-
-def test_rank_env_errors():
-    with pytest.raises(ValueError, match="outside"):
-        rank_env({"RANK": "2", "WORLD_SIZE": "2"})
-    with pytest.raises(ValueError, match="non-integer"):
-        rank_env({"RANK": "a", "WORLD_SIZE": "2"})
 
 
 def test_single_rank_writes_the_adm_npz(tmp_path):

@@ -1,5 +1,6 @@
 """Sharded exports (`<name>.safetensors.index.json` + numbered shards + `<name>.json`) as the trainer's
-export writes them (its writer, without a checkpoint), read back by ditscale.sample / ditscale.interop."""
+export writes them (ditscale.weights' writer, without a checkpoint), read back as ditscale.sample and
+ditscale.interop read them."""
 from __future__ import annotations
 
 import json
@@ -9,22 +10,17 @@ import re
 import pytest
 import torch
 
-from ditscale.engine.export import write_weights
 from ditscale.interop import main as interop_main
-from ditscale.interop import read_state_dict
 from ditscale.models import build_dit
-from ditscale.sample import load_model
+from ditscale.weights import load_model, read_state_dict, write_weights
+
+from helpers import randomize
 
 KWARGS = dict(depth=2, hidden_size=32, num_heads=2, input_size=8, in_channels=1, num_classes=5)
 
 
 def tiny_model(seed=0):
-    model = build_dit("DiT-S/2", **KWARGS)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return model
+    return randomize(build_dit("DiT-S/2", **KWARGS), seed)
 
 
 def write_export(out, model, max_shard_bytes):
