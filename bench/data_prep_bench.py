@@ -154,7 +154,7 @@ def main() -> None:
     card = torch.cuda.get_device_name(device) if gpu else f"CPU {platform.processor() or platform.machine()}"
     title = (f"data_prep bench: {card}, {os.cpu_count()} cores, VAE {args.vae}, {args.resolution}px, {dtype}, "
              f"batch {batch}, {time.strftime('%Y-%m-%d %H:%M')}")
-    lines = [title, f"| setting | images/s | vs bare encoder |", "|---|---|---|"]
+    lines = [title, "| setting | images/s | vs bare encoder |", "|---|---|---|"]
     lines += [f"| {name} | {rate:,.3g} | {rate / rows[0][1]:.2f}x |" for name, rate in rows]
     lines.append("(each image is encoded twice: itself and its mirror; goal on one H100: ≥ 1,000 images/s "
                  "end to end)")

@@ -44,7 +44,7 @@ class DataFormat:
     - reader(root, meta, *, batch_size, seed, shuffle, hflip, local, shuffle_buffer, image, **options)
       → a torch IterableDataset of reader items;
     - writer(SliceOutput, latent_channels, latent_size, shard_size, image column or None) → a slice writer
-      (`write(mean, logvar, label, key)`, `finish() -> shard entries`) that leaves `index` in the slice;
+      (`write(mean, logvar, label, key, image)`, `finish() -> shard entries`) that leaves `index` in the slice;
     - merge(root, slice names) → None: the root's `index` over all slices;
     - verify(root, shard entry, meta, records, rng) → (problems, records decoded) for one shard."""
     name: str

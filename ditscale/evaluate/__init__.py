@@ -8,3 +8,9 @@ from ditscale.evaluate.metrics import (
 from ditscale.evaluate.reference import (Reference, load_reference, reference_from_features, reference_sha256,
                                          save_reference)
 from ditscale.evaluate.tiny import TinyFeatureNet
+
+__all__ = ["METRICS", "WEIGHTS_FILENAME", "WEIGHTS_URL", "FIDInceptionV3", "FIDStats", "MetricSettings", "Reference",
+           "TinyFeatureNet", "compute_metrics", "evaluate_npz", "extract_features", "feature_stats", "fid_from_features",
+           "folder_features", "frechet_distance", "inception_score", "iter_npz_batches", "load_inception",
+           "load_reference", "npz_features", "precision_recall", "reference_from_features", "reference_sha256",
+           "save_reference"]

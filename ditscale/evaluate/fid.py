@@ -44,7 +44,7 @@ def frechet_distance(a: FIDStats, b: FIDStats, eps=1e-6):
     diff = a.mu - b.mu
     covmean = linalg.sqrtm(a.sigma @ b.sigma)
     if not np.isfinite(covmean).all():
-        warnings.warn(f"sqrtm of the covariance product is singular; adding {eps} to the diagonals")
+        warnings.warn(f"sqrtm of the covariance product is singular; adding {eps} to the diagonals", stacklevel=2)
         offset = np.eye(a.dim) * eps
         covmean = linalg.sqrtm((a.sigma + offset) @ (b.sigma + offset))
     if np.iscomplexobj(covmean):

@@ -19,6 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ditscale.weights import read_tensors
+
 WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{WEIGHTS_FILENAME}"
 WEIGHTS_HELP = (
@@ -249,20 +251,6 @@ class FIDInceptionV3(nn.Module):
 #                                  Loading                                      #
 #################################################################################
 
-def _read_state_dict(path):
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(path))
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a pickle with code in it, or not a torch file at all
-        raise ValueError(f"{path}: cannot be read as a plain tensor state dict with "
-                         f"torch.load(weights_only=True): {e}") from e
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
-    return state
-
-
 def check_state_dict(state, model, source="state dict"):
     """Raise a ValueError listing a few missing / unexpected / misshapen keys. BatchNorm's
     num_batches_tracked is optional (older PyTorch versions did not save it)."""
@@ -296,7 +284,7 @@ def load_inception(path, device=None, resize="torch"):
         raise FileNotFoundError(f"Inception weights not found: {path}. {WEIGHTS_HELP}")
     with torch.device("meta"):  # no random init: every tensor comes from the file
         model = FIDInceptionV3(resize=resize)
-    state = _read_state_dict(path)
+    state = read_tensors(path)
     check_state_dict(state, model, source=str(path))
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     counters = {k: torch.zeros((), dtype=torch.long)

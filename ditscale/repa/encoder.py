@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ditscale.weights import read_tensors
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PATCH = 14
@@ -64,27 +66,17 @@ def build_vit(name: str) -> nn.Module:
                              dynamic_img_size=True, **arch, **extra)
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A weights file's tensors without unpickling code: .safetensors, or a torch state dict (weights_only)."""
+def read_encoder_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The encoder's tensors (`ditscale.weights.read_tensors`: never unpickling code), also from checkpoints
+    that wrap the state dict under "model", "state_dict" or "teacher"."""
     path = Path(path)
     if not path.is_file():
         raise EncoderError(f"repa.encoder_weights: {path} does not exist (download the encoder's weights once; "
                            f"see README 'REPA')")
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt file, pickled code refused by weights_only, ...
-        raise EncoderError(f"repa.encoder_weights: cannot read {path}: {type(e).__name__}: {e}") from None
-    for key in ("model", "state_dict", "teacher"):          # checkpoints that wrap the state dict
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise EncoderError(f"repa.encoder_weights: {path} does not hold a state dict of tensors")
-    return state
+        return read_tensors(path, unwrap=("model", "state_dict", "teacher"))
+    except ValueError as e:
+        raise EncoderError(f"repa.encoder_weights: cannot read {path}: {e}") from None
 
 
 class FrozenEncoder(nn.Module):
@@ -126,7 +118,7 @@ def load_encoder(name: str, path: str | Path, device: torch.device, dtype: torch
     from timm.models.vision_transformer import checkpoint_filter_fn
 
     vit = build_vit(name)
-    state = read_state_dict(path)
+    state = read_encoder_weights(path)
     patch = state.get("patch_embed.proj.weight")
     if patch is None or tuple(patch.shape) != tuple(vit.patch_embed.proj.weight.shape):
         raise EncoderError(f"repa.encoder_weights: {path} does not fit repa.encoder={name} (patch embedding "

@@ -45,8 +45,9 @@ def done_chunks(root, num_chunks: int) -> set[int]:
 def write_chunk(root, j: int, images: np.ndarray, labels: np.ndarray, indices) -> Path:
     path = chunk_path(root, j)
     path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = dict(images=np.ascontiguousarray(images, dtype=np.uint8), labels=np.asarray(labels, np.int64),
-                  indices=np.asarray(list(indices), np.int64))
+    arrays: dict[str, np.ndarray] = dict(images=np.ascontiguousarray(images, dtype=np.uint8),
+                                         labels=np.asarray(labels, np.int64),
+                                         indices=np.asarray(list(indices), np.int64))
     atomic_write(path, lambda f: np.savez(f, **arrays))
     return path
 

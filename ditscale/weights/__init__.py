@@ -6,7 +6,8 @@ export), the DiT configuration their shapes imply, and diffusers DiTPipeline dir
     export_diffusers(model, "out/pipe", vae="sd-vae-ft-ema", class_names=names)
     pipe = load_pipeline("out/pipe")                     # DiTPipeline.from_pretrained + match_dit_timesteps
 
-files: reading and writing weights files, shard names, which file of a directory, the sidecar;
+files: reading and writing weights files (`read_tensors`: any model's, e.g. the REPA encoder's or
+Inception's), shard names, which file of a directory, the sidecar;
 load: shapes → DiT kwargs → model; pipeline: diffusers. Used by the trainer's export, `ditscale.sample`
 and `ditscale.interop`; imports only `ditscale.models` (and `ditscale.sampling.core.load_vae` for a VAE).
 """
@@ -17,6 +18,7 @@ from ditscale.weights.files import (
                                     plan_shards,
                                     read_sharded,
                                     read_state_dict,
+                                    read_tensors,
                                     shard_name,
                                     shard_stem,
                                     sidecar,
@@ -28,5 +30,5 @@ from ditscale.weights.load import infer_dit_config, load_dit, load_model, preset
 from ditscale.weights.pipeline import export_diffusers, load_pipeline, scheduler_for
 
 __all__ = ["SHARD_INDEX", "WEIGHTS", "config_near", "export_diffusers", "infer_dit_config", "load_dit", "load_model",
-           "load_pipeline", "plan_shards", "preset_of", "read_sharded", "read_state_dict", "scheduler_for",
-           "shard_name", "shard_stem", "sidecar", "weights_file", "weights_stem", "write_weights"]
+           "load_pipeline", "plan_shards", "preset_of", "read_sharded", "read_state_dict", "read_tensors",
+           "scheduler_for", "shard_name", "shard_stem", "sidecar", "weights_file", "weights_stem", "write_weights"]

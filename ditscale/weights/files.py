@@ -30,8 +30,9 @@ def _torch_load(path: Path):
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError (code in the pickle), RuntimeError (not a torch file), …
-        raise ValueError(f"{path}: cannot be loaded as weights only ({type(e).__name__}: {str(e)[:300]}); "
-                         "only state dicts (tensors in dicts) are accepted, never pickled code") from e
+        raise ValueError(f"{path}: cannot be loaded as weights only (torch.load(weights_only=True): "
+                         f"{type(e).__name__}: {str(e)[:300]}); only state dicts (tensors in dicts) are accepted, "
+                         "never pickled code") from e
 
 
 def _select(obj, path: Path, weights: str) -> dict:
@@ -70,6 +71,22 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except Exception as e:
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+
+
+def read_tensors(path, unwrap: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """The tensors of any weights file (a DiT's, an encoder's, Inception's), never unpickling code: a
+    .safetensors file, or a torch file loaded with weights_only=True holding a dict of tensors, directly or
+    under the keys of `unwrap` in turn (e.g. ("model", "state_dict")). ValueError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist or is not a file")
+    state = _load_safetensors(path) if path.suffix == ".safetensors" else _torch_load(path)
+    for key in unwrap:
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
+    return state
 
 
 def read_sharded(index: Path) -> dict[str, torch.Tensor]:
@@ -121,7 +138,9 @@ def read_state_dict(path, weights: str = "ema") -> dict[str, torch.Tensor]:
 
 def plan_shards(shapes: dict[str, tuple], max_bytes: int) -> list[list[str]]:
     """Names grouped into consecutive shards of at most max_bytes of fp32 (a larger tensor gets its own)."""
-    shards, current, size = [], [], 0
+    shards: list[list[str]] = []
+    current: list[str] = []
+    size = 0
     for name, shape in shapes.items():
         nbytes = 4 * math.prod(shape)
         if current and size + nbytes > max_bytes:

@@ -87,7 +87,7 @@ def test_divergence_stops_with_exit_3_keeping_the_last_good_checkpoint(digits64,
     assert max(m) == first_bad + 2 and m[max(m)]["skipped_steps"] == 3
     good = latest(run_dir)
     assert int(good.split("_")[1]) < first_bad
-    assert f"3 non-finite steps in a row (train.max_nonfinite=3)" in result.output
+    assert "3 non-finite steps in a row (train.max_nonfinite=3)" in result.output
     assert f"last good checkpoint: {run_dir / 'ckpt' / good}" in result.output
 
 

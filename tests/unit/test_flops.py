@@ -60,7 +60,7 @@ def test_counts_of_an_instantiated_model():
 
 
 @settings(max_examples=25, deadline=None)
-@given(block=st.sampled_from(BLOCKS), qk_norm=st.sampled_from([None, "layernorm", "rmsnorm"]),
+@given(block=st.sampled_from(list(BLOCKS)), qk_norm=st.sampled_from([None, "layernorm", "rmsnorm"]),
        heads=st.integers(1, 4), head_dim=st.sampled_from([4, 8, 12]), depth=st.integers(1, 3),
        patch=st.sampled_from([1, 2, 4]), grid=st.integers(1, 4), channels=st.integers(1, 4),
        learn_sigma=st.booleans(), num_classes=st.integers(1, 20), dropout=st.sampled_from([0.0, 0.1]),

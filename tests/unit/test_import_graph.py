@@ -171,6 +171,7 @@ ONE_HOME = {
     "atomic_write": "ditscale.files", "fsync_path": "ditscale.files",
     "rank_env": "ditscale.runtime",
     "read_state_dict": "ditscale.weights.files", "write_weights": "ditscale.weights.files",
+    "read_tensors": "ditscale.weights.files",
     "shard_name": "ditscale.weights.files", "weights_file": "ditscale.weights.files",
     "infer_dit_config": "ditscale.weights.load", "load_model": "ditscale.weights.load",
 }

@@ -27,7 +27,7 @@ class ToyWriter:
     def __init__(self, output, latent_channels, latent_size, shard_size, image=None):
         self.dir, self.records = output.local, []
 
-    def write(self, mean, logvar, label, key):
+    def write(self, mean, logvar, label, key, image=None):
         self.records.append((mean, logvar, label, key))
 
     def finish(self):
