@@ -43,8 +43,8 @@ if str(ROOT) not in sys.path:
 
 from ditscale.diffusion import create_diffusion  # noqa: E402
 from ditscale.models import build_dit  # noqa: E402
-from ditscale.models.fused import compile_blocks  # noqa: E402
 from ditscale.models.flops import train_flops_per_image  # noqa: E402
+from ditscale.models.fused import compile_blocks  # noqa: E402
 
 PRESET = "DiT-XL/2"
 GOAL_IMAGES_PER_S = 650

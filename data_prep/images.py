@@ -22,9 +22,8 @@ import io
 import json
 import os
 import tarfile
-from typing import Any, Iterator
-
 from dataclasses import dataclass
+from typing import Any, Iterator
 
 import numpy as np
 import torch

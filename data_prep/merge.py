@@ -21,8 +21,16 @@ import numpy as np
 from data_prep.encode import scale_from_stats
 from data_prep.errors import DataPrepError
 from data_prep.report import human_bytes, make_report, to_json
-from ditscale.data.schema import (DATASET_JSON, MDS_INDEX, REPORT_JSON, SLICE_RE, SUMMARY_JSON, WDS_INDEX,
-                                  data_format, slice_name)
+from ditscale.data.schema import (
+    DATASET_JSON,
+    MDS_INDEX,
+    REPORT_JSON,
+    SLICE_RE,
+    SUMMARY_JSON,
+    WDS_INDEX,
+    data_format,
+    slice_name,
+)
 from ditscale.data.storage import is_remote, join, local_path, read_bytes
 from ditscale.files import atomic_write
 

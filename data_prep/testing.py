@@ -60,8 +60,8 @@ def write_image_folder(root: str, *, classes: int = 3, per_class: int = 4, seed:
 
 def write_image_tars(folder: str, out_dir: str, per_tar: int = 5) -> list[str]:
     """The images of an ImageNet-layout folder as webdataset tars (`<key>.<ext>` + `<key>.cls`)."""
-    import tarfile
     import io
+    import tarfile
 
     from data_prep.images import list_image_folder
 

@@ -11,7 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 OUT = Path(os.environ.get("DITSCALE_QUICKSTART_OUT", "quickstart_out"))

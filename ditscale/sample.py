@@ -23,8 +23,17 @@ import torch
 
 from ditscale.evaluate.inception import RESIZE_MODES
 from ditscale.runtime import RankEnv, pick_device, rank_env
-from ditscale.sampling.core import (SAMPLERS, GuidedSampler, decode, index_labels, index_seeds, sample_latents,
-                                    sampling_diffusion, seeded_noise, to_uint8)
+from ditscale.sampling.core import (
+    SAMPLERS,
+    GuidedSampler,
+    decode,
+    index_labels,
+    index_seeds,
+    sample_latents,
+    sampling_diffusion,
+    seeded_noise,
+    to_uint8,
+)
 from ditscale.sampling.grid import GridConfig, ema_grid, save_grid, vae_and_scale
 from ditscale.sampling.npz import prepare_dir, run_chunks
 from ditscale.weights import WEIGHTS, load_model, preset_of

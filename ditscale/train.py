@@ -33,8 +33,16 @@ import numpy as np
 import torch
 
 from ditscale import runtime
-from ditscale.config import (ConfigError, ExperimentConfig, config_diff, config_hash, load_config,
-                             resolve_with_dataset, save_config, to_dict)
+from ditscale.config import (
+    ConfigError,
+    ExperimentConfig,
+    config_diff,
+    config_hash,
+    load_config,
+    resolve_with_dataset,
+    save_config,
+    to_dict,
+)
 from ditscale.engine.signals import EXIT_PREEMPTED, catch_stop_signals, pause_for_test, signal_name, stop_received
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_SAVE_FAILED = 0, 2, 3, 4

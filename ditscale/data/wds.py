@@ -33,7 +33,6 @@ from ditscale.data.schema import WDS_INDEX
 from ditscale.data.storage import is_remote, join, local_path, read_bytes
 from ditscale.data.tario import tar_samples
 
-
 # --- the plan of an epoch (pure functions) ---------------------------------------------------------
 
 def split_range(total: int, parts: int, part: int) -> tuple[int, int]:

@@ -77,10 +77,6 @@ def shield_helpers(signals=STOP_SIGNALS) -> None:
             signal.signal(s, handler)
 
 
-class StopWaiting(Exception):
-    """A stop signal arrived while the trainer was blocked in `StopRequest.waiting()`."""
-
-
 class StopRequest:
     """The ranks' collective decision on a stop signal (handlers: `catch_stop_signals`)."""
 

@@ -3,10 +3,20 @@ from ditscale.evaluate.features import extract_features, folder_features, iter_n
 from ditscale.evaluate.fid import FIDStats, feature_stats, fid_from_features, frechet_distance
 from ditscale.evaluate.inception import WEIGHTS_FILENAME, WEIGHTS_URL, FIDInceptionV3, load_inception
 from ditscale.evaluate.metrics import (
-    METRICS, MetricSettings, compute_metrics, evaluate_npz, inception_score, precision_recall,
+    METRICS,
+    MetricSettings,
+    compute_metrics,
+    evaluate_npz,
+    inception_score,
+    precision_recall,
 )
-from ditscale.evaluate.reference import (Reference, load_reference, reference_from_features, reference_sha256,
-                                         save_reference)
+from ditscale.evaluate.reference import (
+    Reference,
+    load_reference,
+    reference_from_features,
+    reference_sha256,
+    save_reference,
+)
 from ditscale.evaluate.tiny import TinyFeatureNet
 
 __all__ = ["METRICS", "WEIGHTS_FILENAME", "WEIGHTS_URL", "FIDInceptionV3", "FIDStats", "MetricSettings", "Reference",

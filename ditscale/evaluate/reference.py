@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from ditscale.evaluate.features import folder_features, list_images, npz_features
-from ditscale.evaluate.inception import file_sha256
 from ditscale.evaluate.fid import FIDStats, feature_stats
+from ditscale.evaluate.inception import file_sha256
 
 
 @dataclass

@@ -4,11 +4,12 @@ from __future__ import annotations
 import json
 
 import torch
-from ds_launch import N, TOTAL, ckpt
 from safetensors.torch import load_file
 
 from ditscale.engine.export import export, main
 from ditscale.models import DiT
+
+from ds_launch import TOTAL, N, ckpt
 
 
 def load_exported(weights_file):

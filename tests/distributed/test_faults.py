@@ -10,9 +10,22 @@ import signal
 import subprocess
 import sys
 
+import pytest
 import torch
-from ds_launch import (N, REPO, TINY, TOTAL, child_env, ckpt, metrics, reference_overrides, start_training,
-                       tensor_leaves, train)
+
+from ds_launch import (
+    REPO,
+    TINY,
+    TOTAL,
+    N,
+    child_env,
+    ckpt,
+    metrics,
+    reference_overrides,
+    start_training,
+    tensor_leaves,
+    train,
+)
 
 
 def latest(run_dir) -> str:

@@ -4,6 +4,7 @@ step 100 on)."""
 from __future__ import annotations
 
 import pytest
+
 from ds_launch import metrics, train
 
 pytestmark = pytest.mark.slow

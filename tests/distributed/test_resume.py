@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from ds_launch import N, TOTAL, ckpt, metrics, reference_overrides, tensor_leaves, train
 from safetensors.torch import load_file
+
+from ds_launch import TOTAL, N, ckpt, metrics, reference_overrides, tensor_leaves, train
 
 
 def master_weights(path: Path) -> dict[str, torch.Tensor]:

@@ -20,8 +20,9 @@ import sys
 
 import pytest
 import torch
-from ds_launch import REPO, child_env, ckpt, metrics, tensor_leaves, train
 from safetensors import safe_open
+
+from ds_launch import REPO, child_env, ckpt, metrics, tensor_leaves, train
 
 pytestmark = pytest.mark.slow
 

@@ -4,8 +4,6 @@ import re
 import sys
 import time
 
-
-
 ALLREDUCE_JOB = f"""#!/bin/bash
 set -euo pipefail
 source "$SLURM_SUBMIT_DIR/slurm/common.sh"

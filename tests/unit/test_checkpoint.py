@@ -8,9 +8,20 @@ import numpy as np
 import pytest
 import torch
 
-from ditscale.engine.checkpoint import (CheckpointError, _owner, abandon_newer, atomic_write, list_tags,
-                                        newest_complete,
-                                        read_meta, resolve_resume, rng_state, rotate, set_rng_state, tag_for)
+from ditscale.engine.checkpoint import (
+    CheckpointError,
+    _owner,
+    abandon_newer,
+    atomic_write,
+    list_tags,
+    newest_complete,
+    read_meta,
+    resolve_resume,
+    rng_state,
+    rotate,
+    set_rng_state,
+    tag_for,
+)
 
 
 def make_ckpt(root, step, complete=True, files=None):

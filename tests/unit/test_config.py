@@ -8,8 +8,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ditscale.config import (ConfigError, ExperimentConfig, config_diff, config_hash, identity, load_config,
-                             resolve_with_dataset, save_config, to_dict)
+from ditscale.config import (
+    ConfigError,
+    ExperimentConfig,
+    config_diff,
+    config_hash,
+    identity,
+    load_config,
+    resolve_with_dataset,
+    save_config,
+    to_dict,
+)
 from ditscale.engine.build import complete_ds_config, read_ds_config, skips_nonfinite_steps
 from ditscale.engine.launch import detect
 

@@ -2,7 +2,6 @@
 images (counted and listed in report.json, skipped past --min-side / --max-aspect)."""
 import io
 import json
-import os
 
 import numpy as np
 import pytest

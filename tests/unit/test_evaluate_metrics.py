@@ -5,8 +5,7 @@ import torch
 from sklearn.neighbors import NearestNeighbors
 
 from ditscale.evaluate.fid import feature_stats
-from ditscale.evaluate.metrics import (MetricSettings, compute_metrics, inception_score, manifold_radii,
-                                       precision_recall)
+from ditscale.evaluate.metrics import MetricSettings, compute_metrics, inception_score, manifold_radii, precision_recall
 from ditscale.evaluate.reference import Reference
 
 # --------------------------------------------------------------------------- Inception Score

@@ -25,8 +25,20 @@ from ditscale.diffusion import create_diffusion
 from ditscale.models import build_dit
 from ditscale.models.flops import dit_gflops, dit_params
 from ditscale.plan import (
-    CATEGORIES, GiB, PHASES, PlanInput, ZeroBuffers, activation_memory, from_ds_config, largest_micro_batch, main,
-    model_shapes, peak_bytes, plan, sweep)
+    CATEGORIES,
+    PHASES,
+    GiB,
+    PlanInput,
+    ZeroBuffers,
+    activation_memory,
+    from_ds_config,
+    largest_micro_batch,
+    main,
+    model_shapes,
+    peak_bytes,
+    plan,
+    sweep,
+)
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[2]

@@ -8,8 +8,7 @@ import torch.nn.functional as F
 
 from ditscale.models import DiT
 from ditscale.repa.align import alignment_loss, build_projector, match_tokens
-from ditscale.repa.encoder import (ENCODERS, EncoderError, build_vit, encoder_dim, encoder_input_size,
-                                   load_encoder)
+from ditscale.repa.encoder import ENCODERS, EncoderError, build_vit, encoder_dim, encoder_input_size, load_encoder
 from ditscale.repa.model import DiTWithProjector, is_training_only
 
 TINY = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=3, num_heads=2, num_classes=5)

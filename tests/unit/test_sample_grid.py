@@ -47,8 +47,8 @@ def test_float_images_and_bad_inputs(tmp_path):
 
 
 def test_ema_grid_is_fixed_across_calls_and_logs_to_tensorboard(tmp_path):
-    from torch.utils.tensorboard import SummaryWriter
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
 
     model = pixel_model().train()
     cfg = {"classes": [4, 1], "num_per_class": 3, "steps": 4, "seed": 3, "class_names": list("abcde")}

@@ -9,8 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from ditscale.engine.watchdog import EXIT_HUNG, StepWatchdog
 
 REPO = Path(__file__).resolve().parents[2]
