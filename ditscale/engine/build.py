@@ -3,8 +3,11 @@
 
 The JSON owns how DeepSpeed works (ZeRO stage, offload, bf16, buckets); the experiment YAML owns what is
 trained (batch, optimizer, clipping). bf16 is the precision of every GPU config; fp32 (bf16 disabled,
-ZeRO-1/2: ds_configs/zero1_fp32_cpu.json) is for CPUs without bf16 units, where it is ~8x faster. Keys of the second kind in the JSON must be "auto" (or absent, or
-equal to the YAML's value): a conflicting number there is an error naming the file and the key.
+ZeRO-1/2: ds_configs/zero1_fp32_cpu.json) is for CPUs without bf16 units, where it is ~8x faster; that JSON
+turns overlap_comm and contiguous_gradients off (a CPU has no communication stream to overlap with, and the
+bucket copies cost ~10 ms of a tiny model's ~60 ms step: bench/RESULTS.md). Keys of the second kind in
+the JSON must be "auto" (or absent, or equal to the YAML's value): a conflicting number there is an error
+naming the file and the key.
 """
 from __future__ import annotations
 

@@ -265,6 +265,23 @@ def test_one_nan_sample_is_skipped_by_deepspeed_or_stops_the_run(precision, tmp_
         assert max(saved, default=0) < stopped
 
 
+def test_async_nonfinite_check_stops_at_the_next_step_with_no_log_or_save_due(tmp_path):
+    """engine.nonfinite_check=async (bf16, DeepSpeed's overflow check off, no host sync per step): the NaN
+    sample's step is applied, the next step's poll reads its count, and the run stops with exit 3 long
+    before any log or checkpoint is due, writing none."""
+    from data_prep.testing import write_synthetic_latents
+
+    data = write_synthetic_latents(str(tmp_path / "data"), 16, latent_size=8, num_classes=10, nan_samples=(3,))
+    run_dir = tmp_path / "run"
+    out = single_process(reference_overrides(2, run_dir, data, "engine.ds_config=ds_configs/zero2_bf16.json",
+                                             "engine.nonfinite_check=async", "data.shuffle=false", "train.max_steps=8",
+                                             "train.ckpt_every=1000", "log.every=1000"), tmp_path)
+    assert out.returncode == 3, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "in steps DeepSpeed applied: the weights took them" in out.stdout
+    stopped = int(re.search(r"at step (\d+): stopping", out.stdout).group(1))
+    assert stopped < 8 and not list((run_dir / "ckpt").glob("step_*")), stopped
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A tmpfs mounted at tmp_path/disk (root only): the real ENOSPC of a full filesystem."""
