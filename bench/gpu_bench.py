@@ -8,7 +8,9 @@ Every run measures, in the same process and on the same card:
   - `compiled`: the same with every block torch.compile'd, fused AdamW and a foreach EMA;
   - `ds-zero2`, `ds-zero1`: the trainer's own path (ditscale.engine / ditscale.train: DeepSpeed bf16 engine,
     its optimizer, EMA every step, batches from MDS shards with posterior sampling on the device,
-    logging on), and `+ckpt` with activation checkpointing on every block.
+    logging on), with `engine.compile=blocks` set through the config (`--no-compile`: off), observed
+    and ended through the trainer's hooks; `+ckpt` with activation checkpointing on every block;
+    `ds-zero2-async` with `engine.nonfinite_check=async` (no host sync per step).
 Timing: warm-up steps (compilation included) are excluded; a window of steps is timed between two CUDA
 synchronisations. A wall-clock budget skips (and marks) what no longer fits, so the run ends in time; the
 JSON and the markdown table are rewritten after every setting, so a killed run keeps what it measured.
