@@ -292,7 +292,7 @@ def train(cfg: ExperimentConfig, meta: dict, ds: dict, env, device: torch.device
     from ditscale.data.prefetch import DevicePrefetcher
     from ditscale.diffusion import create_diffusion
     from ditscale.engine import checkpoint
-    from ditscale.engine.build import skips_nonfinite_steps, zero_stage
+    from ditscale.engine.build import complete_ds_config, skips_nonfinite_steps, zero_stage
     from ditscale.engine.memory import process_memory
     from ditscale.engine.metrics import Metrics
     from ditscale.engine.nonfinite import NonfiniteWatch
@@ -350,7 +350,7 @@ def train(cfg: ExperimentConfig, meta: dict, ds: dict, env, device: torch.device
     # non-finite step is skipped and there is nothing to read. Without it (engine.nonfinite_check=async,
     # or check_grad_overflow=false) a non-finite loss reaches the weights: it is caught at the next step
     # (async) or the next log, always before a save, and the run stops. fp32 checks at log / save.
-    skips_nonfinite = skips_nonfinite_steps(ds)
+    skips_nonfinite = skips_nonfinite_steps(complete_ds_config(ds, cfg, env.world_size))   # what DeepSpeed got
     watch = NonfiniteWatch(metrics.nonfinite, env.world_size, every_step=cfg.engine.nonfinite_check == "async")
     engine.train()
     scale, drop = meta["scale_factor"], cfg.model.class_dropout_prob
