@@ -10,6 +10,13 @@ twice (itself and its mirror). Rows, in one run:
 
     python bench/data_prep_bench.py                        # CPU here; the GPU when there is one
     python bench/data_prep_bench.py --budget 30 --out /tmp/res    # fit in 30 s, write the table there
+    python bench/data_prep_bench.py --vs-plain-loop --images 500  # CPU pixel mode vs a plain PIL loop
+
+--vs-plain-loop (issue 20's goal: the job ≥ 1.0x the plain loop per worker, ≥ 1.8x with 2 decode workers
+on 2 cores): the same JPEGs through a plain loop (PIL open + ADM crop + numpy to [-1, 1], one process,
+then 2 processes) and through the whole pixel-mode job (`--vae none`: decode, mirror, statistics, MDS
+shards with hashes) with 0, 1 and 2 decode workers, side by side in one run. Each job row is its
+steady rate (summary images_per_s: after listing and worker start).
 """
 from __future__ import annotations
 
@@ -103,6 +110,46 @@ def decode_only(root: str, res: int, batch: int, workers: int, seconds: float) -
     return n / (time.perf_counter() - start)
 
 
+def _plain(paths: list[str], res: int) -> int:
+    import numpy as np
+    from PIL import Image
+
+    for path in paths:
+        with Image.open(path) as im:
+            arr = image_io.center_crop_arr(im.convert("RGB"), res)
+        np.asarray(arr, np.float32) / 127.5 - 1.0
+    return len(paths)
+
+
+def plain_loop(root: str, res: int, processes: int) -> float:
+    """images/s of a plain PIL open + ADM crop + numpy loop over the folder, in `processes` processes."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    items, _ = image_io.list_image_folder(root)
+    paths = [os.path.join(root, rel) for rel, _ in items]
+    if processes == 1:
+        start = time.perf_counter()
+        return _plain(paths, res) / (time.perf_counter() - start)
+    with ProcessPoolExecutor(processes) as pool:
+        list(pool.map(_plain, [[p] for p in paths[:processes]], [res] * processes))     # workers started
+        start = time.perf_counter()
+        done = sum(pool.map(_plain, [paths[i::processes] for i in range(processes)], [res] * processes))
+    return done / (time.perf_counter() - start)
+
+
+def vs_plain_loop(args, jpegs: str, work: str) -> list[tuple[str, float]]:
+    rows = [("plain loop: PIL open + ADM crop + numpy, 1 process", plain_loop(jpegs, args.resolution, 1)),
+            ("plain loop, 2 processes", plain_loop(jpegs, args.resolution, 2))]
+    for workers in (0, 1, 2):
+        out = os.path.join(work, f"pixel-{workers}")
+        shutil.rmtree(out, ignore_errors=True)
+        [summary] = run(EncodeConfig(input=jpegs, out=out, vae="none", resolution=args.resolution,
+                                     format=args.format, decode_workers=workers, worker=0, num_workers=1,
+                                     progress=False))
+        rows.append((f"data_prep encode --vae none, {workers} decode worker(s)", summary["images_per_s"]))
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--vae", default="sd", help="sd (random weights, SD-VAE size), tiny, or a local directory")
@@ -117,7 +164,22 @@ def main() -> None:
     p.add_argument("--budget", type=float, help="seconds the whole run may take (phases shrink to fit)")
     p.add_argument("--out", help="directory for data_prep_bench.md and .json")
     p.add_argument("--keep", help="keep inputs and outputs in this directory")
+    p.add_argument("--vs-plain-loop", action="store_true", help="CPU pixel mode against a plain PIL loop")
     args = p.parse_args()
+    if args.vs_plain_loop:
+        work = args.keep or tempfile.mkdtemp(prefix="data-prep-bench-")
+        jpegs = os.path.join(work, "jpegs")
+        if not os.path.isdir(jpegs):
+            make_jpegs(jpegs, args.images or 200)
+        rows = vs_plain_loop(args, jpegs, work)
+        title = (f"data_prep vs a plain loop: {args.images or 200} JPEGs, {args.resolution}px, "
+                 f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}, {time.strftime('%Y-%m-%d %H:%M')}")
+        lines = [title, "| setting | images/s | vs plain loop (1 process) |", "|---|---|---|"]
+        lines += [f"| {name} | {rate:,.3g} | {rate / rows[0][1]:.2f}x |" for name, rate in rows]
+        print("\n" + "\n".join(lines))
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        return
     device = pick_device("auto")
     gpu = device.type == "cuda"
     n_images = args.images or (1024 if gpu else 6)

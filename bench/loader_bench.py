@@ -5,12 +5,17 @@ i.e. ≥ 2,600 samples/s per loader process. Baseline in the same run: a bare St
 sample with numpy posterior sampling (what a plain reader does). Every setting reads one warm-up
 epoch (fills the cache, starts workers), then is timed over the next epoch from its first batch on.
 
+The cost of the shard hash checks (ditscale.data.integrity, goal ≤ 5 %): each format's 2-worker row is
+repeated with `check_shard` replaced by a no-op (in this process and the forked workers); the checked
+rows re-check every shard each epoch, as fresh DataLoader workers do.
+
     python bench/loader_bench.py                      # 20,000 synthetic samples in a temp dir
     python bench/loader_bench.py --samples 50000 --batch-size 256 --data /tmp/latents
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import os
 import platform
@@ -25,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data_prep.testing import write_synthetic_latents  # noqa: E402
 from ditscale.data import build_dataloader, build_dataset, flip_of, sample_latents  # noqa: E402
+from ditscale.data import mds as mds_reader, wds as wds_reader  # noqa: E402
 
 _caches = itertools.count()
 
@@ -55,6 +61,39 @@ def bare_streaming(root: str, cache: str, batch: int) -> float:
     for _ in samples():
         pass
     return timed(samples(), lambda _: 1)
+
+
+@contextlib.contextmanager
+def unchecked():
+    """The readers with their shard hash check replaced by a no-op (forked workers inherit it)."""
+    saved = mds_reader.check_shard, wds_reader.check_shard
+    mds_reader.check_shard = wds_reader.check_shard = lambda *a, **k: None
+    try:
+        yield
+    finally:
+        mds_reader.check_shard, wds_reader.check_shard = saved
+
+
+def hash_time(root: str) -> tuple[float, int]:
+    """(seconds, bytes) of checking every shard's xxh64 once, as a reader does (decompressed, for MDS)."""
+    import json
+
+    from ditscale.data.check import stored_file
+    from ditscale.data.integrity import digest
+
+    index = json.load(open(os.path.join(root, "index.json" if "mds" in os.path.basename(root) else "wds_index.json")))
+    seconds, size = 0.0, 0
+    for shard in index["shards"]:
+        with open(os.path.join(root, stored_file(shard)["basename"]), "rb") as f:
+            data = f.read()
+        if shard.get("zip_data"):
+            from streaming.base.compression import decompress
+
+            data = decompress(shard["compression"], data)
+        start = time.perf_counter()
+        digest(data)
+        seconds, size = seconds + time.perf_counter() - start, size + len(data)
+    return seconds, size
 
 
 def ours(root: str, cache_root: str, batch: int, workers: int | None, sample: bool = False) -> float:
@@ -110,6 +149,14 @@ def main() -> None:
     if not args.no_wds:
         for w in (1, 2):
             rows.append((f"build_dataset (wds) + DataLoader, {w} worker(s)", w, ours(roots["wds"], caches, b, w)))
+    costs = []
+    for fmt in ("mds",) + (() if args.no_wds else ("wds",)):
+        checked = ours(roots[fmt], caches, b, 2)
+        with unchecked():
+            plain = ours(roots[fmt], caches, b, 2)
+        rows.append((f"{fmt}, 2 workers, shard hashes NOT checked", 2, plain))
+        rows.append((f"{fmt}, 2 workers, shard hashes checked (again)", 2, checked))
+        costs.append(f"{fmt} {100 * (1 - checked / plain):+.1f} %")
     base_rate = rows[0][2]
     print(f"\nloader bench: {args.samples} samples of 2×(2,4,32,32) fp16, batch {b}, "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
@@ -118,6 +165,15 @@ def main() -> None:
     for name, procs, rate in rows:
         print(f"{name:<62} {rate:>10,.0f} {rate / procs:>12,.0f} {rate / base_rate:>11.2f}x")
     print("goal: ≥ 2,600 samples/s per loader process (5,200 per node from 2 processes)")
+    print(f"cost of the shard hash checks (2 workers, checked vs not, same run): {', '.join(costs)} "
+          f"(goal ≤ 5 %; timings on a shared machine vary by a few %)")
+    for fmt, root in roots.items():
+        if fmt == "wds" and args.no_wds:
+            continue
+        seconds, size = hash_time(root)
+        rate = next(r for name, _, r in rows if name.startswith(f"{fmt}, 2 workers, shard hashes checked"))
+        print(f"{fmt}: xxh64 of every shard once ({size / 1e6:.0f} MB) takes {seconds:.2f} s in one process = "
+              f"{100 * seconds / (args.samples / rate):.1f} % of the epoch at the checked rate")
     clean_stale_shared_memory()
 
 

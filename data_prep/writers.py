@@ -21,11 +21,9 @@ import threading
 from typing import Any
 
 import numpy as np
-from streaming import MDSWriter
-from streaming.base.hashing import get_hash
-from streaming.base.storage.upload import CloudUploader
 
 from ditscale.data.image_column import ImageColumn
+from ditscale.data.integrity import digest
 from ditscale.data.schema import HASHES, SLICE_RE, SUMMARY_JSON, WDS_INDEX, data_format, mds_columns, wds_key
 from ditscale.data.storage import exists, is_remote, join, local_path, read_bytes
 
@@ -53,9 +51,12 @@ class SliceOutput:
         """Forget any earlier, unfinished attempt at this slice (local side)."""
         shutil.rmtree(self.local, ignore_errors=True)
 
-    def uploader(self) -> CloudUploader | None:
+    def uploader(self):
+        """streaming's CloudUploader from the staging directory to the final place (None: unstaged)."""
         if not self.staged:
             return None
+        from streaming.base.storage.upload import CloudUploader
+
         os.makedirs(self.local, exist_ok=True)
         return CloudUploader.get((self.local, self.final), keep_local=False, exist_ok=True)
 
@@ -92,7 +93,7 @@ def file_info(path: str, basename: str, samples: int) -> dict[str, Any]:
     with open(path, "rb") as f:
         data = f.read()
     return {"basename": basename, "samples": samples, "bytes": len(data),
-            "hashes": {algo: get_hash(algo, data) for algo in HASHES}}
+            "hashes": {algo: digest(data, algo) for algo in HASHES}}
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -106,6 +107,8 @@ class MdsSliceWriter:
 
     def __init__(self, output: SliceOutput, latent_channels: int, latent_size: int, shard_size: int,
                  image: ImageColumn | None = None, compression: str = "zstd"):
+        from streaming import MDSWriter     # imported here: `import streaming` costs seconds (it imports transformers)
+
         out = (output.local, output.final) if output.staged else output.local
         self.writer = MDSWriter(out=out, columns=mds_columns(latent_channels, latent_size, image is not None),
                                 compression=compression, hashes=HASHES, size_limit=shard_size,

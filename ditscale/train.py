@@ -339,9 +339,11 @@ def train(cfg: ExperimentConfig, meta: dict, ds: dict, env, device: torch.device
         saved_at = at
         metrics.write_event(event="checkpoint", step=at, seconds=round(time.perf_counter() - t0, 1))
 
+    def last_checkpoint():
+        return checkpoint.newest_complete(Path(cfg.run_dir) / checkpoint.CKPT_DIR, log=lambda *_: None)
+
     def diverged(count: int, why: str) -> int:
-        last = checkpoint.newest_complete(Path(cfg.run_dir) / checkpoint.CKPT_DIR, log=lambda *_: None)
-        say(f"error: {why} at step {step}: stopping; last good checkpoint: {last or 'none'}")
+        say(f"error: {why} at step {step}: stopping; last good checkpoint: {last_checkpoint() or 'none'}")
         metrics.write_event(event="nonfinite_stop", step=step, count=count)
         return EXIT_NONFINITE
 
@@ -369,10 +371,9 @@ def train(cfg: ExperimentConfig, meta: dict, ds: dict, env, device: torch.device
                     with stop.waiting():
                         batch = next(batches)
                 except StopWaiting as e:
-                    last = checkpoint.newest_complete(Path(cfg.run_dir) / checkpoint.CKPT_DIR, log=lambda *_: None)
                     print(f"[ditscale.train] rank {env.rank}: {e} while waiting for data at step {step}: stopping "
-                          f"without a new checkpoint (resume from {last or 'the start'}), exit {EXIT_PREEMPTED}",
-                          flush=True)
+                          f"without a new checkpoint (resume from {last_checkpoint() or 'the start'}), "
+                          f"exit {EXIT_PREEMPTED}", flush=True)
                     metrics.write_event(event="preempted", step=step, waiting_for_data=True)
                     return EXIT_PREEMPTED
                 data_wait += time.perf_counter() - t0

@@ -31,12 +31,13 @@ class DataError(ValueError):
 
 
 def digest(data, algo: str = SHARD_HASH) -> str:
-    """Hex digest of a bytes-like object (bytes, memoryview, mmap) as streaming's `get_hash` spells it."""
-    if algo == "xxh64":
-        return xxhash.xxh64(data).hexdigest()
-    from streaming.base.hashing import get_hash
-
-    return get_hash(algo, bytes(data))
+    """Hex digest of a bytes-like object (bytes, memoryview, mmap), as streaming's `get_hash` computes it
+    (hashlib's and xxhash's algorithms by name)."""
+    if algo in xxhash.algorithms_available:
+        return getattr(xxhash, algo)(data).hexdigest()
+    if hasattr(hashlib, algo) and not algo.startswith("shake_"):
+        return getattr(hashlib, algo)(data).hexdigest()
+    raise ValueError(f"{algo} is not a supported hash algorithm")
 
 
 def shard_problems(data, info: dict, what: str, algos: list[str] | None = None) -> list[str]:

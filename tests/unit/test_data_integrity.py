@@ -202,15 +202,14 @@ def test_train_refuses_damaged_or_small_data_with_exit_2(pristine, tmp_path, cap
 
     root = copy_of(pristine, "wds", tmp_path)
     tiny = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "tiny_test.yaml")
-    args = ["--config", tiny, f"data.root={root}", f"run_dir={tmp_path / 'run'}", "data.num_workers=0",
-            "--check"]
+    args = ["--config", tiny, f"data.root={root}", f"run_dir={tmp_path / 'run'}", "data.num_workers=0"]
     flip_byte(shard_files(root)[0])
-    assert main(args) == 0                       # sizes agree: only the hashes see it
-    assert main(args + ["--deep"]) == 2
+    assert main(args + ["--check"]) == 0                       # sizes agree: only the hashes see it
+    assert main(args + ["--check", "--deep"]) == 2
     assert f"{shard_files(root)[0]}: sha1" in capsys.readouterr().err
-    assert main(args + ["train.global_batch=48"]) == 2
+    assert main(args + ["train.global_batch=48", "--check"]) == 2
     assert "40 samples, fewer than one global batch (train.global_batch=48" in capsys.readouterr().err
-    ds = build_dataset(root, batch_size=32, seed=0)
+    ds = build_dataset(pristine["wds"], batch_size=32, seed=0)
     with pytest.raises(DataError, match="an epoch of 40 samples gave this rank no batch of 32"):
         next(endless(build_dataloader(ds, batch_size=32, num_workers=2)))
 
