@@ -30,7 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data_prep.testing import write_synthetic_latents  # noqa: E402
 from ditscale.data import build_dataloader, build_dataset, flip_of, sample_latents  # noqa: E402
-from ditscale.data import mds as mds_reader, wds as wds_reader  # noqa: E402
+from ditscale.data import mds as mds_reader  # noqa: E402
+from ditscale.data import wds as wds_reader
 
 _caches = itertools.count()
 

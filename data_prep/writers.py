@@ -107,7 +107,7 @@ class MdsSliceWriter:
 
     def __init__(self, output: SliceOutput, latent_channels: int, latent_size: int, shard_size: int,
                  image: ImageColumn | None = None, compression: str = "zstd"):
-        from streaming import MDSWriter     # imported here: `import streaming` costs seconds (it imports transformers)
+        from streaming import MDSWriter  # imported here: `import streaming` costs seconds (it imports transformers)
 
         out = (output.local, output.final) if output.staged else output.local
         self.writer = MDSWriter(out=out, columns=mds_columns(latent_channels, latent_size, image is not None),
