@@ -6,7 +6,7 @@
 
 Every key is typed. An unknown key (with the closest valid ones), a value of the wrong type or out of
 range is a `ConfigError` naming the dotted key; the trainer turns it into exit code 2. Sections:
-model, diffusion, data, optim, train, engine, log, sample; `run_dir` is top level.
+model, diffusion, data, optim, train, engine, log, sample, eval; `run_dir` is top level.
 """
 from __future__ import annotations
 
@@ -271,6 +271,47 @@ class SampleConfig:
 
 
 @dataclass
+class EvalConfig:
+    """FID (and IS / sFID / precision-recall) of the EMA during training, every `every` steps and at
+    train.max_steps (0 = off): num_samples images sampled over all ranks, compared with `ref` in the
+    features of `network` (ditscale.evaluate.in_training). Defaults: the paper's training-curve setting
+    (250 DDPM steps, no guidance) and ADM's metric conventions."""
+
+    every: int = 0
+    num_samples: int = 10_000
+    ref: str = ""                       # ADM reference batch .npz, a saved reference, or a folder of images
+    network: str = "inception"          # inception | digits (ditscale.evaluate.digits, for 8×8 digits)
+    weights: str = ""                   # the network's weights file (pt_inception-2015-12-05-6726825d.pth)
+    resize: str = "tf1"                 # Inception input resize: tf1 (ADM) | torch (pytorch-fid)
+    metrics: list[str] = field(default_factory=lambda: ["fid"])   # of fid, sfid, is, pr
+    sampler: str = "ddpm"
+    steps: int = 250
+    cfg_scale: float = 1.0              # 1 = no guidance (the paper's FID-vs-training curves)
+    labels: str = "balanced"            # balanced (num_samples / classes each) | random (the DiT paper)
+    seed: int = 0
+    batch_size: int = 64                # images per rank per model call (also the chunk size)
+
+    def validate(self) -> None:
+        from ditscale.evaluate.metrics import METRICS
+
+        _require(self.every >= 0, "eval.every", f"must be >= 0 (0 = off), got {self.every}")
+        _choice(self.network, "eval.network", ("inception", "digits"))
+        _choice(self.resize, "eval.resize", ("tf1", "torch"))
+        _choice(self.sampler, "eval.sampler", ("ddpm", "ddim"))
+        _choice(self.labels, "eval.labels", ("balanced", "random"))
+        bad = [m for m in self.metrics if m not in METRICS]
+        _require(bool(self.metrics) and not bad, "eval.metrics", f"{bad or '[]'}: choose from {', '.join(METRICS)}")
+        for name in ("num_samples", "steps", "batch_size"):
+            _require(getattr(self, name) >= 1, f"eval.{name}", f"must be >= 1, got {getattr(self, name)}")
+        _require(self.cfg_scale >= 1, "eval.cfg_scale", f"must be >= 1 (1 = no guidance), got {self.cfg_scale}")
+        _require(self.seed >= 0, "eval.seed", f"must be >= 0, got {self.seed}")
+        if self.every:
+            _require(bool(self.ref), "eval.ref", "is required with eval.every > 0 (a reference .npz or folder)")
+            _require(bool(self.weights), "eval.weights", f"is required with eval.every > 0 (the {self.network} "
+                                                         f"network's weights file)")
+
+
+@dataclass
 class ExperimentConfig:
     run_dir: str = "runs/default"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -281,6 +322,7 @@ class ExperimentConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     log: LogConfig = field(default_factory=LogConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> ExperimentConfig:
         """Check every section and the keys that relate across sections; returns self."""
@@ -506,7 +548,7 @@ RESUME_MAY_CHANGE = (
     "train.resume", "train.resume_ignore", "train.stop_check_every", "train.hang_timeout_min", "train.micro_batch",
     "train.deterministic",
     "model.checkpoint_every", "data.root", "data.cache", "data.num_workers", "data.prefetch_factor",
-    "engine.", "log.", "sample.",
+    "engine.", "log.", "sample.", "eval.",
 )
 
 

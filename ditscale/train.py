@@ -105,6 +105,9 @@ def prepare(args, world_size: int) -> tuple[ExperimentConfig, dict, dict]:
     vae = cfg.sample.vae or meta["vae"]
     if cfg.sample.every and vae != "none" and not Path(vae).exists():
         raise ConfigError(f"sample.vae: {vae} does not exist (needed for sample grids; sample.every=0 turns them off)")
+    if cfg.eval.every:
+        from ditscale.evaluate.in_training import check_inputs
+        check_inputs(cfg.eval)
     run_dir = Path(cfg.run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -188,21 +191,16 @@ def report_memory(engine, ema, metrics, step: int, rss_before_model_gib: float |
 
 def sample_grid(cfg: ExperimentConfig, meta: dict, ema, step: int, device, tb) -> None:
     """An EMA sample grid in run_dir/samples (rank 0 samples; every rank contributes its EMA shards)."""
-    from ditscale.engine.ema import gather_full
-    from ditscale.engine.export import official_state_dict
-    from ditscale.models import DiT
+    from ditscale.evaluate.in_training import ema_model
     from ditscale.sampling.grid import GridConfig, ema_grid
 
-    params = gather_full(ema)
-    if params is None:
+    model = ema_model(cfg, ema)
+    if model is None:
         return
-    kwargs = cfg.model.dit_kwargs()
-    model = DiT(**kwargs)
-    model.load_state_dict(official_state_dict(params, kwargs), strict=True)
     grid = GridConfig.from_dataset(meta, classes=cfg.sample.classes, num_per_class=cfg.sample.num_per_class,
                                    sampler=cfg.sample.sampler, steps=cfg.sample.steps,
                                    cfg_scale=cfg.sample.cfg_scale, seed=cfg.sample.seed,
-                                   guide_channels=3 if kwargs["in_channels"] == 4 else "all",   # official quirk
+                                   guide_channels=3 if model.in_channels == 4 else "all",   # official quirk
                                    vae=cfg.sample.vae or meta["vae"],
                                    noise_schedule=cfg.diffusion.noise_schedule,
                                    diffusion_steps=cfg.diffusion.diffusion_steps)
@@ -323,6 +321,10 @@ def train(cfg: ExperimentConfig, meta: dict, ds: dict, env, device: torch.device
                       flops_per_image=train_flops_per_image(cfg.model.dit_kwargs()))
     metrics.write_event(event="start", step=step, world_size=env.world_size, zero_stage=zero_stage(ds),
                         resumed_from=str(run.resumed_from or ""), config_hash=config_hash(cfg))
+    evaluator = None
+    if cfg.eval.every:
+        from ditscale.evaluate.in_training import TrainingEval
+        evaluator = TrainingEval(cfg, meta, env.rank, env.world_size, device, metrics, log=say)
     say(f"{env.world_size} rank(s) on {device.type}, ZeRO-{zero_stage(ds)}, micro-batch {micro} x {accum} "
         f"accumulation, step {step} -> {tc.max_steps}")
     dataset_info = {k: meta[k] for k in ("vae", "scale_factor", "classes", "resolution", "latent_size",
@@ -356,13 +358,31 @@ def train(cfg: ExperimentConfig, meta: dict, ds: dict, env, device: torch.device
     watch = NonfiniteWatch(metrics.nonfinite, env.world_size, every_step=cfg.engine.nonfinite_check == "async")
     engine.train()
     scale, drop = meta["scale_factor"], cfg.model.class_dropout_prob
-    nonfinite_run, saved_at = 0, None
+    nonfinite_run, saved_at = 0, (step if run.resumed_from else None)
+
+    def preempted() -> int:
+        print(f"[ditscale.train] rank {env.rank}: stop agreed at step {step} ({stop.name})", flush=True)
+        if saved_at != step:
+            save(step)
+        say(f"stopping at step {step}: checkpoint complete, exit {EXIT_PREEMPTED}")
+        metrics.write_event(event="preempted", step=step)
+        return EXIT_PREEMPTED
+
+    def evaluated() -> bool:
+        """False when a stop signal interrupted the evaluation due at this step (if any)."""
+        if evaluator is None or not evaluator.pending(step):
+            return True
+        with watchdog.paused("evaluation"):
+            return evaluator.run(step, ema, lambda: stop.agreed(step, now=True)) is not None
+
     try:
         pause_for_test("loop")
         if step < tc.max_steps and stop.agreed(step, now=True):      # a stop signal during start-up
             say(f"stop signal ({stop.name}) before the first step: nothing new to save, exit {EXIT_PREEMPTED}")
             metrics.write_event(event="preempted", step=step, before_first_step=True)
             return EXIT_PREEMPTED
+        if not evaluated():                         # the evaluation a preempted run left unfinished
+            return preempted()
         while step < tc.max_steps:
             data_wait = 0.0
             for m in range(accum):
@@ -414,13 +434,8 @@ def train(cfg: ExperimentConfig, meta: dict, ds: dict, env, device: torch.device
                     sample_grid(cfg, meta, ema, step, device, metrics.tb)
                     torch.distributed.barrier()     # the other ranks wait here, not in the next step
             hooks.step_end(step, record)
-            if stop.agreed(step) and step < tc.max_steps:
-                print(f"[ditscale.train] rank {env.rank}: stop agreed at step {step} ({stop.name})", flush=True)
-                if saved_at != step:
-                    save(step)
-                say(f"stopping at step {step}: checkpoint complete, exit {EXIT_PREEMPTED}")
-                metrics.write_event(event="preempted", step=step)
-                return EXIT_PREEMPTED
+            if not evaluated() or (stop.agreed(step) and step < tc.max_steps):
+                return preempted()
         report_memory(engine, ema, metrics, step, rss_before_model)      # peak RSS of the whole run, saves included
         skipped = f", {engine.skipped_steps} skipped by DeepSpeed (non-finite gradients)" if engine.skipped_steps else ""
         say(f"done: {step} steps{skipped}, {images_seen} images; checkpoint {checkpoint.tag_for(step)} is complete")

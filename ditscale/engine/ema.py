@@ -243,14 +243,18 @@ class ShardIndex:
         return self.read(name, 0, numel).view(shape)
 
 
-def gather_full(ema: ShardedEMA) -> dict[str, torch.Tensor] | None:
-    """The full fp32 EMA on rank 0 (None elsewhere): every rank's shards gathered to rank 0's CPU memory.
-    A collective, for occasional use (sample grids); it holds the whole model on rank 0."""
+def gather_full(ema: ShardedEMA, all_ranks: bool = False) -> dict[str, torch.Tensor] | None:
+    """The full fp32 EMA on rank 0 (None elsewhere), or on every rank with all_ranks: every rank's shards
+    gathered to CPU memory. A collective, for occasional use (sample grids, evaluation); it holds the
+    whole model on each receiving rank."""
     import torch.distributed as dist
 
     mine = ([(s.name, s.start, s.shape, e.detach().cpu()) for s, e in zip(ema.shards, ema.ema)])
     if not dist.is_initialized() or dist.get_world_size() == 1:
         everyone = [mine]
+    elif all_ranks:
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)
     else:
         everyone = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
         dist.gather_object(mine, everyone, dst=0)

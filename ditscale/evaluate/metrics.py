@@ -135,14 +135,19 @@ def manifold_radii(features, k=3, batch_size=ADM_PR_BLOCK, distances="fp16"):
     return radii
 
 
-def within_manifold(queries, support, radii, batch_size=ADM_PR_BLOCK, distances="fp16"):
-    """Boolean (Q,): whether each query lies in some ball (support[j], radii[j])."""
-    inside, dist = torch.zeros(len(queries), dtype=torch.bool, device=queries.device), SQ_DISTS[distances]
-    for q in range(0, len(queries), batch_size):
-        for s in range(0, len(support), batch_size):
-            d = dist(queries[q:q + batch_size], support[s:s + batch_size])
-            inside[q:q + batch_size] |= (d <= radii[s:s + batch_size]).any(1)
-    return inside
+def mutual_coverage(ref, fake, ref_radii, fake_radii, batch_size=ADM_PR_BLOCK, distances="fp16"):
+    """(fake_in (M,), ref_in (N,)): whether each sample lies in some reference ball, and each reference
+    point in some sample ball. One pass over (ref block, sample block) distances, ref as the rows, as ADM
+    (the fp16 rounding of |u|² − 2u·v + |v|² depends on which side comes first)."""
+    dist = SQ_DISTS[distances]
+    fake_in = torch.zeros(len(fake), dtype=torch.bool, device=fake.device)
+    ref_in = torch.zeros(len(ref), dtype=torch.bool, device=ref.device)
+    for r in range(0, len(ref), batch_size):
+        for f in range(0, len(fake), batch_size):
+            d = dist(ref[r:r + batch_size], fake[f:f + batch_size])             # (ref rows, sample cols)
+            ref_in[r:r + batch_size] |= (d <= fake_radii[f:f + batch_size]).any(1)
+            fake_in[f:f + batch_size] |= (d <= ref_radii[r:r + batch_size, None]).any(0)
+    return fake_in, ref_in
 
 
 def precision_recall(ref_features, sample_features, k=3, batch_size=ADM_PR_BLOCK, device=None, distances="fp16"):
@@ -155,9 +160,9 @@ def precision_recall(ref_features, sample_features, k=3, batch_size=ADM_PR_BLOCK
     if ref.ndim != 2 or fake.ndim != 2 or ref.shape[1] != fake.shape[1]:
         raise ValueError(f"need features (N, D) and (M, D), got {tuple(ref.shape)} and {tuple(fake.shape)}")
     opts = dict(batch_size=batch_size, distances=distances)
-    precision = within_manifold(fake, ref, manifold_radii(ref, k, **opts), **opts)
-    recall = within_manifold(ref, fake, manifold_radii(fake, k, **opts), **opts)
-    return precision.double().mean().item(), recall.double().mean().item()
+    fake_in, ref_in = mutual_coverage(ref, fake, manifold_radii(ref, k, **opts), manifold_radii(fake, k, **opts),
+                                      **opts)
+    return fake_in.double().mean().item(), ref_in.double().mean().item()
 
 
 #################################################################################

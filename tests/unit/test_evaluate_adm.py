@@ -103,11 +103,11 @@ def test_fp16_radii_are_adm_distances():
     np.testing.assert_allclose(ours, theirs, rtol=2e-3)
 
 
-@pytest.mark.parametrize("block", [10000, 70])
-def test_precision_recall_default_is_adm(block):
-    ref, fake = features(400, 64, 3), features(300, 64, 4, scale=1.1)
-    assert precision_recall(ref, fake, device="cpu", batch_size=block) == pytest.approx(
-        adm_precision_recall(ref, fake, block=block), abs=2 / 300)
+@pytest.mark.parametrize("block, seed", [(10000, 3), (10000, 4), (70, 5)])
+def test_precision_recall_default_is_adm(block, seed):
+    """Equal to ADM's numbers, where the fp32 distances are not (for seed 4: 0.3467 vs ADM's 0.3533)."""
+    ref, fake = features(400, 64, seed), features(300, 64, 37 + seed, scale=1.1)
+    assert precision_recall(ref, fake, device="cpu", batch_size=block) == adm_precision_recall(ref, fake, block=block)
 
 
 def test_fp16_overflow_falls_back_to_fp32_per_block():
