@@ -6,7 +6,7 @@
 
 Every key is typed. An unknown key (with the closest valid ones), a value of the wrong type or out of
 range is a `ConfigError` naming the dotted key; the trainer turns it into exit code 2. Sections:
-model, diffusion, data, optim, train, engine, log, sample, eval; `run_dir` is top level.
+model, objective, diffusion, data, optim, train, engine, log, sample, eval; `run_dir` is top level.
 """
 from __future__ import annotations
 
@@ -114,6 +114,81 @@ class DiffusionConfig:
     def validate(self) -> None:
         _choice(self.noise_schedule, "diffusion.noise_schedule", ("linear", "cosine"))
         _require(self.diffusion_steps >= 2, "diffusion.diffusion_steps", f"must be >= 2, got {self.diffusion_steps}")
+
+
+@dataclass
+class TimestepConfig:
+    """How training draws times (ditscale.objectives.timesteps), for every objective kind."""
+
+    sampling: str = "uniform"           # uniform (the paper, SiT) | logit_normal (SD3)
+    mean: float = 0.0                   # logit-normal location m
+    std: float = 1.0                    # logit-normal scale s
+    shift: float = 1.0                  # resolution shift s: u' = s·u / (1 + (s − 1)·u), u = noise fraction
+
+    def validate(self) -> None:
+        from ditscale.objectives import TIMESTEP_SAMPLINGS
+
+        _choice(self.sampling, "objective.timesteps.sampling", TIMESTEP_SAMPLINGS)
+        _require(self.std > 0, "objective.timesteps.std", f"must be > 0, got {self.std}")
+        _require(self.shift > 0, "objective.timesteps.shift", f"must be > 0, got {self.shift}")
+        if self.sampling == "uniform":
+            for key in ("mean", "std"):
+                _require(getattr(self, key) == getattr(TimestepConfig, key), f"objective.timesteps.{key}",
+                         "applies to objective.timesteps.sampling=logit_normal only")
+
+
+@dataclass
+class FlowConfig:
+    """Flow matching as in SiT (ditscale.objectives.flow); read when objective.kind=flow."""
+
+    path: str = "linear"                # linear | gvp | vp
+    prediction: str = "velocity"        # velocity | noise | score
+    loss_weight: str = "none"           # none | velocity | likelihood (noise / score predictions)
+    train_eps: float | None = None      # None: SiT's default for the path and prediction
+    sample_eps: float | None = None
+
+    def validate(self) -> None:
+        from ditscale.objectives.flow import LOSS_WEIGHTS, PATHS, PREDICTIONS
+
+        _choice(self.path, "objective.flow.path", PATHS)
+        _choice(self.prediction, "objective.flow.prediction", PREDICTIONS)
+        _choice(self.loss_weight, "objective.flow.loss_weight", LOSS_WEIGHTS)
+        _require(self.loss_weight == "none" or self.prediction != "velocity", "objective.flow.loss_weight",
+                 f"{self.loss_weight} weights noise / score predictions; velocity is trained unweighted (SiT)")
+        for key in ("train_eps", "sample_eps"):
+            value = getattr(self, key)
+            _require(value is None or 0 <= value < 0.5, f"objective.flow.{key}", f"must be in [0, 0.5), got {value}")
+
+
+@dataclass
+class ObjectiveConfig:
+    """The training objective (ditscale.objectives). kind=ddpm reads the `diffusion` section, kind=flow
+    `objective.flow`; a key of the other kind set away from its default is an error."""
+
+    kind: str = "ddpm"                  # ddpm (the paper) | flow (SiT)
+    timesteps: TimestepConfig = field(default_factory=TimestepConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+
+    def validate(self) -> None:
+        from ditscale.objectives import OBJECTIVES
+
+        _choice(self.kind, "objective.kind", tuple(OBJECTIVES))
+        self.timesteps.validate()
+        self.flow.validate()
+
+    def timestep_sampling(self):
+        from ditscale.objectives import TimestepSampling
+
+        t = self.timesteps
+        return TimestepSampling(t.sampling, t.mean, t.std, t.shift)
+
+
+def _untouched(section, prefix: str, kind: str, owner: str) -> None:
+    """Every key of `section` at its default: it belongs to objective.kind=`owner`, not `kind`."""
+    for f in dataclasses.fields(section):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        _require(getattr(section, f.name) == default, f"{prefix}.{f.name}",
+                 f"applies to objective.kind={owner}, but objective.kind={kind}")
 
 
 @dataclass
@@ -255,16 +330,30 @@ class SampleConfig:
     every: int = 0
     classes: list[int] | None = None    # None: the official showcase for 1000 classes, else the first 8
     num_per_class: int = 4
-    sampler: str = "ddim"               # ddim | ddpm
+    sampler: str | None = None          # None: ddim (objective ddpm) / heun (flow); any sampler of the objective
     steps: int = 50
+    cfg_interval: list[float] | None = None   # [lo, hi]: guide only where the noise fraction is in it
     cfg_scale: float = 4.0
     seed: int = 0
     vae: str | None = None              # AutoencoderKL directory; None: the dataset's (dataset.json vae)
 
+    def sampler_for(self, kind: str) -> str:
+        """The grid sampler for objective `kind`: the configured one, else DDIM for ddpm (fast grids), else the
+        objective's default."""
+        from ditscale.objectives import objective_class
+
+        return self.sampler or ("ddim" if kind == "ddpm" else objective_class(kind).default_sampler)
+
     def validate(self) -> None:
         _require(self.every >= 0, "sample.every", f"must be >= 0 (0 = off), got {self.every}")
         _require(self.num_per_class >= 1, "sample.num_per_class", f"must be >= 1, got {self.num_per_class}")
-        _choice(self.sampler, "sample.sampler", ("ddim", "ddpm"))
+        if self.sampler is not None:
+            from ditscale.sampling.registry import SAMPLERS
+
+            _choice(self.sampler, "sample.sampler", tuple(SAMPLERS))
+        _require(self.cfg_interval is None or (len(self.cfg_interval) == 2 and
+                                               0 <= self.cfg_interval[0] <= self.cfg_interval[1] <= 1),
+                 "sample.cfg_interval", f"must be [lo, hi] with 0 <= lo <= hi <= 1, got {self.cfg_interval}")
         _require(self.steps >= 1, "sample.steps", f"must be >= 1, got {self.steps}")
         _require(self.cfg_scale >= 1, "sample.cfg_scale", f"must be >= 1, got {self.cfg_scale}")
         _require(self.classes is None or len(self.classes) > 0, "sample.classes", "needs at least one class")
@@ -315,6 +404,7 @@ class EvalConfig:
 class ExperimentConfig:
     run_dir: str = "runs/default"
     model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -331,6 +421,17 @@ class ExperimentConfig:
             section = getattr(self, f.name)
             if dataclasses.is_dataclass(section):
                 section.validate()
+        if self.sample.sampler is not None:
+            from ditscale.sampling.registry import check_fits
+
+            try:
+                check_fits(self.sample.sampler, self.objective.kind)
+            except ValueError as e:
+                raise ConfigError(f"sample.sampler: {e}") from None
+        if self.objective.kind != "ddpm":
+            _untouched(self.diffusion, "diffusion", self.objective.kind, "ddpm")
+        if self.objective.kind != "flow":
+            _untouched(self.objective.flow, "objective.flow", self.objective.kind, "flow")
         if self.sample.every and self.sample.classes and self.model.num_classes is not None:
             bad = [y for y in self.sample.classes if not 0 <= y < self.model.num_classes]
             _require(not bad, "sample.classes", f"{bad} outside the {self.model.num_classes} classes")
@@ -565,8 +666,9 @@ def config_hash(cfg: ExperimentConfig | dict) -> str:
 
 
 def config_diff(saved: dict, now: ExperimentConfig, ignore: list[str] = ()) -> list[str]:
-    """'key: checkpoint X, now Y' for each trajectory key that differs (keys in `ignore` excepted)."""
-    a, b = identity(saved), identity(now)
+    """'key: checkpoint X, now Y' for each trajectory key that differs (keys in `ignore` excepted). A key the
+    checkpoint's config predates counts as its default (objective.kind of a run from before the key: ddpm)."""
+    a, b = {**identity(ExperimentConfig()), **identity(saved)}, identity(now)
     out = []
     for key in sorted(set(a) | set(b)):
         if key in ignore or a.get(key, "<absent>") == b.get(key, "<absent>"):

@@ -273,7 +273,7 @@ def main(argv=None) -> int:
         run = _setup(args, env)
         if env.rank == 0:
             print(f"model: {preset_of(run.model.config) or 'DiT'} {json.dumps(run.model.config)} on {run.device}; "
-                  f"{args.sampler} {run.sampler.diffusion.num_timesteps} steps, cfg {args.cfg_scale}", file=sys.stderr)
+                  f"{args.sampler} {run.sampler.plan.num_steps} steps, cfg {args.cfg_scale}", file=sys.stderr)
         if args.out:
             _grid(args, run)
             return 0

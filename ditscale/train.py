@@ -14,8 +14,8 @@ after the final checkpoint it changes nothing (exit 0). `run_dir` holds config.y
 samples/.
 
 Exactness: a step is a pure function of the weights, the batch and (seed, step, rank, micro-batch): the
-latent draw, timesteps, noise and label dropout all come from a generator seeded with those, on the
-device. With the loader's position, the optimizer state and the EMA in every checkpoint, a resumed run
+latent draw and the objective's draws (times, noise, label dropout; ditscale.objectives) all come from a
+generator seeded with those, on the device. With the loader's position, the optimizer state and the EMA in every checkpoint, a resumed run
 repeats the uninterrupted one bit for bit (same world size and ZeRO stage, deterministic kernels).
 """
 from __future__ import annotations
@@ -151,25 +151,20 @@ def step_generator(device: torch.device, seed: int, step: int, rank: int, micro:
     return g
 
 
-def micro_step(engine, diffusion, batch: dict, g: torch.Generator, scale_factor, drop_prob: float,
-               device: torch.device) -> dict[str, torch.Tensor]:
-    """Forward + backward of one micro-batch; returns its per-sample losses (N,) in fp32."""
+def micro_step(engine, objective, batch: dict, g: torch.Generator, scale_factor, drop_prob: float,
+               device: torch.device, aux=()) -> dict[str, torch.Tensor]:
+    """Forward + backward of one micro-batch; returns the objective's per-sample terms (N,) in fp32.
+    Draw order from g: the latent, then the objective's own draws (see its module)."""
     from ditscale.data import sample_latents
 
     mean = batch["mean"].to(device, non_blocking=True)
     logvar = batch["logvar"].to(device, non_blocking=True)
     y = batch["label"].to(device, non_blocking=True)
     x = sample_latents(mean, logvar, scale_factor, generator=g)                  # (N, C, h, w) fp32
-    n = x.shape[0]
-    t = torch.randint(0, diffusion.num_timesteps, (n,), device=device, generator=g)
-    noise = torch.randn(x.shape, device=device, generator=g)
-    model_kwargs = {"y": y}
-    if drop_prob > 0:                                                            # label dropout for CFG
-        model_kwargs["force_drop_ids"] = (torch.rand(n, device=device, generator=g) < drop_prob).long()
-    losses = diffusion.training_losses(engine, x, t, model_kwargs, noise=noise)
-    engine.backward(losses["loss"].mean())
+    terms = objective.loss(engine, x, y, g, drop_prob=drop_prob, aux=aux)
+    engine.backward(terms["loss"].mean())
     engine.step()
-    return losses
+    return terms
 
 
 def report_memory(engine, ema, metrics, step: int, rss_before_model_gib: float | None) -> None:
@@ -192,18 +187,18 @@ def report_memory(engine, ema, metrics, step: int, rss_before_model_gib: float |
 def sample_grid(cfg: ExperimentConfig, meta: dict, ema, step: int, device, tb) -> None:
     """An EMA sample grid in run_dir/samples (rank 0 samples; every rank contributes its EMA shards)."""
     from ditscale.evaluate.in_training import ema_model
+    from ditscale.objectives import build_objective
     from ditscale.sampling.grid import GridConfig, ema_grid
 
     model = ema_model(cfg, ema)
     if model is None:
         return
     grid = GridConfig.from_dataset(meta, classes=cfg.sample.classes, num_per_class=cfg.sample.num_per_class,
-                                   sampler=cfg.sample.sampler, steps=cfg.sample.steps,
+                                   sampler=cfg.sample.sampler_for(cfg.objective.kind), steps=cfg.sample.steps,
                                    cfg_scale=cfg.sample.cfg_scale, seed=cfg.sample.seed,
                                    guide_channels=3 if model.in_channels == 4 else "all",   # official quirk
-                                   vae=cfg.sample.vae or meta["vae"],
-                                   noise_schedule=cfg.diffusion.noise_schedule,
-                                   diffusion_steps=cfg.diffusion.diffusion_steps)
+                                   vae=cfg.sample.vae or meta["vae"], objective=build_objective(cfg).record(),
+                                   cfg_interval=tuple(cfg.sample.cfg_interval) if cfg.sample.cfg_interval else None)
     path = ema_grid(model.to(device), grid, step, Path(cfg.run_dir) / "samples", tb_writer=tb)
     say(f"sample grid {path}")
 
@@ -288,7 +283,6 @@ def make_loader(cfg: ExperimentConfig, micro_batch: int, device: torch.device, c
 
 def train(cfg: ExperimentConfig, meta: dict, ds: dict, env, device: torch.device, hooks: Hooks | None = None) -> int:
     from ditscale.data.prefetch import DevicePrefetcher
-    from ditscale.diffusion import create_diffusion
     from ditscale.engine import checkpoint
     from ditscale.engine.build import complete_ds_config, skips_nonfinite_steps, zero_stage
     from ditscale.engine.memory import process_memory
@@ -297,8 +291,9 @@ def train(cfg: ExperimentConfig, meta: dict, ds: dict, env, device: torch.device
     from ditscale.engine.signals import StopRequest, StopWaiting
     from ditscale.engine.watchdog import StepWatchdog
     from ditscale.models.flops import train_flops_per_image
+    from ditscale.objectives import build_objective
 
-    tc, dc = cfg.train, cfg.diffusion
+    tc = cfg.train
     stop = StopRequest(tc.stop_check_every)
     watchdog = StepWatchdog(tc.hang_timeout_min, env.rank)
     if tc.deterministic:
@@ -313,9 +308,7 @@ def train(cfg: ExperimentConfig, meta: dict, ds: dict, env, device: torch.device
         save_config(cfg, Path(cfg.run_dir) / "config.yaml")
     micro, accum = tc.batch_split(env.world_size)
     batches = DevicePrefetcher(make_loader(cfg, micro, device, run.client), device)
-    diffusion = create_diffusion("", noise_schedule=dc.noise_schedule, use_kl=dc.use_kl, sigma_small=dc.sigma_small,
-                                 predict_xstart=dc.predict_xstart, learn_sigma=cfg.model.learn_sigma,
-                                 rescale_learned_sigmas=dc.rescale_learned_sigmas, diffusion_steps=dc.diffusion_steps)
+    objective = build_objective(cfg)
     metrics = Metrics(cfg.run_dir, cfg.log, rank=env.rank, world_size=env.world_size, device=device,
                       images_per_step=tc.global_batch, start_step=step, max_steps=tc.max_steps,
                       flops_per_image=train_flops_per_image(cfg.model.dit_kwargs()))
@@ -337,7 +330,8 @@ def train(cfg: ExperimentConfig, meta: dict, ds: dict, env, device: torch.device
             checkpoint.save(engine, ema, cfg.run_dir, at, keep_last=tc.keep_last, log=say,
                             client={"loader": batches.state_dict(), "step": at, "images_seen": images_seen},
                             meta={"images_seen": images_seen, "config": to_dict(cfg),
-                                  "config_hash": config_hash(cfg), "dataset": dataset_info})
+                                  "config_hash": config_hash(cfg), "dataset": dataset_info,
+                                  "objective": objective.record()})
         saved_at = at
         metrics.write_event(event="checkpoint", step=at, seconds=round(time.perf_counter() - t0, 1))
 
@@ -398,7 +392,7 @@ def train(cfg: ExperimentConfig, meta: dict, ds: dict, env, device: torch.device
                     return EXIT_PREEMPTED
                 data_wait += time.perf_counter() - t0
                 g = step_generator(device, tc.seed, step, env.rank, m)
-                metrics.add_losses(micro_step(engine, diffusion, batch, g, scale, drop, device))
+                metrics.add_losses(micro_step(engine, objective, batch, g, scale, drop, device))
                 metrics.add_indices(batch["index"])
             applied = engine.was_step_applied()
             if applied:

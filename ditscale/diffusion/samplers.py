@@ -38,6 +38,20 @@ def _not_last(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return (t != 0).to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
 
 
+def ddpm_update(out: dict, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The ancestral step x_{t−1} = μ + σ·z from p_mean_variance's `out` (no noise at t = 0)."""
+    return out["mean"] + _not_last(t, x) * torch.exp(0.5 * out["log_variance"]) * noise
+
+
+def ddim_update(diffusion, out: dict, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, eta: float) -> torch.Tensor:
+    """The DDIM step (Song et al. eq. 12) from p_mean_variance's `out`; `noise` is scaled by σ_η (0 at η = 0)."""
+    eps = diffusion._predict_eps_from_xstart(x, t, out["pred_xstart"])
+    ab, ab_prev = diffusion._extract("alphas_cumprod", t, x), diffusion._extract("alphas_cumprod_prev", t, x)
+    sigma = eta * torch.sqrt((1 - ab_prev) / (1 - ab)) * torch.sqrt(1 - ab / ab_prev)
+    mean = out["pred_xstart"] * torch.sqrt(ab_prev) + torch.sqrt(1 - ab_prev - sigma**2) * eps
+    return mean + _not_last(t, x) * sigma * noise
+
+
 class Samplers:
     """Needs num_timesteps, p_mean_variance, _extract and _predict_eps_from_xstart from the diffusion."""
 
@@ -53,8 +67,7 @@ class Samplers:
             model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs
         )
         noise = _randn(x.shape, x, generator, out["mean"].dtype)
-        sample = out["mean"] + _not_last(t, x) * torch.exp(0.5 * out["log_variance"]) * noise
-        return {"sample": sample, "pred_xstart": out["pred_xstart"]}
+        return {"sample": ddpm_update(out, x, t, noise), "pred_xstart": out["pred_xstart"]}
 
     def ddim_sample(
         self, model, x, t, *, clip_denoised=False, denoised_fn=None, model_kwargs=None, eta=0.0, generator=None
@@ -64,14 +77,8 @@ class Samplers:
             model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn, model_kwargs=model_kwargs
         )
         x = x.to(out["mean"].dtype)
-        eps = self._predict_eps_from_xstart(x, t, out["pred_xstart"])
-        alpha_bar = self._extract("alphas_cumprod", t, x)
-        alpha_bar_prev = self._extract("alphas_cumprod_prev", t, x)
-        sigma = eta * torch.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar)) * torch.sqrt(1 - alpha_bar / alpha_bar_prev)
-        sample = out["pred_xstart"] * torch.sqrt(alpha_bar_prev) + torch.sqrt(1 - alpha_bar_prev - sigma**2) * eps
-        if eta > 0:
-            sample = sample + _not_last(t, x) * sigma * _randn(x.shape, x, generator, x.dtype)
-        return {"sample": sample, "pred_xstart": out["pred_xstart"]}
+        noise = _randn(x.shape, x, generator, x.dtype) if eta > 0 else torch.zeros_like(x)
+        return {"sample": ddim_update(self, out, x, t, noise, eta), "pred_xstart": out["pred_xstart"]}
 
     # --------------------------------------------------------------------------------------------------
     # Loops

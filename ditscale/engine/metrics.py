@@ -1,8 +1,8 @@
 """Training metrics: accumulated on the device every step, reduced and written only every `log.every` steps.
 
 Rank 0 writes RUN_DIR/metrics.jsonl (one JSON object per interval), TensorBoard events in RUN_DIR/tb,
-wandb when asked, and a progress bar when stderr is a terminal. Per interval: loss and its mse / vb
-parts, gradient norm, learning rate, images/s, MFU (model FLOPs per image / peak), peak memory, the
+wandb when asked, and a progress bar when stderr is a terminal. Per interval: loss and whatever named
+parts the objective returns with it (DDPM: mse, vb; flow: mse; auxiliary terms), gradient norm, learning rate, images/s, MFU (model FLOPs per image / peak), peak memory, the
 share of wall time spent waiting for data, skipped (non-finite) steps.
 """
 from __future__ import annotations
@@ -47,7 +47,9 @@ class Metrics:
         self.cfg, self.rank, self.world, self.device = log_cfg, rank, world_size, device
         self.images_per_step, self.flops_per_image = images_per_step, flops_per_image
         self.peak = peak_tflops(device, log_cfg.peak_tflops)
-        self.sums = torch.zeros(5, dtype=torch.float32, device=device)       # loss, mse, vb, samples, grad norm
+        self.parts: list[str] | None = None                                  # "loss" first, then the objective's parts
+        self.part_sums: torch.Tensor | None = None                           # (P,) on the device
+        self.sums = torch.zeros(2, dtype=torch.float32, device=device)       # finite samples, grad norm
         self.index_sums = [0, 0]        # Σ index, Σ index² of the samples seen: a fingerprint of the data order
         # Non-finite values of the step in progress, and of the steps DeepSpeed applied (read by
         # engine.nonfinite.NonfiniteWatch): a skipped step's losses never reached the weights.
@@ -77,11 +79,17 @@ class Metrics:
                                 desc="train")
 
     def add_losses(self, losses: dict[str, torch.Tensor]) -> None:
-        """One micro-batch's per-sample losses (N,); non-finite samples are left out of the means."""
-        parts = torch.stack([losses[k].detach().float() for k in ("loss", "mse", "vb")])      # (3, N)
+        """One micro-batch's per-sample terms {"loss": (N,), **parts}; non-finite samples are left out of the
+        means. The names are fixed by the first call (every rank's objective returns the same ones)."""
+        if self.parts is None:
+            self.parts = ["loss", *(k for k in losses if k != "loss")]
+            self.part_sums = torch.zeros(len(self.parts), dtype=torch.float32, device=self.device)
+        elif sorted(losses) != sorted(self.parts):
+            raise ValueError(f"loss terms changed from {self.parts} to {list(losses)}")
+        parts = torch.stack([losses[k].detach().float() for k in self.parts])               # (P, N)
         finite = torch.isfinite(parts).all(0)                                               # (N,)
-        self.sums[:3] += torch.where(finite, parts, 0.0).sum(1)
-        self.sums[3] += finite.sum()
+        self.part_sums += torch.where(finite, parts, 0.0).sum(1)
+        self.sums[0] += finite.sum()
         self.step_nonfinite += (~finite).sum()
 
     def add_indices(self, index: torch.Tensor) -> None:
@@ -98,7 +106,7 @@ class Metrics:
             self.nonfinite += self.step_nonfinite
             self.applied += 1
             if grad_norm is not None:
-                self.sums[4] += grad_norm
+                self.sums[1] += grad_norm
                 if isinstance(grad_norm, torch.Tensor):       # finite losses, overflowing gradients
                     self.nonfinite += (~torch.isfinite(grad_norm)).sum()
         else:
@@ -114,16 +122,18 @@ class Metrics:
         """Reduce and write the interval ending at `step` (call on every rank); returns the record on rank 0."""
         import torch.distributed as dist
 
-        sums = self.sums.clone()
+        names = self.parts or ["loss"]
+        part_sums = self.part_sums if self.part_sums is not None else torch.zeros(1, device=self.device)
+        sums = torch.cat([part_sums, self.sums])
         index_sums = torch.tensor(self.index_sums, dtype=torch.int64, device=self.device)
         if dist.is_initialized() and self.world > 1:
             dist.all_reduce(sums)
             dist.all_reduce(index_sums)
-        loss, mse, vb, n, gnorm = sums.tolist()                                 # the interval's one host sync
+        *totals, n, gnorm = sums.tolist()                                       # the interval's one host sync
         dt = time.perf_counter() - self.t0
         images_per_s = self.steps * self.images_per_step / dt if dt > 0 else 0.0
         mean = (lambda v: v / n) if n else (lambda v: None)          # None: no finite sample in the interval
-        rec = {"step": step, "loss": mean(loss), "mse": mean(mse), "vb": mean(vb),
+        rec = {"step": step, **{k: mean(v) for k, v in zip(names, totals)},
                "grad_norm": gnorm / self.world / self.applied if self.applied else None,
                "lr": lr, "images_per_s": images_per_s, "images_seen": images_seen,
                "step_time_s": dt / max(self.steps, 1), "data_wait_frac": self.data_wait / dt if dt > 0 else 0.0,
@@ -132,6 +142,8 @@ class Metrics:
         if self.peak:
             rec["mfu"] = images_per_s / self.world * self.flops_per_image / (self.peak * 1e12)
         self.sums.zero_()
+        if self.part_sums is not None:
+            self.part_sums.zero_()
         self.index_sums = [0, 0]
         self.steps = self.applied = 0
         self.data_wait = 0.0
@@ -146,7 +158,8 @@ class Metrics:
                 self.tb.add_scalar(f"train/{k}", v, step)
         if self.wandb is not None:
             self.wandb.log({f"train/{k}": v for k, v in scalars.items()}, step=step)
-        losses = (f"loss {rec['loss']:.4f} (mse {rec['mse']:.4f}, vb {rec['vb']:.4f})" if n else "loss non-finite")
+        detail = ", ".join(f"{k} {rec[k]:.4f}" for k in names[1:]) if n else ""
+        losses = (f"loss {rec['loss']:.4f}" + (f" ({detail})" if detail else "") if n else "loss non-finite")
         text = (f"step {step} | {losses} | skipped {self.skipped_total} | "
                 f"{images_per_s:.1f} img/s" + (f" | mfu {rec['mfu']:.1%}" if "mfu" in rec else "") +
                 f" | data wait {rec['data_wait_frac']:.1%} | {rec['mem_gib']:.2f} GiB")

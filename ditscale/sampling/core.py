@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from ditscale.diffusion import cfg_wrapper, create_diffusion, prepare_cfg_inputs, space_timesteps
+from ditscale.sampling.registry import SAMPLERS, Plan, check_fits, make_plan, sampler_info
 
-SAMPLERS = ("ddpm", "ddim")
 COMPILE_MODES = (False, True, "blocks", "step", "step-cudagraphs")
 
 
@@ -33,8 +33,7 @@ def respacing_for(sampler: str, steps: int, diffusion_steps: int = 1000) -> str:
     """The timestep_respacing spec of `steps` sampling steps: DDIM takes every k-th step ("ddimN", as
     diffusers' DDIMScheduler with "leading" spacing) when some stride gives exactly N, otherwise, like
     DDPM, N steps spread evenly over the T training steps (ADM's spacing)."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    check_fits(sampler, "ddpm")
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= diffusion_steps:
         raise ValueError(f"steps must be an int in 1..{diffusion_steps}, got {steps!r}")
     if sampler == "ddim":
@@ -100,56 +99,82 @@ def seeded_noise(seeds, shape, num_draws: int, device=None) -> Callable[[int], t
 # The sampler
 # --------------------------------------------------------------------------------------------------
 
-def _not_last(t, x):
-    return (t != 0).to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+def sampling_process(objective, sampler: str, steps: int = 250, respacing: str | None = None):
+    """What `sampler` walks for a model trained with `objective` (an Objective, a record dict, or None for
+    the paper's DDPM): the respaced diffusion for ddpm / ddim, the FlowObjective itself for flow samplers.
+    A sampler of another objective kind is a ValueError naming the samplers that fit."""
+    from ditscale.objectives import Objective, objective_from_record
+
+    if not isinstance(objective, Objective):
+        objective = objective_from_record(objective)
+    check_fits(sampler, objective.kind)
+    if objective.kind == "flow":
+        return objective
+    s = objective.settings
+    return sampling_diffusion(sampler, steps, respacing=respacing, learn_sigma=s["learn_sigma"],
+                              noise_schedule=s["noise_schedule"], diffusion_steps=s["diffusion_steps"])
 
 
 @dataclass
 class GuidedSampler:
-    """A DDPM / DDIM sampler with classifier-free guidance around a class-conditional `model`.
+    """Any registered sampler (ditscale.sampling.registry) with classifier-free guidance around a
+    class-conditional `model`.
 
-    cfg_scale 1 runs the conditional model alone; any other scale (≥ 0) guides the first `guide_channels`
-    output channels (3 as the paper, 4 or "all"). autocast: a dtype (torch.bfloat16 on GPU) for the model
-    calls, or None. compile (each compiles once per batch shape, on the first call):
+    process: what the sampler walks (`sampling_process`): a respaced diffusion (ddpm, ddim: its
+    num_timesteps steps) or a FlowObjective (flow samplers: `steps` steps). cfg_scale 1 runs the conditional
+    model alone; any other scale (≥ 0) guides the first `guide_channels` output channels (3 as the paper, 4
+    or "all"); cfg_interval (lo, hi) guides only steps whose noise fraction (1 = pure noise, 0 = data; DDPM
+    (t + 1)/T, flow 1 − t) lies in [lo, hi], the others run the conditional model alone (Kynkäänniemi et
+    al. 2024). autocast: a dtype (torch.bfloat16 on GPU) for the model calls, or None. compile (each
+    compiles once per batch shape, on the first call):
       "blocks" (or True): regional compilation, every transformer block of the model in place
                           (`block.compile()`); one compilation serves all blocks, so it is quick;
-      "step":             the whole step (model, guidance, diffusion update) as one graph;
+      "step":             the whole step (model, guidance, update) as one graph (fixed-step samplers);
       "step-cudagraphs":  the same, replayed as a CUDA graph (mode "reduce-overhead").
     """
 
     model: torch.nn.Module
-    diffusion: object
+    process: object
     sampler: str = "ddpm"
     cfg_scale: float = 4.0
     guide_channels: int | str = 3
     eta: float = 0.0
     autocast: torch.dtype | None = None
     compile: bool | str = False
-    step: Callable = field(init=False, repr=False)
+    steps: int | None = None
+    cfg_interval: tuple[float, float] | None = None
+    options: dict | None = None
+    plan: Plan = field(init=False, repr=False)
 
     def __post_init__(self):
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {self.sampler!r}; choose one of {', '.join(SAMPLERS)}")
         if not self.cfg_scale >= 0:
             raise ValueError(f"cfg_scale must be >= 0 (1 = no guidance), got {self.cfg_scale}")
         if not 0 <= self.eta <= 1 or (self.eta and self.sampler != "ddim"):
             raise ValueError(f"eta must be in [0, 1] and is only for the ddim sampler, got eta={self.eta} "
-                             f"with sampler={self.sampler!r}")
+                             f"with sampler={self.sampler!r}; not both")
+        if self.cfg_interval is not None:
+            lo, hi = self.cfg_interval
+            if not 0 <= lo <= hi <= 1:
+                raise ValueError(f"cfg_interval must be (lo, hi) with 0 <= lo <= hi <= 1, got {self.cfg_interval}")
         if self.guided and getattr(getattr(self.model, "y_embedder", None), "dropout_prob", 1) == 0:
             raise ValueError("the model has no null class (trained with class_dropout_prob=0): classifier-free "
                              "guidance needs one; use cfg_scale=1")
+        self.plan = make_plan(self.sampler, self.process, self.steps, eta=self.eta, options=self.options)
         if self.guided:
             self._cfg = cfg_wrapper(self.model, self.cfg_scale, self.guide_channels)
-        step = self._ddpm_step if self.sampler == "ddpm" else self._ddim_step
         if self.compile not in COMPILE_MODES:
             raise ValueError(f"compile must be one of {COMPILE_MODES}, got {self.compile!r}")
+        if self.compile in ("step", "step-cudagraphs") and self.plan.adaptive:
+            raise ValueError(f"compile={self.compile!r} needs a fixed-step sampler, not {self.sampler!r}; use 'blocks'")
         if self.compile in (True, "blocks"):
             for block in self.model.blocks:
                 block.compile()
-        elif self.compile:
-            mode = "reduce-overhead" if self.compile == "step-cudagraphs" else None
-            step = torch.compile(step, mode=mode, dynamic=False)
-        self.step = step
+        mode = "reduce-overhead" if self.compile == "step-cudagraphs" else None
+        wrap = (lambda f: torch.compile(f, mode=mode, dynamic=False)) if self.compile in ("step", "step-cudagraphs") \
+            else (lambda f: f)
+        self._steps = {"step": wrap(self._bind(self.plan.step))}
+        if self.plan.final is not None:
+            self._steps["final"] = wrap(self._bind(self.plan.final))
 
     @property
     def guided(self) -> bool:
@@ -157,51 +182,54 @@ class GuidedSampler:
 
     @property
     def noisy(self) -> bool:
-        """Whether steps add noise (DDPM, DDIM with η > 0)."""
-        return self.sampler == "ddpm" or self.eta > 0
+        """Whether steps add noise (DDPM, DDIM with η > 0, SDEs)."""
+        return any(self.plan.noisy_steps)
 
     @property
     def num_draws(self) -> int:
-        """Noise tensors a sample needs: x_T, plus one per step with t > 0 if steps are noisy."""
-        return 1 + (self.diffusion.num_timesteps - 1 if self.noisy else 0)
+        """Noise tensors a sample needs: the starting noise, plus one per noisy step."""
+        return self.plan.num_draws
 
     def latent_shape(self, n: int) -> tuple[int, ...]:
         return (n, self.model.in_channels, self.model.input_size, self.model.input_size)
 
-    def _model(self, x, t, y):
-        """ε (and v) for x (N, C, H, W), guided; t already mapped to training steps by the diffusion."""
+    def _guides_at(self, time) -> bool:
+        if not self.guided:
+            return False
+        if self.cfg_interval is None:
+            return True
+        lo, hi = self.cfg_interval
+        return lo <= self.plan.noise_fraction(time) <= hi
+
+    def _model(self, x, t, y, guide):
+        """The model's output for x (N, C, H, W) at model times t, guided when `guide` (None: decided from t,
+        for solvers that pick their own times)."""
+        if guide is None:
+            guide = self._guides_at(t.reshape(-1)[0].item())
         amp = torch.autocast(x.device.type, dtype=self.autocast) if self.autocast else contextlib.nullcontext()
         with amp:
-            if not self.guided:
+            if not guide:
                 return self.model(x, t, y=y)
             x2, y2 = prepare_cfg_inputs(x, y, self.model.num_classes)              # (2N, …), (2N,)
             return self._cfg(x2, torch.cat([t, t]), y=y2)[: x.shape[0]]
 
-    def _ddpm_step(self, x, t, noise, y):
-        """x_{t−1} = μ + σ·z: the diffusion's p_sample with the noise given."""
-        out = self.diffusion.p_mean_variance(self._model, x, t, model_kwargs={"y": y})
-        return out["mean"] + _not_last(t, x) * torch.exp(0.5 * out["log_variance"]) * noise
-
-    def _ddim_step(self, x, t, noise, y):
-        """The diffusion's ddim_sample (Song et al. eq. 12) with the noise given."""
-        d = self.diffusion
-        out = d.p_mean_variance(self._model, x, t, model_kwargs={"y": y})
-        eps = d._predict_eps_from_xstart(x, t, out["pred_xstart"])
-        ab, ab_prev = d._extract("alphas_cumprod", t, x), d._extract("alphas_cumprod_prev", t, x)
-        sigma = self.eta * torch.sqrt((1 - ab_prev) / (1 - ab)) * torch.sqrt(1 - ab / ab_prev)
-        mean = out["pred_xstart"] * torch.sqrt(ab_prev) + torch.sqrt(1 - ab_prev - sigma**2) * eps
-        return mean + _not_last(t, x) * sigma * noise
+    def _bind(self, step):
+        """step(model_fn, x, t, t_next, noise) → f(x, t, t_next, noise, y, guide)."""
+        return lambda x, t, t_next, noise, y, guide: step(lambda x_, t_: self._model(x_, t_, y, guide), x, t,
+                                                          t_next, noise)
 
     def _prime(self, x, labels):
-        """Let the diffusion fill its per-device tables eagerly (a dummy model call), so that a compiled step
+        """Let a diffusion fill its per-device tables eagerly (a dummy model call), so that a compiled step
         does not see them appear and recompile."""
-        channels = x.shape[1] * (2 if self.diffusion.learn_sigma else 1)
+        if not hasattr(self.process, "p_mean_variance"):
+            return
+        channels = x.shape[1] * (2 if self.process.learn_sigma else 1)
         dummy = lambda x, t, **_: x.new_zeros(x.shape[0], channels, *x.shape[2:])
-        self.diffusion.p_mean_variance(dummy, x, torch.zeros_like(labels), model_kwargs={"y": labels})
+        self.process.p_mean_variance(dummy, x, torch.zeros_like(labels), model_kwargs={"y": labels})
 
     @torch.no_grad()
     def __call__(self, noise: Callable[[int], torch.Tensor], labels: torch.Tensor, progress=False) -> torch.Tensor:
-        """Latents x₀ (N, C, H, W) fp32 from the noise source; labels (N,) int64 on the sampling device."""
+        """Latents (N, C, H, W) fp32 from the noise source; labels (N,) int64 on the sampling device."""
         x = noise(0).float()
         n, device = x.shape[0], x.device
         labels = labels.to(device)
@@ -209,42 +237,55 @@ class GuidedSampler:
             raise ValueError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
         zeros = torch.zeros_like(x)
         self._prime(x, labels)
-        steps = range(self.diffusion.num_timesteps - 1, -1, -1)
+        plan, draws = self.plan, 0
+        steps = range(plan.num_steps)
         if progress:
             from tqdm.auto import tqdm
             steps = tqdm(steps, desc=self.sampler.upper(), unit="step", leave=False)
-        for k, i in enumerate(steps):
-            t = torch.full((n,), i, device=device, dtype=torch.long)
-            z = noise(k + 1) if self.noisy and i > 0 else zeros
+        for k in steps:
+            t = torch.full((n,), plan.times[k], device=device, dtype=plan.time_dtype)
+            t_next = torch.full((n,), plan.times[k + 1], device=device, dtype=plan.time_dtype)
+            if plan.noisy_steps[k]:
+                draws += 1
+                z = noise(draws)
+            else:
+                z = zeros
+            guide = None if plan.adaptive else self._guides_at(plan.times[k])
+            step = self._steps["final" if plan.final is not None and k == plan.num_steps - 1 else "step"]
             if self.compile == "step-cudagraphs":
                 torch.compiler.cudagraph_mark_step_begin()
-                x = self.step(x, t, z, labels).clone()                             # outlive the graph's buffer
+                x = step(x, t, t_next, z, labels, guide).clone()                   # outlive the graph's buffer
             else:
-                x = self.step(x, t, z, labels)
+                x = step(x, t, t_next, z, labels, guide)
         return x
 
 
-def sample_latents(model, diffusion=None, labels=None, *, cfg_scale=4.0, guide_channels=3, sampler="ddpm",
+def sample_latents(model, process=None, labels=None, *, cfg_scale=4.0, guide_channels=3, sampler="ddpm",
                    steps=None, eta=0.0, generator=None, seeds=None, device=None, autocast=None, compile=False,
-                   progress=False) -> torch.Tensor:
+                   progress=False, objective=None, cfg_interval=None, options=None) -> torch.Tensor:
     """Latents (N, C, H, W) fp32 for class `labels` (N,) from `model` (a DiT, in eval mode).
 
-    diffusion: the respaced diffusion to walk, or None to build `sampling_diffusion(sampler, steps or 250)`
-    for the model's learn_sigma; `steps`, if given with a diffusion, must equal its num_timesteps.
-    Noise: `seeds` (one int per sample, see `index_seeds`) or `generator` (None: the global RNG).
-    device: default the model's. autocast: e.g. torch.bfloat16 on GPU.
+    process: what to walk (`sampling_process`), or None to build it from `objective` (an Objective or a
+    checkpoint's record; None: the paper's DDPM with the model's learn_sigma) for `sampler` and `steps`
+    (default 250 for ddpm / ddim, 50 for flow samplers); `steps`, if given with a respaced diffusion,
+    must equal its num_timesteps. Noise: `seeds` (one int per sample, see `index_seeds`) or `generator`
+    (None: the global RNG). device: default the model's. autocast: e.g. torch.bfloat16 on GPU.
     """
     if labels is None:
         raise ValueError("labels are required: class ids (N,)")
-    if diffusion is None:
-        diffusion = sampling_diffusion(sampler, 250 if steps is None else steps, learn_sigma=model.learn_sigma)
-    elif steps is not None and steps != diffusion.num_timesteps:
-        raise ValueError(f"steps={steps} but the diffusion given has {diffusion.num_timesteps} steps")
+    flow = sampler_info(sampler).kind == "flow"
+    if process is None:
+        if objective is None:
+            objective = {"kind": "ddpm", "prediction": "epsilon", "learn_sigma": model.learn_sigma}
+        process = sampling_process(objective, sampler, steps or (50 if flow else 250))
+    elif not flow and steps is not None and steps != process.num_timesteps:
+        raise ValueError(f"steps={steps} but the diffusion given has {process.num_timesteps} steps")
     if seeds is not None and generator is not None:
         raise ValueError("pass seeds= or generator=, not both")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1).to(device)
-    run = GuidedSampler(model, diffusion, sampler, cfg_scale, guide_channels, eta, autocast, compile)
+    run = GuidedSampler(model, process, sampler, cfg_scale, guide_channels, eta, autocast, compile,
+                        steps=(steps or 50) if flow else None, cfg_interval=cfg_interval, options=options)
     shape = run.latent_shape(len(labels))
     if seeds is not None:
         noise = seeded_noise(list(seeds), shape, run.num_draws, device)

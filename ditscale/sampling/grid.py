@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ditscale.sampling.core import SAMPLERS, decode, index_seeds, load_vae, sample_latents, sampling_diffusion, to_uint8
+from ditscale.objectives import LEGACY_RECORD
+from ditscale.sampling.core import decode, index_seeds, load_vae, sample_latents, sampling_process, to_uint8
+from ditscale.sampling.registry import check_fits, sampler_info
 
 # The official DiT sample.py's classes: golden retriever, otter, panda, geyser, macaw, valley, balloon, arctic fox.
 IMAGENET_SHOWCASE = (207, 360, 387, 974, 88, 979, 417, 279)
@@ -70,7 +72,9 @@ def save_grid(images, labels, path, class_names=None, *, min_cell: int = 64, pad
 class GridConfig:
     """What `ema_grid` draws. classes: None picks the official showcase for 1000 classes, else the first 8.
     vae: a local AutoencoderKL directory or "none" (pixel mode); scale_factor: None = the VAE's
-    scaling_factor (1.0 in pixel mode). noise_schedule / diffusion_steps must be the training diffusion's."""
+    scaling_factor (1.0 in pixel mode). objective: the training objective's record (None: the paper's DDPM
+    with the model's learn_sigma); sampler must be one of its samplers (ddim / ddpm, or a flow sampler);
+    cfg_interval: (lo, hi) noise fractions where guidance applies (None: everywhere)."""
 
     classes: list[int] | None = None
     num_per_class: int = 4
@@ -82,12 +86,14 @@ class GridConfig:
     vae: str = "none"
     scale_factor: float | list[float] | None = None
     class_names: list[str] | None = field(default=None, repr=False)
-    noise_schedule: str = "linear"
-    diffusion_steps: int = 1000
+    objective: dict | None = None
+    cfg_interval: tuple[float, float] | None = None
 
     def __post_init__(self):
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"GridConfig.sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        try:
+            check_fits(self.sampler, (self.objective or LEGACY_RECORD)["kind"])
+        except ValueError as e:
+            raise ValueError(f"GridConfig.sampler: {e}") from None
         for key in ("num_per_class", "steps"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -139,14 +145,15 @@ def ema_grid(model, cfg, step: int, out_dir, tb_writer=None, tag: str = "samples
     cfg = cfg if isinstance(cfg, GridConfig) else GridConfig.from_dict(dict(cfg))
     device = next(model.parameters()).device
     labels = [c for c in cfg.class_ids(model.num_classes) for _ in range(cfg.num_per_class)]
-    diffusion = sampling_diffusion(cfg.sampler, cfg.steps, learn_sigma=model.learn_sigma,
-                                   noise_schedule=cfg.noise_schedule, diffusion_steps=cfg.diffusion_steps)
+    process = sampling_process(cfg.objective or {**LEGACY_RECORD, "learn_sigma": model.learn_sigma}, cfg.sampler,
+                               cfg.steps)
+    flow = sampler_info(cfg.sampler).kind == "flow"
     was_training = model.training
     model.eval()
     try:
         latents = sample_latents(
-            model, diffusion, labels, cfg_scale=cfg.cfg_scale, guide_channels=cfg.guide_channels,
-            sampler=cfg.sampler, seeds=index_seeds(cfg.seed, range(len(labels))), device=device,
+            model, process, labels, cfg_scale=cfg.cfg_scale, guide_channels=cfg.guide_channels,
+            sampler=cfg.sampler, steps=cfg.steps if flow else None, cfg_interval=cfg.cfg_interval, seeds=index_seeds(cfg.seed, range(len(labels))), device=device,
             autocast=torch.bfloat16 if device.type == "cuda" else None)
     finally:
         model.train(was_training)

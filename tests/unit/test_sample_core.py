@@ -103,7 +103,9 @@ def test_respacing_for():
     assert respacing_for("ddpm", 250) == "250"
     assert respacing_for("ddim", 50) == "ddim50"
     assert respacing_for("ddim", 300) == "300"                       # no stride gives exactly 300 of 1000
-    with pytest.raises(ValueError, match="unknown sampler"):
+    with pytest.raises(ValueError, match="unknown sampler 'plms'; choose one of ddpm, ddim, euler, heun"):
+        respacing_for("plms", 10)
+    with pytest.raises(ValueError, match="sampler 'euler' samples flow models.*choose one of ddpm, ddim"):
         respacing_for("euler", 10)
     with pytest.raises(ValueError, match="steps must be an int in 1..1000"):
         respacing_for("ddpm", 0)

@@ -76,8 +76,11 @@ def test_grid_config_validation_and_defaults():
     assert (cfg.vae, cfg.scale_factor, cfg.class_names, cfg.steps) == ("vae_dir", [1.0, 2.0], ["x", "y"], 9)
     with pytest.raises(ValueError, match=r"unknown grid setting\(s\) \['step'\]"):
         GridConfig.from_dict({"step": 3})
-    with pytest.raises(ValueError, match="GridConfig.sampler"):
+    with pytest.raises(ValueError, match="GridConfig.sampler: sampler 'euler' samples flow models"):
         GridConfig(sampler="euler")
+    with pytest.raises(ValueError, match="GridConfig.sampler: unknown sampler 'plms'"):
+        GridConfig(sampler="plms")
+    GridConfig(sampler="euler", objective={"kind": "flow", "prediction": "velocity", "path": "linear"})
     with pytest.raises(ValueError, match="num_per_class must be a positive int"):
         GridConfig(num_per_class=0)
     with pytest.raises(ValueError, match=r"classes \[12\] out of range"):
