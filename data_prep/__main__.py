@@ -7,6 +7,7 @@ import sys
 
 from data_prep import encode, merge, verify
 from data_prep.errors import DataPrepError
+from ditscale.data.storage import RemoteError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     except DataPrepError as e:
         print(f"data_prep {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code
+    except RemoteError as e:        # refused credentials, missing bucket, store unreachable: a human fixes it
+        print(f"data_prep {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

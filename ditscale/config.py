@@ -15,6 +15,7 @@ import difflib
 import hashlib
 import json
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -116,6 +117,9 @@ class DiffusionConfig:
         _require(self.diffusion_steps >= 2, "diffusion.diffusion_steps", f"must be >= 2, got {self.diffusion_steps}")
 
 
+_BYTES = re.compile(r"\d+(\.\d+)?\s*(b|kb|mb|gb|tb|pb)?")    # streaming's sizes (kb = 1024 bytes)
+
+
 @dataclass
 class TimestepConfig:
     """How training draws times (ditscale.objectives.timesteps), for every objective kind."""
@@ -197,6 +201,9 @@ class DataConfig:
 
     root: str = ""                      # dataset root (local dir or remote URL such as s3://...)
     cache: str | None = None            # local cache for a remote root (default: $DITSCALE_DATA_CACHE/...)
+    cache_limit: str | None = None      # MDS cache size per node ("200gb", bytes): least recently used shards
+                                        # are evicted past it (None: keep every shard fetched)
+    remote_wait_s: float = 600.0        # how long a read waits for an unreachable object store before exit 2
     format: str = "auto"                # auto (dataset.json) | a registered format: mds, wds
     num_workers: int = 2                # loader processes per rank
     prefetch_factor: int = 4            # batches each worker keeps ready
@@ -211,6 +218,18 @@ class DataConfig:
         _choice(self.format, "data.format", ("auto", *FORMATS))
         _require(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
         _require(self.prefetch_factor >= 1, "data.prefetch_factor", f"must be >= 1, got {self.prefetch_factor}")
+        _require(self.cache_limit is None or _BYTES.fullmatch(str(self.cache_limit).strip().lower()) is not None,
+                 "data.cache_limit", f"must be a size such as 200gb, 512mb (1024-based) or a byte count, got {self.cache_limit!r}")
+        _require(self.remote_wait_s >= 0, "data.remote_wait_s", f"must be >= 0 seconds, got {self.remote_wait_s}")
+
+    def cache_limit_bytes(self) -> int | None:
+        """cache_limit in bytes (kb = 1024 as streaming counts), or None."""
+        if self.cache_limit is None:
+            return None
+        m = _BYTES.fullmatch(str(self.cache_limit).strip().lower())
+        assert m is not None, self.cache_limit
+        units = {"b": 1, "kb": 1 << 10, "mb": 1 << 20, "gb": 1 << 30, "tb": 1 << 40, "pb": 1 << 50}
+        return int(float(str(self.cache_limit).strip().lower().rstrip("bkmgtp ")) * units[m.group(2) or "b"])
 
 
 @dataclass
@@ -648,7 +667,8 @@ RESUME_MAY_CHANGE = (
     "run_dir", "train.max_steps", "train.ckpt_every", "train.keep_last", "train.max_nonfinite",
     "train.resume", "train.resume_ignore", "train.stop_check_every", "train.hang_timeout_min", "train.micro_batch",
     "train.deterministic",
-    "model.checkpoint_every", "data.root", "data.cache", "data.num_workers", "data.prefetch_factor",
+    "model.checkpoint_every", "data.root", "data.cache", "data.cache_limit", "data.remote_wait_s",
+    "data.num_workers", "data.prefetch_factor",
     "engine.", "log.", "sample.", "eval.",
 )
 

@@ -157,7 +157,7 @@ TRAIN=("$PYTHON" -m ditscale.train --config "$CONFIG" "${OVERRIDES[@]}")
 # ----------------------------------------------------------------------------------------------------------
 [[ -f $CONFIG ]] || fail 2 "config '$CONFIG' not found (CONFIG=...)"
 [[ -z ${DS_CONFIG:-} || -f $DS_CONFIG ]] || fail 2 "DeepSpeed config '$DS_CONFIG' not found (DS_CONFIG=...)"
-[[ -z ${DATA:-} || -e $DATA ]] || fail 2 "data path '$DATA' does not exist (DATA=...)"
+[[ -z ${DATA:-} || $DATA == *://* || -e $DATA ]] || fail 2 "data path '$DATA' does not exist (DATA=...)"
 [[ -z ${VAE:-} || -e $VAE ]] || fail 2 "VAE path '$VAE' does not exist (VAE=...)"
 why=$({ mkdir -p "$RUN_DIR/logs" && : >"$RUN_DIR/logs/.write-test-$SLURM_JOB_ID"; } 2>&1) \
   || fail 2 "run directory '$RUN_DIR' is not writable (RUN_DIR=...): ${why:-permission denied}"
