@@ -655,6 +655,9 @@ def resolve_with_dataset(cfg: ExperimentConfig, meta: dict) -> ExperimentConfig:
             raise ConfigError(f"model.num_classes={given} but the dataset at {cfg.data.root} has {value} classes")
     if cfg.data.format != "auto" and cfg.data.format != meta["format"]:
         raise ConfigError(f"data.format={cfg.data.format} but {cfg.data.root}/dataset.json says {meta['format']}")
+    if cfg.data.cache_limit is not None and meta["format"] != "mds":
+        raise ConfigError(f"data.cache_limit: {cfg.data.root} is a {meta['format']} dataset, read in place without "
+                          f"a cache; the limit applies to MDS datasets")
     out = dataclasses.replace(cfg, model=model)
     out.validate()
     out.model.dit_kwargs()

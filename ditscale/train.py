@@ -271,8 +271,10 @@ def make_loader(cfg: ExperimentConfig, micro_batch: int, device: torch.device, c
 
     release_stale_loader_shm(log=say)                 # left by a killed job on this node, else "Reused local directory"
     seed = cfg.train.seed if cfg.data.shuffle_seed is None else cfg.data.shuffle_seed
+    limit = cfg.data.cache_limit_bytes()
     dataset = build_dataset(cfg.data.root, batch_size=micro_batch, seed=seed, shuffle=cfg.data.shuffle,
-                            local=cfg.data.cache, hflip=cfg.data.hflip)
+                            local=cfg.data.cache, hflip=cfg.data.hflip, remote_wait_s=cfg.data.remote_wait_s,
+                            **({"cache_limit": limit} if limit else {}))
     workers = cfg.data.num_workers
     loader = build_dataloader(dataset, batch_size=micro_batch, num_workers=workers, pin_memory=device.type == "cuda",
                               prefetch_factor=cfg.data.prefetch_factor if workers else None)

@@ -48,6 +48,7 @@ def read_metadata(path: str, split: str | None = None) -> dict:
 def build_dataset(path: str, *, batch_size: int, seed: int = 0, shuffle: bool = True,
                   split: str | None = None, local: str | None = None, format: str | None = None,
                   shuffle_buffer: int = 2000, hflip: bool = True, with_image: bool = False,
+                  remote_wait_s: float = 600.0,
                   **streaming_kwargs: Any):
     """A torch IterableDataset of reader items over the dataset at `path` (local or remote).
 
@@ -59,7 +60,8 @@ def build_dataset(path: str, *, batch_size: int, seed: int = 0, shuffle: bool = 
     be unique per live dataset in a process; `local=path` reads a local dataset in place, decompressing
     its shards next to them). format: checked against dataset.json when given. streaming_kwargs go to
     StreamingDataset (predownload, cache_limit, num_canonical_nodes, epoch_size, ...); the webdataset
-    reader takes shuffle_buffer instead. The dataset has `.metadata` (dataset.json).
+    reader takes shuffle_buffer instead. remote_wait_s: how long a shard fetch waits for an unreachable
+    object store before it fails naming the endpoint. The dataset has `.metadata` (dataset.json).
     """
     root = _root(path, split)
     meta = read_metadata(root)
@@ -68,7 +70,7 @@ def build_dataset(path: str, *, batch_size: int, seed: int = 0, shuffle: bool = 
     image = image_column_of(meta, join(root, DATASET_JSON)) if with_image else None
     reader = data_format(meta["format"]).load("reader")
     return reader(root, meta, batch_size=batch_size, seed=seed, shuffle=shuffle, hflip=hflip, local=local,
-                  shuffle_buffer=shuffle_buffer, image=image, **streaming_kwargs)
+                  shuffle_buffer=shuffle_buffer, image=image, remote_wait_s=remote_wait_s, **streaming_kwargs)
 
 
 def build_dataloader(dataset, *, batch_size: int, num_workers: int = 2, drop_last: bool = True,

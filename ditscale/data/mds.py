@@ -21,18 +21,19 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+import sys
 from typing import Any
 
 import numpy as np
 import torch
-from streaming import StreamingDataset
+from streaming import Stream, StreamingDataset
 
 from ditscale.data.cache import claim_cache, content_cache_dir
 from ditscale.data.flip import flip_of
 from ditscale.data.image_column import ImageColumn, flipped
 from ditscale.data.integrity import DataError, check_shard, read_index
 from ditscale.data.schema import MDS_INDEX, mds_columns
-from ditscale.data.storage import is_remote, join, local_path
+from ditscale.data.storage import classify, is_remote, join, local_path, patiently
 
 # Attributes that belong to one process: StreamingDataset creates its locks, threads and events lazily,
 # and a DataLoader worker forked after the parent iterated would inherit dead threads and a FileLock
@@ -43,10 +44,12 @@ _PER_PROCESS = ("_executor", "_event", "_iterator", "_cache_filelock", "_maps", 
 
 def open_dataset(root: str, meta: dict, *, batch_size: int, seed: int, shuffle: bool, hflip: bool,
                  local: str | None, shuffle_buffer: int, image: ImageColumn | None = None,
+                 remote_wait_s: float = 600.0,
                  **streaming_kwargs: Any) -> "LatentMDSDataset":
     """The "mds" format's reader (`ditscale.data.build_dataset`): shards cached under `local` (default:
     `content_cache_dir`, keyed by the index's content), read in place when `local` is the dataset root;
-    a cache holding another index is cleared first (`claim_cache`). shuffle_buffer is webdataset's."""
+    a cache holding another index is cleared first (`claim_cache`). A fetch that cannot reach the store
+    is retried for `remote_wait_s` seconds (`PatientStream`). shuffle_buffer is webdataset's."""
     index, _ = read_index(root, MDS_INDEX)
     remote: str | None = root if is_remote(root) else os.path.abspath(local_path(root))
     local = local or content_cache_dir(remote, index)
@@ -54,8 +57,39 @@ def open_dataset(root: str, meta: dict, *, batch_size: int, seed: int, shuffle: 
         remote = None
     else:
         claim_cache(local, remote, index)
-    return LatentMDSDataset(metadata=meta, source=root, remote=remote, local=local, shuffle=shuffle,
+    stream_keys = ("download_retry", "download_timeout", "validate_hash", "keep_zip")
+    stream = PatientStream(remote=remote, local=local, remote_wait_s=remote_wait_s,
+                           **{k: streaming_kwargs.pop(k) for k in stream_keys if k in streaming_kwargs})
+    return LatentMDSDataset(metadata=meta, source=root, streams=[stream], shuffle=shuffle,
                             shuffle_seed=seed, batch_size=batch_size, hflip=hflip, image=image, **streaming_kwargs)
+
+
+class PatientStream(Stream):
+    """streaming's Stream whose downloads outlast an outage of the store: a fetch that fails because the
+    store cannot be reached (or answers 5xx) is retried with back-off for `remote_wait_s` seconds, then
+    fails with a RemoteError naming the endpoint and the object. boto3 writes a download to a temporary
+    file and renames it when complete, so an interrupted fetch never leaves a partial shard."""
+
+    def __init__(self, *, remote_wait_s: float, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.remote_wait_s = remote_wait_s
+
+    def _download_file(self, from_basename: str, to_basename: str | None = None) -> str:
+        url = join(self.remote or "", self.split or "", from_basename)
+
+        def fetch() -> str:
+            try:
+                return super(PatientStream, self)._download_file(from_basename, to_basename)
+            except Exception as e:
+                if not is_remote(url):
+                    raise
+                raise classify(url, e) from e
+
+        return patiently(fetch, url, self.remote_wait_s, say=_say)
+
+
+def _say(message: str) -> None:
+    print(f"[ditscale.data] {message}", file=sys.stderr, flush=True)
 
 
 class _Layout:

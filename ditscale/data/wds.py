@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import math
 import random
+import sys
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -30,7 +31,7 @@ from ditscale.data.flip import flip_of
 from ditscale.data.image_column import ImageColumn, flipped
 from ditscale.data.integrity import DataError, check_shard, read_index
 from ditscale.data.schema import WDS_INDEX
-from ditscale.data.storage import is_remote, join, local_path, read_bytes
+from ditscale.data.storage import is_remote, join, local_path, patiently, read_bytes
 from ditscale.data.tario import tar_samples
 
 # --- the plan of an epoch (pure functions) ---------------------------------------------------------
@@ -94,10 +95,11 @@ class LatentWdsDataset(IterableDataset):
     the shard's file."""
 
     def __init__(self, root: str, metadata: dict, shards: list[dict], *, seed: int = 0, shuffle: bool = True,
-                 shuffle_buffer: int = 2000, hflip: bool = True, image: ImageColumn | None = None):
+                 shuffle_buffer: int = 2000, hflip: bool = True, image: ImageColumn | None = None,
+                 remote_wait_s: float = 600.0):
         super().__init__()
         self.root, self.metadata, self.seed, self.shuffle = root, metadata, int(seed), shuffle
-        self.shuffle_buffer, self.hflip, self.image = shuffle_buffer, hflip, image
+        self.shuffle_buffer, self.hflip, self.image, self.remote_wait_s = shuffle_buffer, hflip, image, remote_wait_s
         self.urls = [join(root, s["basename"]) for s in shards]
         self.infos = [{"bytes": s.get("bytes"), "hashes": s.get("hashes")} for s in shards]
         self.counts = [int(s["samples"]) for s in shards]
@@ -174,7 +176,7 @@ class LatentWdsDataset(IterableDataset):
     def _samples(self, ranges: list[tuple[int, int, int]]) -> Iterator[tuple[int, dict]]:
         for shard, start, stop in ranges:
             url, seen = self.urls[shard], 0
-            data = _fetch(url)
+            data = _fetch(url, self.remote_wait_s)
             check_shard(data, self.infos[shard], url)
             try:
                 for _, sample in tar_samples(io.BytesIO(data)):
@@ -210,6 +212,7 @@ class LatentWdsDataset(IterableDataset):
 
 def open_dataset(root: str, meta: dict, *, batch_size: int, seed: int, shuffle: bool, hflip: bool,
                  local: str | None, shuffle_buffer: int, image: ImageColumn | None = None,
+                 remote_wait_s: float = 600.0,
                  **streaming_kwargs: Any) -> LatentWdsDataset:
     """The "wds" format's reader (`ditscale.data.build_dataset`): tars listed by the root's wds_index.json,
     read where they are (no cache: `local` is MDS's; the batch size is the DataLoader's)."""
@@ -217,12 +220,13 @@ def open_dataset(root: str, meta: dict, *, batch_size: int, seed: int, shuffle: 
         raise ValueError(f"webdataset reader takes no streaming options: {sorted(streaming_kwargs)}")
     _, index = read_index(root, WDS_INDEX)
     return LatentWdsDataset(root, meta, index["shards"], seed=seed, shuffle=shuffle,
-                            shuffle_buffer=shuffle_buffer, hflip=hflip, image=image)
+                            shuffle_buffer=shuffle_buffer, hflip=hflip, image=image, remote_wait_s=remote_wait_s)
 
 
-def _fetch(url: str) -> bytes:
+def _fetch(url: str, remote_wait_s: float) -> bytes:
     """A whole shard: a local file, a remote one streamed by webdataset's gopen (http(s)://, gs://,
-    pipe:…) or, for the other schemes streaming supports (s3://, oci://, azure://, …), fetched whole."""
+    pipe:…) or, for the other schemes streaming supports (s3://, oci://, azure://, …), fetched whole,
+    waiting out an unreachable store for `remote_wait_s` seconds."""
     try:
         if not is_remote(url):
             with open(local_path(url), "rb") as f:
@@ -232,7 +236,8 @@ def _fetch(url: str) -> bytes:
         if url.split(":", 1)[0] in gopen_schemes:
             with gopen(url, "rb") as f:
                 return f.read()
-        return read_bytes(url)
+        return patiently(lambda: read_bytes(url), url, remote_wait_s,
+                         say=lambda m: print(f"[ditscale.data] {m}", file=sys.stderr, flush=True))
     except OSError as e:
         raise DataError(f"{url}: cannot be read ({e})") from None
 
