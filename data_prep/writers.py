@@ -11,6 +11,7 @@ discards it and encodes the slice again.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -37,7 +38,8 @@ class SliceOutput:
         self.staged = staging is not None or is_remote(self.out)
         if self.staged:
             base = staging or os.path.join(tempfile.gettempdir(), "data-prep-staging")
-            self.local = os.path.join(base, name)
+            # one folder per output: two datasets encoded on one node never share a slice's staging files
+            self.local = os.path.join(base, hashlib.sha1(self.out.encode()).hexdigest()[:12], name)
         else:
             self.local = os.path.join(self.out, name + ".partial")
 

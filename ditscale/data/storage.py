@@ -125,6 +125,26 @@ def _s3_bucket_missing(url: str) -> bool:
         return _error_code(e) in ("404", "NoSuchBucket")
 
 
+def list_sizes(prefix: str) -> dict[str, int] | None:
+    """{url: bytes} of every object under an s3:// prefix (one LIST request per 1,000 objects), for a
+    quick check of a remote dataset's shards; None for other schemes (not listed)."""
+    parsed = urllib.parse.urlparse(str(prefix))
+    if parsed.scheme != "s3":
+        return None
+    import boto3
+
+    client = boto3.session.Session().client("s3", endpoint_url=os.environ.get("S3_ENDPOINT_URL"))
+    key = parsed.path.lstrip("/").rstrip("/") + "/"
+    out = {}
+    try:
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=parsed.netloc, Prefix=key):
+            for obj in page.get("Contents", []):
+                out[f"s3://{parsed.netloc}/{obj['Key']}"] = int(obj["Size"])
+    except Exception as e:
+        raise classify(str(prefix), e) from e
+    return out
+
+
 def read_bytes(path: str, timeout: float = 60.0) -> bytes:
     """The bytes of a local file or a remote object; FileNotFoundError when it is absent, RemoteError when
     the store refuses or cannot be reached."""

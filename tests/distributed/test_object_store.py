@@ -89,6 +89,17 @@ def shard_gets(s3) -> int:
 
 
 @contextlib.contextmanager
+def removed(s3, key: str):
+    client = s3.client()
+    good = client.get_object(Bucket=BUCKET, Key=key)["Body"].read()
+    client.delete_object(Bucket=BUCKET, Key=key)
+    try:
+        yield
+    finally:
+        client.put_object(Bucket=BUCKET, Key=key, Body=good)
+
+
+@contextlib.contextmanager
 def corrupted(s3, key: str):
     """One byte of an object flipped in place (same size), restored afterwards."""
     client = s3.client()
@@ -123,7 +134,7 @@ def check(data_root: str, run_dir, env: dict | None = None) -> subprocess.Comple
     return subprocess.run(cmd, cwd=REPO, env=child_env(env), capture_output=True, text=True, timeout=300)
 
 
-def test_check_names_the_url_for_credentials_and_buckets(s3, bucket_dataset, tmp_path):
+def test_check_names_the_url_for_credentials_buckets_and_missing_shards(s3, bucket_dataset, tmp_path):
     ok = check(URL, tmp_path / "run")
     assert ok.returncode == 0, ok.stderr[-3000:]
     denied = check(URL, tmp_path / "run", env={"AWS_SECRET_ACCESS_KEY": "not-the-secret"})
@@ -132,6 +143,10 @@ def test_check_names_the_url_for_credentials_and_buckets(s3, bucket_dataset, tmp
     missing = check(f"s3://no-such-bucket/{PREFIX}", tmp_path / "run")
     assert missing.returncode == 2, missing.stderr[-3000:]
     assert f"bucket 'no-such-bucket' does not exist at {s3.endpoint}" in missing.stderr
+    key = shard_keys(s3)[3]
+    with removed(s3, key):
+        gone = check(URL, tmp_path / "run")
+    assert gone.returncode == 2 and f"s3://{BUCKET}/{key}: missing" in gone.stderr, gone.stderr[-3000:]
 
 
 # ---------------------------------------------------------------------------------------------------------
