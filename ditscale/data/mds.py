@@ -60,8 +60,13 @@ def open_dataset(root: str, meta: dict, *, batch_size: int, seed: int, shuffle: 
     stream_keys = ("download_retry", "download_timeout", "validate_hash", "keep_zip")
     stream = PatientStream(remote=remote, local=local, remote_wait_s=remote_wait_s,
                            **{k: streaming_kwargs.pop(k) for k in stream_keys if k in streaming_kwargs})
-    return LatentMDSDataset(metadata=meta, source=root, streams=[stream], shuffle=shuffle,
-                            shuffle_seed=seed, batch_size=batch_size, hflip=hflip, image=image, **streaming_kwargs)
+    try:
+        return LatentMDSDataset(metadata=meta, source=root, streams=[stream], shuffle=shuffle, shuffle_seed=seed,
+                                batch_size=batch_size, hflip=hflip, image=image, **streaming_kwargs)
+    except ValueError as e:
+        if "cache limit" in str(e).lower():     # streaming wants room for 4 of the largest shards
+            raise DataError(f"data.cache_limit: {e}") from None
+        raise
 
 
 class PatientStream(Stream):

@@ -31,6 +31,7 @@ class S3Server:
         self._server = None
         self._thread: threading.Thread | None = None
         self._app = None
+        self._outage: tuple[str, int] | None = None
 
     @property
     def endpoint(self) -> str:
@@ -82,11 +83,10 @@ class S3Server:
         settings.INITIAL_NO_AUTH_ACTION_COUNT = 0
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._thread.join(timeout=10)
-            self._server = None
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
 
     @property
     def running(self) -> bool:
@@ -108,7 +108,23 @@ class S3Server:
                 with self._lock:
                     self.requests.append(Request(environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""),
                                                  seen.get("status", 0)))
+                    self._maybe_go_down()
         return wrapped
+
+    def stop_after(self, count: int, path_contains: str) -> None:
+        """Stop serving (as a crashed store does: connections refused) right after the `count`-th successful
+        GET whose path contains `path_contains`, counted from now: an outage at a known point of a run."""
+        with self._lock:
+            done = sum(r.method == "GET" and path_contains in r.path and r.status == 200 for r in self.requests)
+            self._outage = (path_contains, done + count)
+
+    def _maybe_go_down(self) -> None:
+        if self._outage is None:
+            return
+        needle, at = self._outage
+        if sum(r.method == "GET" and needle in r.path and r.status == 200 for r in self.requests) >= at:
+            self._outage = None
+            threading.Thread(target=self.stop, daemon=True).start()     # not from inside a request
 
     def reset(self) -> None:
         with self._lock:

@@ -11,6 +11,7 @@ object is caught by its shard hash and named.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import subprocess
@@ -22,7 +23,7 @@ from ds_launch import N, REPO, TOTAL, child_env, ckpt, metrics, reference_overri
 
 pytestmark = [pytest.mark.distributed, pytest.mark.s3]
 
-BUCKET, PREFIX, SLICES = "ditscale-data", "digits", 4
+BUCKET, PREFIX, SLICES = "ditscale-data", "digits", 8
 URL = f"s3://{BUCKET}/{PREFIX}"
 
 
@@ -53,8 +54,8 @@ def data_prep(*args: str, env: dict | None = None) -> subprocess.CompletedProces
 
 @pytest.fixture(scope="module")
 def bucket_dataset(s3, tmp_path_factory) -> str:
-    """digits64 encoded by 1 worker straight into the bucket as 4 slices (one shard each), the first
-    attempt SIGKILLed inside slice 1; then merged and verified there."""
+    """digits64 encoded by 1 worker straight into the bucket as 8 slices (one shard each), the first
+    attempt SIGKILLed inside slice 2; then merged and verified there."""
     from conftest import write_digits
 
     images = write_digits(tmp_path_factory.mktemp("s3_images"), 64)
@@ -64,14 +65,14 @@ def bucket_dataset(s3, tmp_path_factory) -> str:
     killed = data_prep(*encode, env={"DATA_PREP_TEST_KILL_AFTER": "20"})
     assert killed.returncode == -9, killed.stderr[-3000:]
     done = {o["Key"]: o["LastModified"] for o in s3.client().list_objects_v2(Bucket=BUCKET, Prefix=PREFIX)["Contents"]}
-    assert f"{PREFIX}/slice-00000-of-00004/summary.json" in done
-    assert f"{PREFIX}/slice-00001-of-00004/summary.json" not in done
+    assert f"{PREFIX}/slice-00001-of-00008/summary.json" in done
+    assert f"{PREFIX}/slice-00002-of-00008/summary.json" not in done
 
     rerun = data_prep(*encode)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert "slice-00000-of-00004: already complete" in rerun.stderr
+    assert "slice-00001-of-00008: already complete" in rerun.stderr
     after = {o["Key"]: o["LastModified"] for o in s3.client().list_objects_v2(Bucket=BUCKET, Prefix=PREFIX)["Contents"]}
-    assert all(after[k] == t for k, t in done.items() if "slice-00000" in k), "a complete slice was written again"
+    assert all(after[k] == t for k, t in done.items() if "slice-00001" in k), "a complete slice was written again"
     merged = data_prep("merge", URL)
     assert merged.returncode == 0, merged.stderr[-3000:]
     verified = data_prep("verify", URL)
@@ -180,25 +181,27 @@ def test_train_from_the_bucket_resumes_exactly_and_a_warm_cache_fetches_no_shard
 
 
 def test_cache_limit_evicts_and_an_outage_of_the_store_is_waited_out(s3, bucket_dataset, tmp_path):
-    """A cache that holds two of the four shards: shards are evicted and fetched again every epoch. The
-    store goes away mid-run: the loader waits (saying so, naming the endpoint), the store comes back, the
-    run finishes."""
-    shard = max(o["Size"] for o in s3.client().list_objects_v2(Bucket=BUCKET, Prefix=PREFIX)["Contents"]
-                if ".mds" in o["Key"])
-    raw = 64 // SLICES * 2 * 2 * 64 * 2 * 2          # decompressed: 16 samples x (mean, logvar) x 2 flips x 8x8 fp16
+    """A cache at streaming's minimum (4 x the largest shard's compressed + decompressed size) holds about
+    four of the eight shards: shards are evicted and fetched again every epoch. The
+    store goes down right after the second shard is fetched (early in epoch 1): the loader waits, saying so and
+    naming the endpoint; the store comes back; the run finishes every step."""
+    index = json.loads(s3.client().get_object(Bucket=BUCKET, Key=f"{PREFIX}/index.json")["Body"].read())
+    raw = max(sh["raw_data"]["bytes"] for sh in index["shards"])
+    zipped = max(sh["zip_data"]["bytes"] for sh in index["shards"])
     s3.reset()
+    s3.stop_after(2, ".mds")
     run_dir, steps = tmp_path / "run", 3 * 64 // 8  # three epochs
     run = start_training(2, reference_overrides(1, run_dir, URL, f"data.cache={tmp_path / 'cache'}",
-                                                f"data.cache_limit={2 * (shard + raw) + raw}", "data.remote_wait_s=300",
+                                                f"data.cache_limit={4 * (raw + zipped)}", "data.remote_wait_s=300",
                                                 f"train.max_steps={steps}", f"train.ckpt_every={steps}"),
                          tmp_path / "run.log")
-    run.wait_for(lambda text: re.search(r"^step 2 \|", text, re.M), "step 2")
-    s3.stop()
     try:
         run.wait_for(lambda text: f"cannot reach {s3.endpoint}" in text and "retrying in" in text, "the wait")
+        assert not s3.running
         time.sleep(3)
     finally:
-        s3.start()
+        if not s3.running:
+            s3.start()
     assert run.wait() == 0, run.text()[-5000:]
     assert sorted(metrics(run_dir)) == list(range(1, steps + 1))
     assert shard_gets(s3) > SLICES, "with the cache limit, evicted shards are fetched again"
