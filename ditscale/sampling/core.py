@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ditscale.diffusion import cfg_wrapper, create_diffusion, prepare_cfg_inputs, space_timesteps
-from ditscale.sampling.registry import SAMPLERS, Plan, check_fits, make_plan, sampler_info
+from ditscale.sampling.registry import Plan, check_fits, make_plan, sampler_info
 
 COMPILE_MODES = (False, True, "blocks", "step", "step-cudagraphs")
 

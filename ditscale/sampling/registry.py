@@ -22,7 +22,7 @@ Each plan step is `step(model_fn, x, t, t_next, noise)`; model_fn(x, t) is the g
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 

@@ -19,7 +19,8 @@ import sys
 import time
 
 import pytest
-from ds_launch import N, REPO, TOTAL, child_env, ckpt, metrics, reference_overrides, start_training, train
+
+from ds_launch import REPO, TOTAL, N, child_env, ckpt, metrics, reference_overrides, start_training, train
 
 pytestmark = [pytest.mark.distributed, pytest.mark.s3]
 
