@@ -18,6 +18,7 @@ then 2 processes) and through the whole pixel-mode job (`--vae none`: decode, mi
 shards with hashes) with 0, 1 and 2 decode workers, side by side in one run. Each job row is its
 steady rate (summary images_per_s: after listing and worker start).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,9 +38,18 @@ from data_prep import images as image_io  # noqa: E402
 from data_prep.encode import EncodeConfig, VaeEncoder, pick_device, pick_dtype, run  # noqa: E402
 from data_prep.testing import sample_images, save_tiny_vae  # noqa: E402
 
-SD_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 4,
-              up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
-              layers_per_block=2, norm_num_groups=32, sample_size=256, scaling_factor=0.18215)
+SD_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    norm_num_groups=32,
+    sample_size=256,
+    scaling_factor=0.18215,
+)
 START = time.perf_counter()
 
 
@@ -51,7 +61,7 @@ def make_vae(kind: str, path: str) -> str:
     if kind == "tiny":
         return save_tiny_vae(path)
     if kind != "sd":
-        return kind                              # a real local AutoencoderKL directory
+        return kind  # a real local AutoencoderKL directory
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
@@ -98,10 +108,15 @@ def decode_only(root: str, res: int, batch: int, workers: int, seconds: float) -
     from torch.utils.data import DataLoader
 
     items, _ = image_io.list_image_folder(root)
-    loader = DataLoader(image_io.FolderImages(root, items, res, 3), batch_size=batch, num_workers=workers,
-                        collate_fn=image_io.collate, prefetch_factor=4 if workers else None)
+    loader = DataLoader(
+        image_io.FolderImages(root, items, res, 3),
+        batch_size=batch,
+        num_workers=workers,
+        collate_fn=image_io.collate,
+        prefetch_factor=4 if workers else None,
+    )
     it = iter(loader)
-    next(it)                                    # workers started
+    next(it)  # workers started
     start, n = time.perf_counter(), 0
     for b in it:
         n += len(b["keys"])
@@ -131,21 +146,33 @@ def plain_loop(root: str, res: int, processes: int) -> float:
         start = time.perf_counter()
         return _plain(paths, res) / (time.perf_counter() - start)
     with ProcessPoolExecutor(processes) as pool:
-        list(pool.map(_plain, [[p] for p in paths[:processes]], [res] * processes))     # workers started
+        list(pool.map(_plain, [[p] for p in paths[:processes]], [res] * processes))  # workers started
         start = time.perf_counter()
         done = sum(pool.map(_plain, [paths[i::processes] for i in range(processes)], [res] * processes))
     return done / (time.perf_counter() - start)
 
 
 def vs_plain_loop(args, jpegs: str, work: str) -> list[tuple[str, float]]:
-    rows = [("plain loop: PIL open + ADM crop + numpy, 1 process", plain_loop(jpegs, args.resolution, 1)),
-            ("plain loop, 2 processes", plain_loop(jpegs, args.resolution, 2))]
+    rows = [
+        ("plain loop: PIL open + ADM crop + numpy, 1 process", plain_loop(jpegs, args.resolution, 1)),
+        ("plain loop, 2 processes", plain_loop(jpegs, args.resolution, 2)),
+    ]
     for workers in (0, 1, 2):
         out = os.path.join(work, f"pixel-{workers}")
         shutil.rmtree(out, ignore_errors=True)
-        [summary] = run(EncodeConfig(input=jpegs, out=out, vae="none", resolution=args.resolution,
-                                     format=args.format, decode_workers=workers, worker=0, num_workers=1,
-                                     progress=False))
+        [summary] = run(
+            EncodeConfig(
+                input=jpegs,
+                out=out,
+                vae="none",
+                resolution=args.resolution,
+                format=args.format,
+                decode_workers=workers,
+                worker=0,
+                num_workers=1,
+                progress=False,
+            )
+        )
         rows.append((f"data_prep encode --vae none, {workers} decode worker(s)", summary["images_per_s"]))
     return rows
 
@@ -172,8 +199,10 @@ def main() -> None:
         if not os.path.isdir(jpegs):
             make_jpegs(jpegs, args.images or 200)
         rows = vs_plain_loop(args, jpegs, work)
-        title = (f"data_prep vs a plain loop: {args.images or 200} JPEGs, {args.resolution}px, "
-                 f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}, {time.strftime('%Y-%m-%d %H:%M')}")
+        title = (
+            f"data_prep vs a plain loop: {args.images or 200} JPEGs, {args.resolution}px, "
+            f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}, {time.strftime('%Y-%m-%d %H:%M')}"
+        )
         lines = [title, "| setting | images/s | vs plain loop (1 process) |", "|---|---|---|"]
         lines += [f"| {name} | {rate:,.3g} | {rate / rows[0][1]:.2f}x |" for name, rate in rows]
         print("\n" + "\n".join(lines))
@@ -195,31 +224,54 @@ def main() -> None:
     phase = max(1.0, 0.12 * left(args.budget)) if args.budget else float("inf")
 
     enc = VaeEncoder(vae_dir, device, dtype, args.compile)
-    rows = [("bare encoder (uint8 batch in host memory → posteriors on host)",
-             bare_encoder(enc, args.resolution, batch, args.repeats or (20 if gpu else 3), phase))]
+    rows = [
+        (
+            "bare encoder (uint8 batch in host memory → posteriors on host)",
+            bare_encoder(enc, args.resolution, batch, args.repeats or (20 if gpu else 3), phase),
+        )
+    ]
     del enc
-    rows.append((f"decode + ADM crop only ({workers} DataLoader workers)",
-                 decode_only(jpegs, args.resolution, batch, workers, phase)))
+    rows.append(
+        (
+            f"decode + ADM crop only ({workers} DataLoader workers)",
+            decode_only(jpegs, args.resolution, batch, workers, phase),
+        )
+    )
     # size the full job to what is left: startup (~5 s) plus the images at the slower of the two rates
     rate = min(r for _, r in rows)
     limit = n_images if args.budget is None else max(batch, min(n_images, int((left(args.budget) - 8) * rate * 0.7)))
     out = os.path.join(work, "out")
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
-    [summary] = run(EncodeConfig(input=jpegs, out=out, vae=vae_dir, resolution=args.resolution, format=args.format,
-                                 batch_size=batch, decode_workers=workers, dtype=args.dtype, compile=args.compile,
-                                 worker=0, num_workers=1, progress=False, limit=limit))
+    [summary] = run(
+        EncodeConfig(
+            input=jpegs,
+            out=out,
+            vae=vae_dir,
+            resolution=args.resolution,
+            format=args.format,
+            batch_size=batch,
+            decode_workers=workers,
+            dtype=args.dtype,
+            compile=args.compile,
+            worker=0,
+            num_workers=1,
+            progress=False,
+            limit=limit,
+        )
+    )
     wall = time.perf_counter() - start
     rows.append((f"full job: JPEG → {args.format} shards ({summary['num_samples']} images)", summary["images_per_s"]))
     rows.append(("full job incl. listing, VAE load, worker start", summary["num_samples"] / wall))
 
     card = torch.cuda.get_device_name(device) if gpu else f"CPU {platform.processor() or platform.machine()}"
-    title = (f"data_prep bench: {card}, {os.cpu_count()} cores, VAE {args.vae}, {args.resolution}px, {dtype}, "
-             f"batch {batch}, {time.strftime('%Y-%m-%d %H:%M')}")
+    title = (
+        f"data_prep bench: {card}, {os.cpu_count()} cores, VAE {args.vae}, {args.resolution}px, {dtype}, "
+        f"batch {batch}, {time.strftime('%Y-%m-%d %H:%M')}"
+    )
     lines = [title, "| setting | images/s | vs bare encoder |", "|---|---|---|"]
     lines += [f"| {name} | {rate:,.3g} | {rate / rows[0][1]:.2f}x |" for name, rate in rows]
-    lines.append("(each image is encoded twice: itself and its mirror; goal on one H100: ≥ 1,000 images/s "
-                 "end to end)")
+    lines.append("(each image is encoded twice: itself and its mirror; goal on one H100: ≥ 1,000 images/s end to end)")
     print("\n" + "\n".join(lines))
     if args.out:
         os.makedirs(args.out, exist_ok=True)

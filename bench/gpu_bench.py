@@ -18,6 +18,7 @@ JSON and the markdown table are rewritten after every setting, so a killed run k
     python bench/gpu_bench.py --out $OUT --budget 200             # on the GPU machine (bench/run_gpu.sh)
     python bench/gpu_bench.py --smoke --out /tmp/bench            # CPU plumbing check with a tiny model
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,24 +51,25 @@ from ditscale.models.fused import compile_blocks  # noqa: E402
 
 PRESET = "DiT-XL/2"
 GOAL_IMAGES_PER_S = 650
-SMOKE_MODEL = dict(depth=2, hidden_size=64, num_heads=4, patch_size=2)    # CPU plumbing check only
+SMOKE_MODEL = dict(depth=2, hidden_size=64, num_heads=4, patch_size=2)  # CPU plumbing check only
 
 
 #################################################################################
 #                               Settings and results                            #
 #################################################################################
 
+
 @dataclass(frozen=True)
 class Setting:
     name: str
-    kind: str                  # "eager" | "compiled" | "trainer"
+    kind: str  # "eager" | "compiled" | "trainer"
     resolution: int
     batch: int
-    zero: int = 0              # DeepSpeed ZeRO stage (trainer only)
+    zero: int = 0  # DeepSpeed ZeRO stage (trainer only)
     checkpoint_every: int = 0  # activation checkpointing (0 off, 1 every block)
-    est_s: float = 30.0        # what it needs of the budget (build + compile + steps), to skip early
+    est_s: float = 30.0  # what it needs of the budget (build + compile + steps), to skip early
     note: str = ""
-    overrides: tuple[str, ...] = ()    # trainer config overrides (trainer only)
+    overrides: tuple[str, ...] = ()  # trainer config overrides (trainer only)
 
 
 # In priority order: what must be measured comes first, so a short budget still answers the question.
@@ -75,15 +77,39 @@ SETTINGS = [
     Setting("eager", "eager", 256, 128, est_s=20, note="baseline: plain PyTorch, eager, bf16 autocast"),
     Setting("ds-zero2", "trainer", 256, 128, zero=2, est_s=75, note="trainer path (the goal)"),
     Setting("ds-zero1", "trainer", 256, 128, zero=1, est_s=30),
-    Setting("ds-zero2+ckpt", "trainer", 256, 128, zero=2, checkpoint_every=1, est_s=35,
-            note="activation checkpointing, same batch: its cost"),
+    Setting(
+        "ds-zero2+ckpt",
+        "trainer",
+        256,
+        128,
+        zero=2,
+        checkpoint_every=1,
+        est_s=35,
+        note="activation checkpointing, same batch: its cost",
+    ),
     Setting("compiled", "compiled", 256, 128, est_s=50, note="plain PyTorch, compiled blocks, fused AdamW"),
-    Setting("ds-zero2-async", "trainer", 256, 128, zero=2, est_s=25, overrides=("engine.nonfinite_check=async",),
-            note="engine.nonfinite_check=async: DeepSpeed's per-step overflow syncs off, no host sync per step"),
+    Setting(
+        "ds-zero2-async",
+        "trainer",
+        256,
+        128,
+        zero=2,
+        est_s=25,
+        overrides=("engine.nonfinite_check=async",),
+        note="engine.nonfinite_check=async: DeepSpeed's per-step overflow syncs off, no host sync per step",
+    ),
     Setting("eager", "eager", 512, 32, est_s=20, note="baseline at 512 (1,024 tokens)"),
     Setting("ds-zero2", "trainer", 512, 32, zero=2, est_s=60),
-    Setting("ds-zero2+ckpt", "trainer", 256, 256, zero=2, checkpoint_every=1, est_s=50,
-            note="larger batch with checkpointing"),
+    Setting(
+        "ds-zero2+ckpt",
+        "trainer",
+        256,
+        256,
+        zero=2,
+        checkpoint_every=1,
+        est_s=50,
+        note="larger batch with checkpointing",
+    ),
     Setting("ds-zero2", "trainer", 256, 256, zero=2, est_s=30, note="larger batch (may not fit)"),
 ]
 
@@ -93,15 +119,15 @@ class Result:
     setting: str
     resolution: int
     batch: int
-    status: str = "ok"                  # ok | skipped (budget) | oom | error: … | timed out
+    status: str = "ok"  # ok | skipped (budget) | oom | error: … | timed out
     images_per_s: float | None = None
     step_ms: float | None = None
     tflops: float | None = None
     mfu: float | None = None
     peak_mem_gib: float | None = None
-    ratio: float | None = None          # images/s over the eager baseline at the same resolution
+    ratio: float | None = None  # images/s over the eager baseline at the same resolution
     steps_timed: int = 0
-    warmup_s: float | None = None       # build + compile + warm-up steps
+    warmup_s: float | None = None  # build + compile + warm-up steps
     host_syncs_per_step: float | None = None
     sync_sites: list = field(default_factory=list)
     details: dict = field(default_factory=dict)
@@ -141,6 +167,7 @@ def deadline(seconds: float):
 #################################################################################
 #                                   Timing                                      #
 #################################################################################
+
 
 def synchronize(device):
     if device.type == "cuda":
@@ -191,6 +218,7 @@ def count_host_syncs(step, device) -> tuple[int, list[str]]:
 #                        Peaks: matrix multiply, attention                      #
 #################################################################################
 
+
 def matmul_tflops(device, n=8192, dtype=torch.bfloat16, reps=10) -> float:
     """bf16 n×n×n product on random data (zeros run faster than real data): median of `reps`."""
     a = torch.randn(n, n, device=device, dtype=dtype)
@@ -205,7 +233,7 @@ def matmul_tflops(device, n=8192, dtype=torch.bfloat16, reps=10) -> float:
         synchronize(device)
         times.append(time.perf_counter() - t)
     times.sort()
-    return 2 * n ** 3 / times[len(times) // 2] / 1e12
+    return 2 * n**3 / times[len(times) // 2] / 1e12
 
 
 def sdpa_backends(device, shapes) -> dict:
@@ -214,21 +242,26 @@ def sdpa_backends(device, shapes) -> dict:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     out = {}
-    for (n, h, t, d) in shapes:
+    for n, h, t, d in shapes:
         # q, k, v laid out as the model makes them: views of one (N, T, 3D) projection
         qkv = torch.randn(n, t, 3 * h * d, device=device, dtype=torch.bfloat16, requires_grad=True)
-        q, k, v = (z.unflatten(-1, (h, d)).transpose(1, 2) for z in qkv.chunk(3, dim=-1))    # (N, h, T, d)
+        q, k, v = (z.unflatten(-1, (h, d)).transpose(1, 2) for z in qkv.chunk(3, dim=-1))  # (N, h, T, d)
         grad = torch.randn(n, h, t, d, device=device, dtype=torch.bfloat16)
         row = {}
-        for name, backend in [("default", None), ("flash", SDPBackend.FLASH_ATTENTION),
-                              ("efficient", SDPBackend.EFFICIENT_ATTENTION),
-                              ("cudnn", SDPBackend.CUDNN_ATTENTION)]:
+        for name, backend in [
+            ("default", None),
+            ("flash", SDPBackend.FLASH_ATTENTION),
+            ("efficient", SDPBackend.EFFICIENT_ATTENTION),
+            ("cudnn", SDPBackend.CUDNN_ATTENTION),
+        ]:
             ctx = contextlib.nullcontext() if backend is None else sdpa_kernel(backend)
             try:
                 with ctx:
+
                     def run():
                         sdpa = torch.nn.functional.scaled_dot_product_attention
                         sdpa(q, k, v).backward(grad, retain_graph=True)  # noqa: B023 (called in this iteration)
+
                     for _ in range(3):
                         run()
                     synchronize(device)
@@ -237,7 +270,7 @@ def sdpa_backends(device, shapes) -> dict:
                         run()
                     synchronize(device)
                 row[name] = round((time.perf_counter() - t0) / 10 * 1e3, 3)
-            except RuntimeError as e:        # backend unavailable for this shape / build
+            except RuntimeError as e:  # backend unavailable for this shape / build
                 row[name] = f"n/a ({str(e).splitlines()[0][:80]})"
         out[f"N={n} heads={h} T={t} d={d}"] = row
     return out
@@ -247,15 +280,17 @@ def sdpa_backends(device, shapes) -> dict:
 #                          Plain PyTorch steps (a), (b)                         #
 #################################################################################
 
+
 def _model_kwargs(resolution, smoke):
     kwargs = dict(input_size=resolution // 8)
     return {**SMOKE_MODEL, **kwargs} if smoke else kwargs
 
 
 def build_model(resolution, smoke, device, **overrides):
-    with torch.device(device):          # initialise on the device: XL's 675M parameters init in ms there
+    with torch.device(device):  # initialise on the device: XL's 675M parameters init in ms there
         if smoke:
             from ditscale.models import DiT
+
             return DiT(**_model_kwargs(resolution, smoke), **overrides)
         return build_dit(PRESET, **_model_kwargs(resolution, smoke), **overrides)
 
@@ -302,13 +337,16 @@ def build_plain_step(s: Setting, device, smoke):
         else:
             ema_loop(ema, model)
 
-    return step, {"optimizer": "torch AdamW " + ("fused" if opt_kwargs else "foreach (default)"),
-                  "ema": "foreach lerp" if compiled else "per-parameter loop (official)"}
+    return step, {
+        "optimizer": "torch AdamW " + ("fused" if opt_kwargs else "foreach (default)"),
+        "ema": "foreach lerp" if compiled else "per-parameter loop (official)",
+    }
 
 
 #################################################################################
 #                           The trainer's path (c), (d)                         #
 #################################################################################
+
 
 class BenchDone(Exception):
     """Raised from the metrics hook when enough logged intervals were timed: ends ditscale.train's loop."""
@@ -331,7 +369,9 @@ def describe_optimizer(engine) -> str:
     inner = getattr(engine.optimizer, "optimizer", None)
     return f"{type(engine.optimizer).__name__} over {type(inner).__name__ if inner else '?'}" + (
         f" (fused={inner.defaults.get('fused')}, foreach={inner.defaults.get('foreach')})"
-        if isinstance(inner, torch.optim.Optimizer) else "")
+        if isinstance(inner, torch.optim.Optimizer)
+        else ""
+    )
 
 
 def _interval_clock(device, every, warmup, window_s, min_intervals, max_intervals):
@@ -346,11 +386,11 @@ def _interval_clock(device, every, warmup, window_s, min_intervals, max_interval
         def __init__(self):
             self.records, self.timed = [], []
             self.optimizer = None
-            self.sync_phase = None          # warnings.catch_warnings while counting
+            self.sync_phase = None  # warnings.catch_warnings while counting
             self.caught, self.syncs, self.sync_steps = None, None, max(1, every - 1)
             self.counted = 0
             self.mem = 0.0
-            self.last = None                # time of the previous log (the first log only starts the clock)
+            self.last = None  # time of the previous log (the first log only starts the clock)
 
         def engine_built(self, engine):
             self.optimizer = describe_optimizer(engine)
@@ -367,9 +407,9 @@ def _interval_clock(device, every, warmup, window_s, min_intervals, max_interval
             if record is None:
                 return
             if device.type == "cuda":
-                self.mem = max(self.mem, torch.cuda.max_memory_allocated(device) / 2 ** 30)
+                self.mem = max(self.mem, torch.cuda.max_memory_allocated(device) / 2**30)
             now = time.perf_counter()
-            if self.last is not None:           # the whole interval: its steps and the logging itself
+            if self.last is not None:  # the whole interval: its steps and the logging itself
                 self.records.append({**record, "interval_s": now - self.last})
                 if len(self.records) > warmup:
                     self.timed.append(self.records[-1])
@@ -386,8 +426,17 @@ def _interval_clock(device, every, warmup, window_s, min_intervals, max_interval
     return IntervalClock()
 
 
-def run_trainer(s: Setting, device, data_root, workdir: Path, args, *, model: dict | None = None,
-                compiled=True, num_workers: int | None = None) -> dict:
+def run_trainer(
+    s: Setting,
+    device,
+    data_root,
+    workdir: Path,
+    args,
+    *,
+    model: dict | None = None,
+    compiled=True,
+    num_workers: int | None = None,
+) -> dict:
     """ditscale.train.train on the synthetic MDS dataset: its engine (ditscale.engine.build, with
     engine.compile=blocks unless --no-compile), its EMA (every step), its loader, metrics (every `every`
     steps: jsonl + TensorBoard), stop checks; no checkpoint is due before the bench ends the run from the
@@ -398,17 +447,29 @@ def run_trainer(s: Setting, device, data_root, workdir: Path, args, *, model: di
 
     _init_dist_once(device)
     every = args.log_every
-    overrides = [f"data.root={data_root}", f"run_dir={workdir / 'run'}", f"data.cache={workdir / 'cache'}",
-                 f"engine.ds_config=ds_configs/zero{s.zero}_bf16.json", f"train.global_batch={s.batch}",
-                 "train.max_steps=1000000", "train.ckpt_every=1000000", f"log.every={every}", "log.progress=off",
-                 "sample.every=0", f"model.checkpoint_every={s.checkpoint_every}", f"model.preset={PRESET}",
-                 f"engine.compile={'blocks' if compiled else 'off'}", *s.overrides]
+    overrides = [
+        f"data.root={data_root}",
+        f"run_dir={workdir / 'run'}",
+        f"data.cache={workdir / 'cache'}",
+        f"engine.ds_config=ds_configs/zero{s.zero}_bf16.json",
+        f"train.global_batch={s.batch}",
+        "train.max_steps=1000000",
+        "train.ckpt_every=1000000",
+        f"log.every={every}",
+        "log.progress=off",
+        "sample.every=0",
+        f"model.checkpoint_every={s.checkpoint_every}",
+        f"model.preset={PRESET}",
+        f"engine.compile={'blocks' if compiled else 'off'}",
+        *s.overrides,
+    ]
     overrides += [f"model.{k}={v}" for k, v in (model or {}).items()]
     if num_workers is not None:
         overrides.append(f"data.num_workers={num_workers}")
     cfg, meta, ds = T.prepare(T.parse_args(overrides), 1)
-    clock = _interval_clock(device, every, warmup=1, window_s=args.window_s,
-                            min_intervals=2, max_intervals=args.max_steps // every + 1)
+    clock = _interval_clock(
+        device, every, warmup=1, window_s=args.window_s, min_intervals=2, max_intervals=args.max_steps // every + 1
+    )
     t0 = time.perf_counter()
     try:
         T.train(cfg, meta, ds, launch.detect(), device, hooks=clock)
@@ -428,17 +489,27 @@ def run_trainer(s: Setting, device, data_root, workdir: Path, args, *, model: di
             key = f"{Path(w.filename).name}:{w.lineno}"
             counts[key] = counts.get(key, 0) + 1
         sites = [f"{k} ×{v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])]
-    return {"steps": steps, "step_s": step_s, "mem_gib": clock.mem, "syncs_per_step": syncs, "sync_sites": sites,
-            "total_s": time.perf_counter() - t0,
-            "interval_ms_per_step": [round(r["interval_s"] / every * 1e3, 1) for r in clock.records],
-            "data_wait_frac": [round(r.get("data_wait_frac", 0), 3) for r in clock.timed], "log_every": every,
-            "optimizer": clock.optimizer, "compile": cfg.engine.compile, "overrides": list(s.overrides),
-            "ema": "ditscale.engine.ema.ShardedEMA (foreach lerp on fp32 master shards)"}
+    return {
+        "steps": steps,
+        "step_s": step_s,
+        "mem_gib": clock.mem,
+        "syncs_per_step": syncs,
+        "sync_sites": sites,
+        "total_s": time.perf_counter() - t0,
+        "interval_ms_per_step": [round(r["interval_s"] / every * 1e3, 1) for r in clock.records],
+        "data_wait_frac": [round(r.get("data_wait_frac", 0), 3) for r in clock.timed],
+        "log_every": every,
+        "optimizer": clock.optimizer,
+        "compile": cfg.engine.compile,
+        "overrides": list(s.overrides),
+        "ema": "ditscale.engine.ema.ShardedEMA (foreach lerp on fp32 master shards)",
+    }
 
 
 #################################################################################
 #                                    Driver                                     #
 #################################################################################
+
 
 def run_setting(s: Setting, device, smoke, budget: Budget, args, data) -> Result:
     res = Result(s.name, s.resolution, s.batch, note=s.note)
@@ -447,7 +518,7 @@ def run_setting(s: Setting, device, smoke, budget: Budget, args, data) -> Result
         return res
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-        res.details["allocated_at_start_gib"] = round(torch.cuda.memory_allocated(device) / 2 ** 30, 2)
+        res.details["allocated_at_start_gib"] = round(torch.cuda.memory_allocated(device) / 2**30, 2)
     start = time.perf_counter()
     step = None
     try:
@@ -455,21 +526,40 @@ def run_setting(s: Setting, device, smoke, budget: Budget, args, data) -> Result
             if s.kind == "trainer":
                 root = data.root(s.resolution)
                 with tempfile.TemporaryDirectory(prefix="ditscale-bench-run-", dir=data.dir) as workdir:
-                    t = run_trainer(s, device, root, Path(workdir), args, compiled=not args.no_compile, model=SMOKE_MODEL if smoke else None,
-                                    num_workers=1 if smoke else None)
+                    t = run_trainer(
+                        s,
+                        device,
+                        root,
+                        Path(workdir),
+                        args,
+                        compiled=not args.no_compile,
+                        model=SMOKE_MODEL if smoke else None,
+                        num_workers=1 if smoke else None,
+                    )
                 timing = {"steps": t["steps"], "step_s": t["step_s"]}
                 res.host_syncs_per_step, res.sync_sites = t["syncs_per_step"], t["sync_sites"]
                 res.peak_mem_gib = t["mem_gib"] if device.type == "cuda" else None
-                res.details.update({k: v for k, v in t.items() if k not in ("steps", "step_s", "mem_gib",
-                                                                             "syncs_per_step", "sync_sites")})
+                res.details.update(
+                    {
+                        k: v
+                        for k, v in t.items()
+                        if k not in ("steps", "step_s", "mem_gib", "syncs_per_step", "sync_sites")
+                    }
+                )
             else:
                 step, details = build_plain_step(s, device, smoke)
                 res.details.update(details)
-                timing = time_steps(step, device, warmup=args.warmup, window_s=args.window_s,
-                                    min_steps=args.min_steps, max_steps=args.max_steps)
+                timing = time_steps(
+                    step,
+                    device,
+                    warmup=args.warmup,
+                    window_s=args.window_s,
+                    min_steps=args.min_steps,
+                    max_steps=args.max_steps,
+                )
                 res.host_syncs_per_step, res.sync_sites = count_host_syncs(step, device)
                 if device.type == "cuda":
-                    res.peak_mem_gib = torch.cuda.max_memory_allocated(device) / 2 ** 30
+                    res.peak_mem_gib = torch.cuda.max_memory_allocated(device) / 2**30
         res.steps_timed = timing["steps"]
         res.step_ms = timing["step_s"] * 1e3
         res.images_per_s = s.batch / timing["step_s"]
@@ -479,7 +569,7 @@ def run_setting(s: Setting, device, smoke, budget: Budget, args, data) -> Result
         traceback.print_exc(limit=-6)
     except torch.OutOfMemoryError:
         res.status = "oom"
-    except Exception as e:          # one setting's failure must not lose the others' numbers
+    except Exception as e:  # one setting's failure must not lose the others' numbers
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
         res.status = f"error: {type(e).__name__}: {first}"
         traceback.print_exc()
@@ -510,37 +600,63 @@ def fmt(v, spec):
 
 
 def markdown(report: dict) -> str:
-    lines = [f"### DiT training throughput — {report['device']} ({report['model']})", "",
-             f"bf16 matmul peak (measured): {fmt(report['matmul_tflops'], '.0f')} TFLOP/s · torch "
-             f"{report['torch']} · deepspeed {report.get('deepspeed', '—')} · commit {report['commit']} · "
-             f"{report['date']}", "",
-             "| setting | res | batch | images/s | TFLOP/s | MFU | peak mem GiB | vs eager | syncs/step | status |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"### DiT training throughput — {report['device']} ({report['model']})",
+        "",
+        f"bf16 matmul peak (measured): {fmt(report['matmul_tflops'], '.0f')} TFLOP/s · torch "
+        f"{report['torch']} · deepspeed {report.get('deepspeed', '—')} · commit {report['commit']} · "
+        f"{report['date']}",
+        "",
+        "| setting | res | batch | images/s | TFLOP/s | MFU | peak mem GiB | vs eager | syncs/step | status |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in report["results"]:
         lines.append(
             f"| {r['setting']} | {r['resolution']} | {r['batch']} | {fmt(r['images_per_s'], '.1f')} | "
             f"{fmt(r['tflops'], '.0f')} | {fmt(r['mfu'] and 100 * r['mfu'], '.1f')}{'%' if r['mfu'] else ''} | "
             f"{fmt(r['peak_mem_gib'], '.1f')} | {fmt(r['ratio'], '.2f')}{'×' if r['ratio'] else ''} | "
-            f"{fmt(r['host_syncs_per_step'], 'g')} | {r['status']} |")
-    goal = next((r for r in report["results"] if r["setting"] == "ds-zero2" and r["resolution"] == 256
-                 and r["batch"] == 128 and r["images_per_s"]), None)
-    lines += ["", f"Goal (issue 7): trainer path (ds-zero2) at 256 ≥ {GOAL_IMAGES_PER_S} images/s per H100: "
-              + (f"{goal['images_per_s']:.0f} images/s — {'met' if goal['images_per_s'] >= GOAL_IMAGES_PER_S else 'not met'}"
-                 if goal else "not measured")]
+            f"{fmt(r['host_syncs_per_step'], 'g')} | {r['status']} |"
+        )
+    goal = next(
+        (
+            r
+            for r in report["results"]
+            if r["setting"] == "ds-zero2" and r["resolution"] == 256 and r["batch"] == 128 and r["images_per_s"]
+        ),
+        None,
+    )
+    lines += [
+        "",
+        f"Goal (issue 7): trainer path (ds-zero2) at 256 ≥ {GOAL_IMAGES_PER_S} images/s per H100: "
+        + (
+            f"{goal['images_per_s']:.0f} images/s — {'met' if goal['images_per_s'] >= GOAL_IMAGES_PER_S else 'not met'}"
+            if goal
+            else "not measured"
+        ),
+    ]
     if report.get("sdpa_ms"):
-        lines += ["", "SDPA forward + backward, ms (bf16): " + "; ".join(
-            f"{shape}: " + ", ".join(f"{k} {v}" for k, v in row.items()) for shape, row in report["sdpa_ms"].items())]
-    notes = [f"- {r['setting']} @ {r['resolution']} × {r['batch']}: {r['note']}"
-             + (f" (optimizer: {r['details']['optimizer']})" if r["details"].get("optimizer") else "")
-             for r in report["results"] if r["note"] or r["details"].get("optimizer")]
+        lines += [
+            "",
+            "SDPA forward + backward, ms (bf16): "
+            + "; ".join(
+                f"{shape}: " + ", ".join(f"{k} {v}" for k, v in row.items()) for shape, row in report["sdpa_ms"].items()
+            ),
+        ]
+    notes = [
+        f"- {r['setting']} @ {r['resolution']} × {r['batch']}: {r['note']}"
+        + (f" (optimizer: {r['details']['optimizer']})" if r["details"].get("optimizer") else "")
+        for r in report["results"]
+        if r["note"] or r["details"].get("optimizer")
+    ]
     return "\n".join(lines + ([""] + notes if notes else []))
 
 
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
         return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else "unknown"
     except OSError:
         return "unknown"
@@ -590,19 +706,31 @@ def main(argv=None):
         settings = [s for s in settings if s.resolution in args.resolutions]
     if args.smoke:
         args.window_s, args.log_every = min(args.window_s, 0.5), 2
-        settings = [replace(s, batch=4, resolution=32 if s.resolution == 256 else 64, est_s=0) for s in settings
-                    if s.batch == 128 or s.resolution == 512]
+        settings = [
+            replace(s, batch=4, resolution=32 if s.resolution == 256 else 64, est_s=0)
+            for s in settings
+            if s.batch == 128 or s.resolution == 512
+        ]
 
-    data = SyntheticData(args.data_dir, smoke=args.smoke,
-                         resolutions=sorted({s.resolution for s in settings if s.kind == "trainer"}))
-    data.start()            # written by a CPU process while the GPU measures the baseline
+    data = SyntheticData(
+        args.data_dir, smoke=args.smoke, resolutions=sorted({s.resolution for s in settings if s.kind == "trainer"})
+    )
+    data.start()  # written by a CPU process while the GPU measures the baseline
 
-    report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-              "model": PRESET if not args.smoke else f"tiny DiT {SMOKE_MODEL}", "torch": torch.__version__,
-              "commit": git_commit(), "date": time.strftime("%Y-%m-%d %H:%M"), "budget_s": args.budget,
-              "matmul_tflops": None, "sdpa_ms": None, "results": []}
+    report = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "model": PRESET if not args.smoke else f"tiny DiT {SMOKE_MODEL}",
+        "torch": torch.__version__,
+        "commit": git_commit(),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "budget_s": args.budget,
+        "matmul_tflops": None,
+        "sdpa_ms": None,
+        "results": [],
+    }
     with contextlib.suppress(ImportError):
         import deepspeed
+
         report["deepspeed"] = deepspeed.__version__
 
     def save():
@@ -625,9 +753,11 @@ def main(argv=None):
         finish(results, report["matmul_tflops"], args.smoke)
         report["results"] = [asdict(x) for x in results]
         save()
-        print(f"    {r.status}: {fmt(r.images_per_s, '.1f')} images/s, {fmt(r.step_ms, '.1f')} ms/step, "
-              f"peak {fmt(r.peak_mem_gib, '.1f')} GiB, syncs/step {r.host_syncs_per_step} {r.sync_sites[:4]}",
-              flush=True)
+        print(
+            f"    {r.status}: {fmt(r.images_per_s, '.1f')} images/s, {fmt(r.step_ms, '.1f')} ms/step, "
+            f"peak {fmt(r.peak_mem_gib, '.1f')} GiB, syncs/step {r.host_syncs_per_step} {r.sync_sites[:4]}",
+            flush=True,
+        )
     data.close()
     print()
     print(markdown(report), flush=True)
@@ -638,11 +768,12 @@ def main(argv=None):
 #                         Synthetic MDS dataset (background)                    #
 #################################################################################
 
+
 class SyntheticData:
     """Synthetic posterior latents written as data_prep's MDS dataset, in a background process so the CPU
     work overlaps the GPU's baseline; `root(resolution)` waits for it."""
 
-    SAMPLES = {256: 8192, 512: 2048}        # ~256 MiB each: epochs repeat, which the loader handles
+    SAMPLES = {256: 8192, 512: 2048}  # ~256 MiB each: epochs repeat, which the loader handles
 
     def __init__(self, directory, smoke, resolutions):
         self.dir = Path(directory or tempfile.mkdtemp(prefix="ditscale-bench-data-"))

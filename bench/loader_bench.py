@@ -12,6 +12,7 @@ rows re-check every shard each epoch, as fresh DataLoader workers do.
     python bench/loader_bench.py                      # 20,000 synthetic samples in a temp dir
     python bench/loader_bench.py --samples 50000 --batch-size 256 --data /tmp/latents
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,8 +57,9 @@ def bare_streaming(root: str, cache: str, batch: int) -> float:
     def samples():
         for s in ds:
             f = flip_of(0, 0, 0)
-            yield s["mean"][f] + np.exp(0.5 * s["logvar"][f].astype(np.float32)) * \
-                rng.standard_normal(s["mean"].shape[1:], dtype=np.float32)
+            yield s["mean"][f] + np.exp(0.5 * s["logvar"][f].astype(np.float32)) * rng.standard_normal(
+                s["mean"].shape[1:], dtype=np.float32
+            )
 
     for _ in samples():
         pass
@@ -100,7 +102,7 @@ def hash_time(root: str) -> tuple[float, int]:
 def ours(root: str, cache_root: str, batch: int, workers: int | None, sample: bool = False) -> float:
     kw = {"local": os.path.join(cache_root, f"c{next(_caches)}")} if "mds" in os.path.basename(root) else {}
     ds = build_dataset(root, batch_size=batch, seed=0, **kw)
-    if workers is None:                       # per-sample iteration in this process
+    if workers is None:  # per-sample iteration in this process
         for _ in ds:
             pass
         return timed(ds, lambda _: 1)
@@ -140,13 +142,19 @@ def main() -> None:
             write_synthetic_latents(root, args.samples, format=fmt, num_slices=2)
     caches = tempfile.mkdtemp(prefix="loader-bench-cache-")
     b = args.batch_size
-    rows = [("bare StreamingDataset, per sample + numpy sampling (baseline)", 1,
-             bare_streaming(roots["mds"], os.path.join(caches, "bare"), b))]
+    rows = [
+        (
+            "bare StreamingDataset, per sample + numpy sampling (baseline)",
+            1,
+            bare_streaming(roots["mds"], os.path.join(caches, "bare"), b),
+        )
+    ]
     rows.append(("build_dataset (mds), per sample, in process", 1, ours(roots["mds"], caches, b, None)))
     for w in (1, 2):
         rows.append((f"build_dataset (mds) + DataLoader, {w} worker(s)", w, ours(roots["mds"], caches, b, w)))
-    rows.append(("mds, 2 workers + sample_latents on this CPU (trainer: on GPU)", 2,
-                 ours(roots["mds"], caches, b, 2, True)))
+    rows.append(
+        ("mds, 2 workers + sample_latents on this CPU (trainer: on GPU)", 2, ours(roots["mds"], caches, b, 2, True))
+    )
     if not args.no_wds:
         for w in (1, 2):
             rows.append((f"build_dataset (wds) + DataLoader, {w} worker(s)", w, ours(roots["wds"], caches, b, w)))
@@ -159,22 +167,28 @@ def main() -> None:
         rows.append((f"{fmt}, 2 workers, shard hashes checked (again)", 2, checked))
         costs.append(f"{fmt} {100 * (1 - checked / plain):+.1f} %")
     base_rate = rows[0][2]
-    print(f"\nloader bench: {args.samples} samples of 2×(2,4,32,32) fp16, batch {b}, "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"load average {os.getloadavg()[0]:.1f}, {time.strftime('%Y-%m-%d')}")
+    print(
+        f"\nloader bench: {args.samples} samples of 2×(2,4,32,32) fp16, batch {b}, "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"load average {os.getloadavg()[0]:.1f}, {time.strftime('%Y-%m-%d')}"
+    )
     print(f"{'setting':<62} {'samples/s':>10} {'per process':>12} {'vs baseline':>12}")
     for name, procs, rate in rows:
         print(f"{name:<62} {rate:>10,.0f} {rate / procs:>12,.0f} {rate / base_rate:>11.2f}x")
     print("goal: ≥ 2,600 samples/s per loader process (5,200 per node from 2 processes)")
-    print(f"cost of the shard hash checks (2 workers, checked vs not, same run): {', '.join(costs)} "
-          f"(goal ≤ 5 %; timings on a shared machine vary by a few %)")
+    print(
+        f"cost of the shard hash checks (2 workers, checked vs not, same run): {', '.join(costs)} "
+        f"(goal ≤ 5 %; timings on a shared machine vary by a few %)"
+    )
     for fmt, root in roots.items():
         if fmt == "wds" and args.no_wds:
             continue
         seconds, size = hash_time(root)
         rate = next(r for name, _, r in rows if name.startswith(f"{fmt}, 2 workers, shard hashes checked"))
-        print(f"{fmt}: xxh64 of every shard once ({size / 1e6:.0f} MB) takes {seconds:.2f} s in one process = "
-              f"{100 * seconds / (args.samples / rate):.1f} % of the epoch at the checked rate")
+        print(
+            f"{fmt}: xxh64 of every shard once ({size / 1e6:.0f} MB) takes {seconds:.2f} s in one process = "
+            f"{100 * seconds / (args.samples / rate):.1f} % of the epoch at the checked rate"
+        )
     clean_stale_shared_memory()
 
 

@@ -19,6 +19,7 @@ the division by N is plain arithmetic in the planner.
     python bench/plan_vs_measured.py --case preset=DiT-3B/2,micro_batch=8,zero=3,checkpointing=1
     python bench/plan_vs_measured.py --device cpu --suite cpu --json   # small models on CPU
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,7 +44,7 @@ from ditscale.models import DiT  # noqa: E402
 from ditscale.plan import GiB, PlanInput, ZeroBuffers, from_ds_config, plan  # noqa: E402
 
 EMA_DECAY = 0.9999
-CPU_MODEL = dict(depth=3, hidden_size=192, num_heads=3)            # DiT-S/2 shrunk, 128 px (16×16 latents)
+CPU_MODEL = dict(depth=3, hidden_size=192, num_heads=3)  # DiT-S/2 shrunk, 128 px (16×16 latents)
 CPU_BUFFERS = ZeroBuffers(reduce_bucket_size=200_000, prefetch_bucket_size=200_000)
 
 SUITES = {
@@ -87,7 +88,7 @@ def case_input(spec, device):
 
 
 def parse_case(text):
-    """"preset=DiT-XL/2,micro_batch=32,zero=2" → dict of PlanInput fields (numbers parsed)."""
+    """ "preset=DiT-XL/2,micro_batch=32,zero=2" → dict of PlanInput fields (numbers parsed)."""
     out = {}
     for item in filter(None, text.split(",")):
         key, sep, val = item.partition("=")
@@ -102,6 +103,7 @@ def parse_case(text):
 #################################################################################
 #                                  Measurement                                   #
 #################################################################################
+
 
 def live_bytes(events, windows=()):
     """Replay allocation events [(time_ns, ptr, signed bytes)]: (peak live bytes, [peak in each (start, end)
@@ -155,15 +157,25 @@ def cpu_memory_trace():
 #                                    One case                                    #
 #################################################################################
 
-AUTO = {"train_batch_size": None, "train_micro_batch_size_per_gpu": None, "gradient_accumulation_steps": 1,
-        "gradient_clipping": 1.0, "lr": 1e-4, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0}
+AUTO = {
+    "train_batch_size": None,
+    "train_micro_batch_size_per_gpu": None,
+    "gradient_accumulation_steps": 1,
+    "gradient_clipping": 1.0,
+    "lr": 1e-4,
+    "betas": [0.9, 0.999],
+    "eps": 1e-8,
+    "weight_decay": 0.0,
+}
 
 
 def _fill_auto(node, micro_batch):
     """The "auto" values of a ds_configs JSON, as the trainer completes them for one rank."""
     if isinstance(node, dict):
-        return {k: (micro_batch if AUTO.get(k, 0) is None else AUTO[k]) if v == "auto" else _fill_auto(v, micro_batch)
-                for k, v in node.items()}
+        return {
+            k: (micro_batch if AUTO.get(k, 0) is None else AUTO[k]) if v == "auto" else _fill_auto(v, micro_batch)
+            for k, v in node.items()
+        }
     return node
 
 
@@ -172,17 +184,28 @@ def ds_config(inp: PlanInput, path=None):
     if path:
         return _fill_auto(json.loads(Path(path).read_text()), inp.micro_batch)
     b = inp.buffers
-    zero = {"stage": inp.zero, "reduce_bucket_size": b.reduce_bucket_size,
-            "allgather_bucket_size": b.reduce_bucket_size,
-            "contiguous_gradients": b.contiguous_gradients, "stage3_prefetch_bucket_size": b.prefetch_bucket_size,
-            "stage3_max_live_parameters": b.max_live_parameters, "sub_group_size": b.sub_group_size,
-            "stage3_param_persistence_threshold": b.param_persistence_threshold}
+    zero = {
+        "stage": inp.zero,
+        "reduce_bucket_size": b.reduce_bucket_size,
+        "allgather_bucket_size": b.reduce_bucket_size,
+        "contiguous_gradients": b.contiguous_gradients,
+        "stage3_prefetch_bucket_size": b.prefetch_bucket_size,
+        "stage3_max_live_parameters": b.max_live_parameters,
+        "sub_group_size": b.sub_group_size,
+        "stage3_param_persistence_threshold": b.param_persistence_threshold,
+    }
     if b.overlap_comm is not None:
         zero["overlap_comm"] = b.overlap_comm
-    cfg = {"train_batch_size": inp.micro_batch, "train_micro_batch_size_per_gpu": inp.micro_batch,
-           "gradient_accumulation_steps": 1, "bf16": {"enabled": inp.precision == "bf16"}, "zero_optimization": zero,
-           "steps_per_print": 10 ** 9, "wall_clock_breakdown": False}
-    if inp.offload != "none":             # as ds_configs/zero3_offload_bf16.json: DeepSpeed's CPU Adam
+    cfg = {
+        "train_batch_size": inp.micro_batch,
+        "train_micro_batch_size_per_gpu": inp.micro_batch,
+        "gradient_accumulation_steps": 1,
+        "bf16": {"enabled": inp.precision == "bf16"},
+        "zero_optimization": zero,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if inp.offload != "none":  # as ds_configs/zero3_offload_bf16.json: DeepSpeed's CPU Adam
         zero["offload_optimizer"] = {"device": "cpu"}
         cfg["optimizer"] = {"type": "AdamW", "params": {k: AUTO[k] for k in ("lr", "betas", "eps", "weight_decay")}}
     if inp.offload == "optimizer+params":
@@ -227,12 +250,19 @@ class Trainer:
             with torch.device(device), ds.zero.Init(config_dict_or_path=config, enabled=inp.zero == 3, dtype=dtype):
                 model = DiT(**{**kwargs, "checkpoint_every": inp.checkpointing})
             model = model.to(dtype) if inp.zero != 3 else model
-            for buf in model.buffers():       # DeepSpeed casts parameters only; the trainer casts pos_embed
+            for buf in model.buffers():  # DeepSpeed casts parameters only; the trainer casts pos_embed
                 buf.data = buf.data.to(dtype)
-            optimizer = None if "optimizer" in config else torch.optim.AdamW(
-                model.parameters(), lr=1e-4, weight_decay=0.0, fused=True)
-            engine, *_ = ds.initialize(model=model.train(), optimizer=optimizer, config=config,
-                                       model_parameters=None if optimizer else model.parameters())
+            optimizer = (
+                None
+                if "optimizer" in config
+                else torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0, fused=True)
+            )
+            engine, *_ = ds.initialize(
+                model=model.train(),
+                optimizer=optimizer,
+                config=config,
+                model_parameters=None if optimizer else model.parameters(),
+            )
             self.model, self.optimizer = engine, None
             self.ema = None if inp.ema == "none" else ShardedEMA(master_shards(engine), EMA_DECAY)
         del model
@@ -267,9 +297,13 @@ def run_case(inp: PlanInput, device, timed_steps=2, ds_path=None):
     """Measured peak bytes of one step, its time, and the plan. On CPU the peak counts every byte the case
     allocated; on CUDA every byte above what was allocated before it."""
     p = plan(inp)
-    row = {"case": describe(inp) + (f" [{Path(ds_path).name}]" if ds_path else ""),
-           "input": {k: v for k, v in vars(inp).items() if k != "buffers"},
-           "planned_gpu_bytes": p.peak_bytes, "planned_cpu_bytes": p.cpu_bytes, "planned_phase": p.peak_phase}
+    row = {
+        "case": describe(inp) + (f" [{Path(ds_path).name}]" if ds_path else ""),
+        "input": {k: v for k, v in vars(inp).items() if k != "buffers"},
+        "planned_gpu_bytes": p.peak_bytes,
+        "planned_cpu_bytes": p.cpu_bytes,
+        "planned_phase": p.peak_phase,
+    }
     gc.collect()
     if device == "cpu":
         with cpu_memory_trace() as trace:
@@ -289,16 +323,22 @@ def run_case(inp: PlanInput, device, timed_steps=2, ds_path=None):
         torch.cuda.reset_peak_memory_stats()
         trainer.step()
         torch.cuda.synchronize()
-        row.update(measured_bytes=torch.cuda.max_memory_allocated() - base, planned_bytes=p.peak_bytes,
-                   reserved_bytes=torch.cuda.max_memory_reserved())
+        row.update(
+            measured_bytes=torch.cuda.max_memory_allocated() - base,
+            planned_bytes=p.peak_bytes,
+            reserved_bytes=torch.cuda.max_memory_reserved(),
+        )
         t0 = time.perf_counter()
         for _ in range(timed_steps):
             trainer.step()
         torch.cuda.synchronize()
         dt = (time.perf_counter() - t0) / timed_steps
-        row.update(step_s=dt, images_per_s=inp.micro_batch / dt,
-                   mfu=p.hardware_flops_per_step / dt / (inp.peak_tflops * 1e12),
-                   planned_step_s=p.step_time_s)
+        row.update(
+            step_s=dt,
+            images_per_s=inp.micro_batch / dt,
+            mfu=p.hardware_flops_per_step / dt / (inp.peak_tflops * 1e12),
+            planned_step_s=p.step_time_s,
+        )
     trainer.close()
     del trainer
     gc.collect()
@@ -310,13 +350,13 @@ def describe(inp: PlanInput):
     ck = {0: "", 1: " ckpt"}.get(inp.checkpointing, f" ckpt/{inp.checkpointing}")
     off = "" if inp.offload == "none" else f" off:{inp.offload}"
     model = "".join(f" {k}={v}" for k, v in inp.model.items())
-    return (f"{inp.preset}{model} {inp.resolution}px mb{inp.micro_batch} ZeRO-{inp.zero}{off}{ck} "
-            f"{inp.precision}")
+    return f"{inp.preset}{model} {inp.resolution}px mb{inp.micro_batch} ZeRO-{inp.zero}{off}{ck} {inp.precision}"
 
 
 #################################################################################
 #                                     Report                                     #
 #################################################################################
+
 
 def table(rows, device):
     head = ["case", "planned GiB", "measured GiB", "error"]
@@ -329,20 +369,35 @@ def table(rows, device):
             continue
         cells = [r["case"], f"{r['planned_bytes'] / GiB:.3f}", f"{r['measured_bytes'] / GiB:.3f}", f"{r['error']:+.1%}"]
         if device != "cpu":
-            cells += [f"{r['reserved_bytes'] / GiB:.2f}", f"{r['images_per_s']:.1f}", f"{r['mfu']:.1%}",
-                      f"{r['planned_step_s'] * 1e3:.1f}", f"{r['step_s'] * 1e3:.1f}"]
+            cells += [
+                f"{r['reserved_bytes'] / GiB:.2f}",
+                f"{r['images_per_s']:.1f}",
+                f"{r['mfu']:.1%}",
+                f"{r['planned_step_s'] * 1e3:.1f}",
+                f"{r['step_s'] * 1e3:.1f}",
+            ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cuda", "cpu"))
-    ap.add_argument("--suite", choices=tuple(SUITES), action="append",
-                    help="cases to run (repeatable; default gpu on cuda, cpu on cpu)")
-    ap.add_argument("--case", type=parse_case, action="append", default=[],
-                    help="extra case as PlanInput fields: preset=DiT-XL/2,micro_batch=32,zero=2,...")
+    ap.add_argument(
+        "--suite",
+        choices=tuple(SUITES),
+        action="append",
+        help="cases to run (repeatable; default gpu on cuda, cpu on cpu)",
+    )
+    ap.add_argument(
+        "--case",
+        type=parse_case,
+        action="append",
+        default=[],
+        help="extra case as PlanInput fields: preset=DiT-XL/2,micro_batch=32,zero=2,...",
+    )
     ap.add_argument("--budget", type=float, default=None, help="seconds; no case starts after this")
     ap.add_argument("--out", type=Path, help="directory for plan_vs_measured.json / .md (rewritten per case)")
     ap.add_argument("--json", action="store_true", help="print the rows as JSON lines")
@@ -363,13 +418,22 @@ def main(argv=None):
         try:
             inp, path = case_input(spec, args.device)
             row = run_case(inp, args.device, ds_path=path)
-        except Exception as e:                                   # a failed case is reported, the rest go on
+        except Exception as e:  # a failed case is reported, the rest go on
             traceback.print_exc()
             row = {"case": str(spec), "error_message": f"{type(e).__name__}: {e}"[:300]}
         rows.append(row)
-        print(json.dumps(row, default=str) if args.json else f"{row['case']}: "
-              + (f"planned {row['planned_bytes'] / GiB:.3f} GiB, measured {row['measured_bytes'] / GiB:.3f} GiB "
-                 f"({row['error']:+.1%})" if "error" in row else row["error_message"]), flush=True)
+        print(
+            json.dumps(row, default=str)
+            if args.json
+            else f"{row['case']}: "
+            + (
+                f"planned {row['planned_bytes'] / GiB:.3f} GiB, measured {row['measured_bytes'] / GiB:.3f} GiB "
+                f"({row['error']:+.1%})"
+                if "error" in row
+                else row["error_message"]
+            ),
+            flush=True,
+        )
         if args.out:
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / "plan_vs_measured.json").write_text(json.dumps(rows, indent=1, default=str))

@@ -12,6 +12,7 @@ weights: the same cost as the real ones; nothing is downloaded); on a GPU also D
 ViT-L/14. 256-px images (32×32×4 latents); on a GPU bf16 weights, the encoder in bf16 as in training.
 The three are called in turn each round (load drift on a shared machine hits all alike).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,8 +50,9 @@ def bench(dit_shape: dict, encoder_name: str, batch: int, steps: int, device: to
     torch.manual_seed(0)
     kwargs = dict(input_size=32, in_channels=4, num_classes=1000, **dit_shape)
     base = DiT(**kwargs).to(device, dtype)
-    repa = DiTWithProjector(align_block=min(4, dit_shape["depth"]), encoder_dim=encoder_dim(encoder_name),
-                            **kwargs).to(device, dtype)
+    repa = DiTWithProjector(align_block=min(4, dit_shape["depth"]), encoder_dim=encoder_dim(encoder_name), **kwargs).to(
+        device, dtype
+    )
     encoder = FrozenEncoder(build_vit(encoder_name).to(device, dtype), encoder_name).to(device)
     size = encoder_input_size(256)
     diffusion = create_diffusion("")
@@ -78,8 +80,11 @@ def bench(dit_shape: dict, encoder_name: str, batch: int, steps: int, device: to
         opts[model].step()
         opts[model].zero_grad(set_to_none=True)
 
-    return _interleaved({"base": lambda: step(base, False), "repa": lambda: step(repa, True),
-                         "encoder": lambda: encoder(images, size)}, steps, device)
+    return _interleaved(
+        {"base": lambda: step(base, False), "repa": lambda: step(repa, True), "encoder": lambda: encoder(images, size)},
+        steps,
+        device,
+    )
 
 
 def main() -> None:
@@ -98,8 +103,11 @@ def main() -> None:
     print(f"{'model':<16} {'encoder':<15} {'base ms':>9} {'repa ms':>9} {'repa/base':>10} {'encoder share':>14}")
     for name, shape, enc in rows:
         r = bench(shape, enc, args.batch, args.steps, device)
-        print(f"{name:<16} {enc:<15} {1e3 * r['base']:>9.1f} {1e3 * r['repa']:>9.1f} "
-              f"{r['repa'] / r['base']:>10.2f} {r['encoder'] / r['repa']:>14.1%}", flush=True)
+        print(
+            f"{name:<16} {enc:<15} {1e3 * r['base']:>9.1f} {1e3 * r['repa']:>9.1f} "
+            f"{r['repa'] / r['base']:>10.2f} {r['encoder'] / r['repa']:>14.1%}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ mode). A wall-clock budget skips what no longer fits; results are rewritten afte
     python bench/sample_bench.py --out $OUT --budget 35      # GPU (bench/run_gpu.sh gives it a share)
     python bench/sample_bench.py --smoke                     # CPU: tiny DiT, few steps (automatic without CUDA)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,10 +47,10 @@ SMOKE_MODEL = dict(depth=2, hidden_size=64, num_heads=4, input_size=8)
 @dataclass(frozen=True)
 class Variant:
     name: str
-    weights: str              # "fp32" (with bf16 autocast) | "bf16"
-    compile: object = False   # GuidedSampler's compile
-    sdpa: str | None = None   # force an SDPA backend: "flash" | "cudnn" | "efficient"
-    est_s: float = 10.0       # build + compile + warm-up on an H100, to skip what cannot fit
+    weights: str  # "fp32" (with bf16 autocast) | "bf16"
+    compile: object = False  # GuidedSampler's compile
+    sdpa: str | None = None  # force an SDPA backend: "flash" | "cudnn" | "efficient"
+    est_s: float = 10.0  # build + compile + warm-up on an H100, to skip what cannot fit
 
 
 VARIANTS = [  # priority order: a short budget still measures baseline and the expected winner
@@ -97,8 +98,13 @@ def sdpa_context(backend):
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    return sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-                        "efficient": SDPBackend.EFFICIENT_ATTENTION}[backend])
+    return sdpa_kernel(
+        {
+            "flash": SDPBackend.FLASH_ATTENTION,
+            "cudnn": SDPBackend.CUDNN_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        }[backend]
+    )
 
 
 @contextlib.contextmanager
@@ -139,11 +145,16 @@ def run_variant(v: Variant, base, args, device, labels, reference, time_left) ->
     sampler = GuidedSampler(model, diffusion, "ddpm", args.cfg_scale, 3, autocast=autocast, compile=v.compile)
     shape = sampler.latent_shape(args.batch)
     noise = lambda: generator_noise(shape, torch.Generator(device).manual_seed(1), device)
-    out = {"variant": v.name, "weights": v.weights, "autocast": autocast is not None, "compile": v.compile,
-           "sdpa": v.sdpa or "default"}
+    out = {
+        "variant": v.name,
+        "weights": v.weights,
+        "autocast": autocast is not None,
+        "compile": v.compile,
+        "sdpa": v.sdpa or "default",
+    }
     with deadline(time_left), sdpa_context(v.sdpa):
         t0 = time.perf_counter()
-        sampler(noise(), labels)                                                   # compilation + warm-up
+        sampler(noise(), labels)  # compilation + warm-up
         synchronize(device)
         out["warmup_s"] = round(time.perf_counter() - t0, 2)
         syncs: list[str] = []
@@ -153,9 +164,13 @@ def run_variant(v: Variant, base, args, device, labels, reference, time_left) ->
             synchronize(device)
         elapsed = time.perf_counter() - t1
     step_s = elapsed / args.timed_steps
-    out.update(step_s=round(step_s, 5), images_per_s=round(args.batch / (step_s * args.steps), 3),
-               host_syncs=len(syncs) if device.type == "cuda" else None, sync_sites=sorted(set(syncs))[:6],
-               finite=bool(torch.isfinite(latents).all()))
+    out.update(
+        step_s=round(step_s, 5),
+        images_per_s=round(args.batch / (step_s * args.steps), 3),
+        host_syncs=len(syncs) if device.type == "cuda" else None,
+        sync_sites=sorted(set(syncs))[:6],
+        finite=bool(torch.isfinite(latents).all()),
+    )
     if reference is not None:
         out["max_rel_diff"] = float((latents - reference).abs().max() / reference.abs().max())
     out["latents"] = latents
@@ -164,31 +179,41 @@ def run_variant(v: Variant, base, args, device, labels, reference, time_left) ->
 
 def git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
 
 def markdown(report) -> str:
-    lines = [f"# Sampling throughput: {report['model']}, batch {report['batch']} (×2 for guidance), "
-             f"{report['steps']}-step DDPM, cfg {report['cfg_scale']}",
-             "", f"{report['device']} · torch {report['torch']} · commit {report['commit']} · {report['date']} · "
-             f"timed {report['timed_steps']} steps per variant", "",
-             "| variant | weights | compile | SDPA | warm-up s | s/step | images/s | × baseline | rel. Δ | syncs |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Sampling throughput: {report['model']}, batch {report['batch']} (×2 for guidance), "
+        f"{report['steps']}-step DDPM, cfg {report['cfg_scale']}",
+        "",
+        f"{report['device']} · torch {report['torch']} · commit {report['commit']} · {report['date']} · "
+        f"timed {report['timed_steps']} steps per variant",
+        "",
+        "| variant | weights | compile | SDPA | warm-up s | s/step | images/s | × baseline | rel. Δ | syncs |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in report["results"]:
         if "step_s" not in r:
             lines.append(f"| {r['variant']} | | | | | | {r['status']} | | | |")
             continue
         weights = r["weights"] + (" +autocast" if r["autocast"] else "")
-        lines.append(f"| {r['variant']} | {weights} | {r['compile'] or '—'} | {r['sdpa']} | {r['warmup_s']} "
-                     f"| {r['step_s']:.4f} | {r['images_per_s']:.2f} | {r.get('ratio', 1.0):.2f} "
-                     f"| {r.get('max_rel_diff', 0.0):.1e} | {r['host_syncs']} |")
+        lines.append(
+            f"| {r['variant']} | {weights} | {r['compile'] or '—'} | {r['sdpa']} | {r['warmup_s']} "
+            f"| {r['step_s']:.4f} | {r['images_per_s']:.2f} | {r.get('ratio', 1.0):.2f} "
+            f"| {r.get('max_rel_diff', 0.0):.1e} | {r['host_syncs']} |"
+        )
     if report.get("ours"):
         o = report["ours"]
-        lines += ["", f"**ours = {o['variant']}: {o['images_per_s']:.2f} images/s, {o['ratio']:.2f}× the eager "
-                  f"bf16-autocast baseline ({report['baseline_images_per_s']:.2f} images/s)**"]
+        lines += [
+            "",
+            f"**ours = {o['variant']}: {o['images_per_s']:.2f} images/s, {o['ratio']:.2f}× the eager "
+            f"bf16-autocast baseline ({report['baseline_images_per_s']:.2f} images/s)**",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -201,8 +226,12 @@ def main(argv=None):
     p.add_argument("--resolution", type=int, default=256)
     p.add_argument("--batch", type=int, default=None, help="images (before doubling); default 64, smoke 2")
     p.add_argument("--steps", type=int, default=250, help="sampling steps the images/s figure is for")
-    p.add_argument("--timed-steps", type=int, default=None, help="steps timed per variant; default 10 with a "
-                   "budget under 120 s, else 50; smoke 3")
+    p.add_argument(
+        "--timed-steps",
+        type=int,
+        default=None,
+        help="steps timed per variant; default 10 with a budget under 120 s, else 50; smoke 3",
+    )
     p.add_argument("--cfg-scale", type=float, default=4.0)
     p.add_argument("--variants", default=None, help=f"comma-separated subset of {[v.name for v in VARIANTS]}")
     args = p.parse_args(argv)
@@ -211,20 +240,31 @@ def main(argv=None):
     args.smoke = args.smoke or device.type == "cpu"
     args.batch = args.batch or (2 if args.smoke else 64)
     args.timed_steps = args.timed_steps or (3 if args.smoke else 10 if (args.budget or 1e9) < 120 else 50)
-    names = args.variants.split(",") if args.variants else [v.name for v in VARIANTS
-                                                             if device.type == "cuda" or v.name in CPU_VARIANTS]
+    names = (
+        args.variants.split(",")
+        if args.variants
+        else [v.name for v in VARIANTS if device.type == "cuda" or v.name in CPU_VARIANTS]
+    )
     unknown = set(names) - {v.name for v in VARIANTS}
     if unknown:
         p.error(f"unknown variant(s) {sorted(unknown)}")
     if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # as official sample.py
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as official sample.py
     torch.manual_seed(0)
     out_dir = Path(args.out) if args.out else None
-    report = {"model": f"smoke DiT {SMOKE_MODEL}" if args.smoke else f"{args.preset} {args.resolution}px",
-              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})",
-              "torch": torch.__version__, "commit": git_commit(), "date": time.strftime("%Y-%m-%d %H:%M"),
-              "batch": args.batch, "steps": args.steps, "timed_steps": args.timed_steps, "cfg_scale": args.cfg_scale,
-              "budget_s": args.budget, "results": []}
+    report = {
+        "model": f"smoke DiT {SMOKE_MODEL}" if args.smoke else f"{args.preset} {args.resolution}px",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})",
+        "torch": torch.__version__,
+        "commit": git_commit(),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "batch": args.batch,
+        "steps": args.steps,
+        "timed_steps": args.timed_steps,
+        "cfg_scale": args.cfg_scale,
+        "budget_s": args.budget,
+        "results": [],
+    }
 
     def save():
         done = [r for r in report["results"] if "step_s" in r]
@@ -256,8 +296,11 @@ def main(argv=None):
                 reference, r["max_rel_diff"] = r["latents"], 0.0
             del r["latents"]
             r["status"] = "ok"
-            print(f"    {r['images_per_s']:.2f} images/s, {r['step_s'] * 1000:.1f} ms/step, warm-up {r['warmup_s']} s, "
-                  f"syncs {r['host_syncs']}, max rel. Δ {r.get('max_rel_diff', 0):.1e}", flush=True)
+            print(
+                f"    {r['images_per_s']:.2f} images/s, {r['step_s'] * 1000:.1f} ms/step, warm-up {r['warmup_s']} s, "
+                f"syncs {r['host_syncs']}, max rel. Δ {r.get('max_rel_diff', 0):.1e}",
+                flush=True,
+            )
         except TimeUp:
             r = {"variant": v.name, "status": "timed out"}
         except torch.cuda.OutOfMemoryError:

@@ -14,6 +14,7 @@ one thread, in the same run (the ratios are what to compare across machines):
   checkpoints are not counted.
 Prints one table: CPU and wall ms/step, images/s and the CPU-time ratio to the bare loop of the same precision.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,17 +27,23 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-MODELS = {"tiny": ("d2 w32", dict(depth=2, hidden_size=32, num_heads=2)),
-          "small": ("d4 w128", dict(depth=4, hidden_size=128, num_heads=4))}
-TRAINERS = {"bf16": ("ZeRO-2 bf16", "ds_configs/zero2_bf16.json"), "fp32": ("ZeRO-1 fp32", "ds_configs/zero1_fp32_cpu.json")}
+MODELS = {
+    "tiny": ("d2 w32", dict(depth=2, hidden_size=32, num_heads=2)),
+    "small": ("d4 w128", dict(depth=4, hidden_size=128, num_heads=4)),
+}
+TRAINERS = {
+    "bf16": ("ZeRO-2 bf16", "ds_configs/zero2_bf16.json"),
+    "fp32": ("ZeRO-1 fp32", "ds_configs/zero1_fp32_cpu.json"),
+}
 
 
 def make_dataset(root: Path, resolution: int) -> str:
     from data_prep import make_dataset as encode
     from data_prep.testing import write_image_folder
 
-    images = write_image_folder(str(root / "images"), classes=4, per_class=64, min_side=resolution,
-                                max_side=2 * resolution)
+    images = write_image_folder(
+        str(root / "images"), classes=4, per_class=64, min_side=resolution, max_side=2 * resolution
+    )
     return encode(images, str(root / "mds"), resolution=resolution, vae="none", decode_workers=0)
 
 
@@ -80,7 +87,7 @@ def bare_loop(shape: dict, resolution: int, batch: int, steps: int, bf16_weights
         opt.zero_grad(set_to_none=True)
         with torch.no_grad():
             torch._foreach_lerp_(ema, [p.detach().float() for p in model.parameters()], 1e-4)
-        loss.item()                                   # the official loop logs the loss every step
+        loss.item()  # the official loop logs the loss every step
     return clock.stop(steps - warm)
 
 
@@ -90,10 +97,20 @@ def trainer(shape: dict, data: str, run_dir: Path, batch: int, steps: int, ds_co
     from ditscale import train as T
     from ditscale.engine import launch
 
-    overrides = [f"data.root={data}", f"run_dir={run_dir}", f"data.cache={run_dir / 'cache'}",
-                 f"train.global_batch={batch}", f"train.max_steps={steps}", f"train.ckpt_every={10 * steps}",
-                 f"log.every={steps // 2}", "train.ema_decay=0.9999", f"engine.ds_config={REPO / ds_config}",
-                 "engine.device=cpu", "data.num_workers=0", *[f"model.{k}={v}" for k, v in shape.items()]]
+    overrides = [
+        f"data.root={data}",
+        f"run_dir={run_dir}",
+        f"data.cache={run_dir / 'cache'}",
+        f"train.global_batch={batch}",
+        f"train.max_steps={steps}",
+        f"train.ckpt_every={10 * steps}",
+        f"log.every={steps // 2}",
+        "train.ema_decay=0.9999",
+        f"engine.ds_config={REPO / ds_config}",
+        "engine.device=cpu",
+        "data.num_workers=0",
+        *[f"model.{k}={v}" for k, v in shape.items()],
+    ]
     cfg, meta, ds = T.prepare(T.parse_args(["--config", str(REPO / "configs/tiny_test.yaml"), *overrides]), 1)
     warm, clock, timed = steps // 2, Clock(), {}
 
@@ -101,7 +118,7 @@ def trainer(shape: dict, data: str, run_dir: Path, batch: int, steps: int, ds_co
         def step_end(self, step, record):
             if step == warm:
                 clock.start()
-            elif step == steps - 1:                   # the last step saves a checkpoint: not counted
+            elif step == steps - 1:  # the last step saves a checkpoint: not counted
                 timed.update(clock.stop(steps - 1 - warm))
 
     if T.train(cfg, meta, ds, launch.detect(), torch.device("cpu"), hooks=Hooks()) != 0:
@@ -133,15 +150,19 @@ def main(argv=None) -> int:
                 run = trainer(shape, data, Path(tmp) / f"{name}-{precision}", args.batch, args.steps, ds_config)
                 rows.append((f"{name} ({label})", precision, {"bare": bare, f"ditscale.train ({zero})": run}))
     launch.shutdown()
-    print(f"\ntrainer overhead on CPU ({torch.get_num_threads()} thread, batch {args.batch}, "
-          f"{args.resolution}x{args.resolution}x3, {args.steps} steps, second half timed; CPU time is the figure "
-          f"to compare on a shared machine)")
+    print(
+        f"\ntrainer overhead on CPU ({torch.get_num_threads()} thread, batch {args.batch}, "
+        f"{args.resolution}x{args.resolution}x3, {args.steps} steps, second half timed; CPU time is the figure "
+        f"to compare on a shared machine)"
+    )
     print("| model | weights | loop | CPU ms/step | wall ms/step | images/s (CPU) | CPU time / bare |")
     print("|---|---|---|---|---|---|---|")
     for name, precision, times in rows:
         for label, t in times.items():
-            print(f"| {name} | {precision} | {label} | {t['cpu'] * 1e3:.1f} | {t['wall'] * 1e3:.1f} | "
-                  f"{args.batch / t['cpu']:.0f} | {t['cpu'] / times['bare']['cpu']:.2f} |")
+            print(
+                f"| {name} | {precision} | {label} | {t['cpu'] * 1e3:.1f} | {t['wall'] * 1e3:.1f} | "
+                f"{args.batch / t['cpu']:.0f} | {t['cpu'] / times['bare']['cpu']:.2f} |"
+            )
     return 0
 
 

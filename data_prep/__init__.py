@@ -6,13 +6,15 @@ Command line: `python -m data_prep encode|merge|verify --help`. Python:
     root = make_dataset("images/", "out/", resolution=32, vae="none")   # encode (1 worker) + merge
     # or step by step: encode.run(EncodeConfig(...)) per worker, merge.merge(out), verify.verify(out)
 """
+
 from __future__ import annotations
 
 from typing import Any
 
 
-def make_dataset(input: str, out: str, *, resolution: int, vae: str = "none", format: str = "mds",
-                 **options: Any) -> str:
+def make_dataset(
+    input: str, out: str, *, resolution: int, vae: str = "none", format: str = "mds", **options: Any
+) -> str:
     """Encode `input` in this process (all slices) and merge; returns `out`. options: EncodeConfig
     fields (num_slices, batch_size, decode_workers, scale_factor, image_channels, progress, …)."""
     from data_prep.encode import EncodeConfig, run

@@ -1,5 +1,6 @@
 """`python -m data_prep encode|merge|verify …` — exit 0 ok, 1 verify found problems or an unexpected
 error, 2 bad input or flags (clear message; do not requeue)."""
+
 from __future__ import annotations
 
 import argparse
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     except DataPrepError as e:
         print(f"data_prep {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code
-    except RemoteError as e:        # refused credentials, missing bucket, store unreachable: a human fixes it
+    except RemoteError as e:  # refused credentials, missing bucket, store unreachable: a human fixes it
         print(f"data_prep {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -9,6 +9,7 @@ writes shards while the next batch encodes.
         --resolution 256 --num-slices 64            # SLURM array / torchrun place each worker
     python -m data_prep merge /data/in256 && python -m data_prep verify /data/in256
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,12 +35,13 @@ from ditscale.data.image_column import CODECS as IMAGE_CODECS
 from ditscale.data.image_column import ImageColumn
 from ditscale.data.schema import FORMATS, REPORT_JSON, SUMMARY_JSON, slice_name
 
-DEFAULT_SCALE = 0.18215   # SD VAE (sd-vae-ft-ema / -mse); used when a VAE config lacks scaling_factor
+DEFAULT_SCALE = 0.18215  # SD VAE (sd-vae-ft-ema / -mse); used when a VAE config lacks scaling_factor
 KILL_AFTER_ENV = "DATA_PREP_TEST_KILL_AFTER"  # test hook: SIGKILL the process after run() encoded N images
 _ENCODED_IN_PROCESS = [0]
 
 
 # --- configuration -----------------------------------------------------------------------------------
+
 
 @dataclass
 class EncodeConfig:
@@ -48,31 +50,31 @@ class EncodeConfig:
     input: str
     out: str
     resolution: int = 256
-    vae: str = "none"                  # local AutoencoderKL directory, or "none" for pixel mode
-    format: str = "mds"                # mds | wds
-    input_format: str = "auto"         # auto | folder | wds
-    classes: str | None = None         # class names file for wds input (JSON list / one per line)
-    scale_factor: str = "auto"         # auto (the VAE's scaling_factor) | measure | a number
+    vae: str = "none"  # local AutoencoderKL directory, or "none" for pixel mode
+    format: str = "mds"  # mds | wds
+    input_format: str = "auto"  # auto | folder | wds
+    classes: str | None = None  # class names file for wds input (JSON list / one per line)
+    scale_factor: str = "auto"  # auto (the VAE's scaling_factor) | measure | a number
     image_channels: int | None = None  # pixel mode only: 3 (RGB) or 1 (grey); a VAE sets its own
-    batch_size: int | None = None      # images per encoder call (default: default_batch_size)
+    batch_size: int | None = None  # images per encoder call (default: default_batch_size)
     decode_workers: int | None = None  # DataLoader workers decoding images (default: cores - 1)
     device: str = "auto"
-    dtype: str = "auto"                # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
-    compile: bool = False              # torch.compile the encoder
-    shard_size: int = 1 << 26          # bytes per shard before compression
+    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    compile: bool = False  # torch.compile the encoder
+    shard_size: int = 1 << 26  # bytes per shard before compression
     worker: int | None = None
     num_workers: int | None = None
-    num_slices: int | None = None      # default: one per worker
-    staging: str | None = None         # local directory in front of a remote / shared output
+    num_slices: int | None = None  # default: one per worker
+    staging: str | None = None  # local directory in front of a remote / shared output
     max_bad_fraction: float = 0.01
-    min_side: int = 0                  # skip images whose short side is below this (0: keep, note if < resolution)
-    max_aspect: float = 0.0            # skip images with long/short side above this (0: keep, note if > 3)
-    exif_orientation: bool = True      # apply EXIF orientation (False: as torchvision ImageFolder / ADM)
-    limit: int | None = None           # encode only the first N inputs (trials)
-    overwrite: bool = False            # encode complete slices again
+    min_side: int = 0  # skip images whose short side is below this (0: keep, note if < resolution)
+    max_aspect: float = 0.0  # skip images with long/short side above this (0: keep, note if > 3)
+    exif_orientation: bool = True  # apply EXIF orientation (False: as torchvision ImageFolder / ADM)
+    limit: int | None = None  # encode only the first N inputs (trials)
+    overwrite: bool = False  # encode complete slices again
     progress: bool = True
-    keep_image: str | None = None      # also store the cropped image: png (lossless) | jpeg
-    image_quality: int = 95            # JPEG quality for keep_image=jpeg
+    keep_image: str | None = None  # also store the cropped image: png (lossless) | jpeg
+    image_quality: int = 95  # JPEG quality for keep_image=jpeg
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -86,8 +88,9 @@ class EncodeConfig:
                 if float(self.scale_factor) <= 0:
                     raise ValueError
             except ValueError:
-                raise DataPrepError(f"--scale-factor {self.scale_factor!r}: expected auto, measure or a "
-                                    f"positive number") from None
+                raise DataPrepError(
+                    f"--scale-factor {self.scale_factor!r}: expected auto, measure or a positive number"
+                ) from None
         if self.image_channels not in (None, 1, 3):
             raise DataPrepError(f"--image-channels {self.image_channels}: expected 1 or 3")
         if self.image_channels is not None and self.vae != "none":
@@ -112,8 +115,9 @@ class EncodeConfig:
             raise DataPrepError(str(e)) from None
 
     def image_checks(self) -> images.ImageChecks:
-        return images.ImageChecks(self.resolution, self.min_side, self.max_aspect,
-                                  exif_orientation=self.exif_orientation)
+        return images.ImageChecks(
+            self.resolution, self.min_side, self.max_aspect, exif_orientation=self.exif_orientation
+        )
 
     def image_column(self, channels: int) -> ImageColumn | None:
         """The image column this job writes (--keep-image), for images of `channels` channels."""
@@ -124,6 +128,7 @@ class EncodeConfig:
 
 
 # --- encoders ------------------------------------------------------------------------------------------
+
 
 def to_unit_range(images_u8: torch.Tensor) -> torch.Tensor:
     """(n, H, W, C) uint8 → (n, C, H, W) fp32 in [-1, 1], as ToTensor + Normalize(0.5, 0.5) do."""
@@ -139,8 +144,8 @@ class PixelEncoder:
         self.in_channels = self.latent_channels = channels
 
     def __call__(self, images_u8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = to_unit_range(images_u8)                               # (n, C, H, W)
-        mean = torch.stack([x, x.flip(-1)], 1).half()              # (n, 2, C, H, W)
+        x = to_unit_range(images_u8)  # (n, C, H, W)
+        mean = torch.stack([x, x.flip(-1)], 1).half()  # (n, 2, C, H, W)
         return mean, torch.full_like(mean, float("-inf"))
 
 
@@ -148,29 +153,40 @@ def check_vae_dir(path: str) -> tuple[str, dict]:
     """(directory, config) of a local diffusers AutoencoderKL with safetensors weights, or a
     DataPrepError saying what is wrong. Cheap: runs before any input is listed."""
     if not os.path.isdir(path):
-        raise DataPrepError(f"--vae {path}: not a directory; give a local diffusers AutoencoderKL "
-                            f"(e.g. a download of stabilityai/sd-vae-ft-ema) or 'none' for pixel mode")
-    if not os.path.isfile(os.path.join(path, "config.json")) and \
-            os.path.isfile(os.path.join(path, "vae", "config.json")):
-        path = os.path.join(path, "vae")        # a whole pipeline directory: use its vae/
+        raise DataPrepError(
+            f"--vae {path}: not a directory; give a local diffusers AutoencoderKL "
+            f"(e.g. a download of stabilityai/sd-vae-ft-ema) or 'none' for pixel mode"
+        )
+    if not os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(
+        os.path.join(path, "vae", "config.json")
+    ):
+        path = os.path.join(path, "vae")  # a whole pipeline directory: use its vae/
     config_file = os.path.join(path, "config.json")
     if not os.path.isfile(config_file):
-        raise DataPrepError(f"--vae {path}: no config.json (expected a diffusers AutoencoderKL directory "
-                            f"as written by save_pretrained)")
+        raise DataPrepError(
+            f"--vae {path}: no config.json (expected a diffusers AutoencoderKL directory as written by save_pretrained)"
+        )
     try:
         with open(config_file) as f:
             config = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise DataPrepError(f"--vae {config_file}: unreadable ({e})") from None
     if config.get("_class_name", "AutoencoderKL") != "AutoencoderKL" or "latent_channels" not in config:
-        raise DataPrepError(f"--vae {config_file}: describes a {config.get('_class_name', 'model')}, "
-                            f"not an AutoencoderKL")
+        raise DataPrepError(
+            f"--vae {config_file}: describes a {config.get('_class_name', 'model')}, not an AutoencoderKL"
+        )
     names = os.listdir(path)
     if not any(n.endswith(".safetensors") or n.endswith(".safetensors.index.json") for n in names):
         pickles = [n for n in names if n.endswith((".bin", ".pt", ".pth", ".ckpt"))]
-        hint = (f" (found {', '.join(sorted(pickles))}: pickled weights are never loaded; convert them "
+        hint = (
+            (
+                f" (found {', '.join(sorted(pickles))}: pickled weights are never loaded; convert them "
                 f"with AutoencoderKL.from_pretrained(...).save_pretrained(dir, safe_serialization=True) "
-                f"where you trust the file)") if pickles else ""
+                f"where you trust the file)"
+            )
+            if pickles
+            else ""
+        )
         raise DataPrepError(f"--vae {path}: no .safetensors weights{hint}")
     return path, config
 
@@ -212,8 +228,8 @@ class VaeEncoder:
     @torch.inference_mode()
     def __call__(self, images_u8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n = images_u8.shape[0]
-        x = to_unit_range(images_u8.to(self.device, non_blocking=True))     # (n, C, H, W)
-        x = torch.cat([x, x.flip(-1)]).to(self.dtype)                        # (2n, C, H, W)
+        x = to_unit_range(images_u8.to(self.device, non_blocking=True))  # (n, C, H, W)
+        x = torch.cat([x, x.flip(-1)]).to(self.dtype)  # (2n, C, H, W)
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         dist = self.encode(x).latent_dist
@@ -246,6 +262,7 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 # --- latent statistics (for --scale-factor measure) ---------------------------------------------------
 
+
 class LatentStats:
     """Per-channel sums giving the variance of sampled latents exactly (no ε drawn):
     Var z = E[mean² + exp(logvar)] − E[mean]², over images, both flips and positions."""
@@ -274,7 +291,7 @@ def scale_from_stats(stats: list[dict]) -> list[float]:
         raise DataPrepError("--scale-factor measure: no samples to measure")
     total = np.sum([s["sum"] for s in stats], 0) / count
     total_sq = np.sum([s["sum_sq"] for s in stats], 0) / count
-    std = np.sqrt(np.maximum(total_sq - total ** 2, 0.0))
+    std = np.sqrt(np.maximum(total_sq - total**2, 0.0))
     if np.any(std == 0):
         raise DataPrepError("--scale-factor measure: a latent channel has zero variance")
     return (1.0 / std).tolist()
@@ -282,11 +299,12 @@ def scale_from_stats(stats: list[dict]) -> list[float]:
 
 # --- inputs ----------------------------------------------------------------------------------------------
 
+
 @dataclass
 class Inputs:
-    kind: str                   # folder | wds
+    kind: str  # folder | wds
     root: str
-    items: list                 # folder: (relative path, label); wds: tar paths
+    items: list  # folder: (relative path, label); wds: tar paths
     classes: list[str] | None
     fingerprint: str
 
@@ -299,22 +317,32 @@ class Inputs:
 def list_inputs(cfg: EncodeConfig) -> Inputs:
     kind = cfg.input_format
     if kind == "auto":
-        kind = "wds" if (cfg.input.endswith(".tar") or "{" in cfg.input or
-                         (os.path.isdir(cfg.input) and any(n.endswith(".tar") for n in os.listdir(cfg.input))
-                          and not any(e.is_dir() for e in os.scandir(cfg.input)))) else "folder"
+        kind = (
+            "wds"
+            if (
+                cfg.input.endswith(".tar")
+                or "{" in cfg.input
+                or (
+                    os.path.isdir(cfg.input)
+                    and any(n.endswith(".tar") for n in os.listdir(cfg.input))
+                    and not any(e.is_dir() for e in os.scandir(cfg.input))
+                )
+            )
+            else "folder"
+        )
     try:
         if kind == "folder":
             items, classes = images.list_image_folder(cfg.input)
             if cfg.classes:
                 raise DataPrepError("--classes is for webdataset input; folder names are the classes")
-            lines = (f"{rel}\t{label}" for rel, label in items[:cfg.limit])
+            lines = (f"{rel}\t{label}" for rel, label in items[: cfg.limit])
         else:
             items = images.list_tars(cfg.input)
             classes = images.read_class_names(cfg.classes) if cfg.classes else None
-            lines = (f"{os.path.basename(t)}\t{os.path.getsize(t)}" for t in items[:cfg.limit])
+            lines = (f"{os.path.basename(t)}\t{os.path.getsize(t)}" for t in items[: cfg.limit])
     except (OSError, ValueError) as e:
         raise DataPrepError(str(e)) from None
-    items = items[:cfg.limit]
+    items = items[: cfg.limit]
     if not items:
         raise DataPrepError(f"--input {cfg.input}: no inputs")
     digest = hashlib.sha1("\n".join(lines).encode()).hexdigest()
@@ -323,14 +351,23 @@ def list_inputs(cfg: EncodeConfig) -> Inputs:
 
 # --- the job ---------------------------------------------------------------------------------------------
 
+
 def settings_of(cfg: EncodeConfig, inputs: Inputs, vae_id: str, num_slices: int) -> dict[str, Any]:
     """What must agree between the slices of one dataset."""
-    return {"format": cfg.format, "resolution": cfg.resolution, "vae_id": vae_id,
-            "image_channels": cfg.image_channels or (3 if cfg.vae == "none" else None),
-            "input": inputs.fingerprint, "num_slices": num_slices,
-            "scale_factor": cfg.scale_factor, "min_side": cfg.min_side, "max_aspect": cfg.max_aspect,
-            "exif_orientation": cfg.exif_orientation, "keep_image": cfg.keep_image,
-            "image_quality": cfg.image_quality if cfg.keep_image == "jpeg" else None}
+    return {
+        "format": cfg.format,
+        "resolution": cfg.resolution,
+        "vae_id": vae_id,
+        "image_channels": cfg.image_channels or (3 if cfg.vae == "none" else None),
+        "input": inputs.fingerprint,
+        "num_slices": num_slices,
+        "scale_factor": cfg.scale_factor,
+        "min_side": cfg.min_side,
+        "max_aspect": cfg.max_aspect,
+        "exif_orientation": cfg.exif_orientation,
+        "keep_image": cfg.keep_image,
+        "image_quality": cfg.image_quality if cfg.keep_image == "jpeg" else None,
+    }
 
 
 def _decode_workers(cfg: EncodeConfig) -> int:
@@ -359,13 +396,17 @@ def run(cfg: EncodeConfig) -> list[dict[str, Any]]:
     inputs = list_inputs(cfg)
     settings = settings_of(cfg, inputs, vae_id, num_slices)
     mine = slices.slices_of_worker(worker, num_workers, num_slices)
-    log(f"worker {worker}/{num_workers} ({origin}): slices {mine} of {num_slices}, "
-        f"{len(inputs.items)} {'images' if inputs.kind == 'folder' else 'tar shards'} in all")
+    log(
+        f"worker {worker}/{num_workers} ({origin}): slices {mine} of {num_slices}, "
+        f"{len(inputs.items)} {'images' if inputs.kind == 'folder' else 'tar shards'} in all"
+    )
 
     others = other_slicings(cfg.out, num_slices)
     if others:
-        raise DataPrepError(f"{cfg.out} holds slices of another slicing ({', '.join(others[:3])}); "
-                            f"use the --num-slices they were made with, or another --out")
+        raise DataPrepError(
+            f"{cfg.out} holds slices of another slicing ({', '.join(others[:3])}); "
+            f"use the --num-slices they were made with, or another --out"
+        )
     pending = []
     for k in mine:
         output = SliceOutput(cfg.out, slice_name(k, num_slices), cfg.staging)
@@ -383,15 +424,19 @@ def run(cfg: EncodeConfig) -> list[dict[str, Any]]:
     else:
         encoder = PixelEncoder(cfg.image_channels or 3)
     if cfg.resolution % encoder.downsample:
-        raise DataPrepError(f"--resolution {cfg.resolution}: must be a multiple of the VAE's downsampling "
-                            f"factor {encoder.downsample}")
+        raise DataPrepError(
+            f"--resolution {cfg.resolution}: must be a multiple of the VAE's downsampling factor {encoder.downsample}"
+        )
     summaries, start = [], time.time()
     for k, output in pending:
         part = list(slices.take_slice(inputs.items, num_slices, k))
         summaries.append(encode_slice(cfg, inputs, part, output, encoder, device, settings))
     if len(summaries) > 1:
-        total = {"slice": f"worker {worker}/{num_workers}, {len(summaries)} slices", "elapsed_s": time.time() - start,
-                 **{k: sum(s[k] for s in summaries) for k in ("num_samples", "skipped", "shards", "bytes", "image_bytes")}}
+        total = {
+            "slice": f"worker {worker}/{num_workers}, {len(summaries)} slices",
+            "elapsed_s": time.time() - start,
+            **{k: sum(s[k] for s in summaries) for k in ("num_samples", "skipped", "shards", "bytes", "image_bytes")},
+        }
         log(summary_line({**total, "images_per_s": total["num_samples"] / max(total["elapsed_s"], 1e-9)}))
     return summaries
 
@@ -401,12 +446,14 @@ def _check_same_settings(output: SliceOutput, settings: dict) -> None:
     diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
     if diff:
         detail = ", ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in diff.items())
-        raise DataPrepError(f"{output.final} was written with other settings ({detail}); "
-                            f"use another --out, or --overwrite to redo it")
+        raise DataPrepError(
+            f"{output.final} was written with other settings ({detail}); use another --out, or --overwrite to redo it"
+        )
 
 
-def encode_slice(cfg: EncodeConfig, inputs: Inputs, part: list, output: SliceOutput, encoder,
-                 device: torch.device, settings: dict) -> dict[str, Any]:
+def encode_slice(
+    cfg: EncodeConfig, inputs: Inputs, part: list, output: SliceOutput, encoder, device: torch.device, settings: dict
+) -> dict[str, Any]:
     """Encode one slice and publish it; raises TooManyBadInputs (after writing the report)."""
     from torch.utils.data import DataLoader
     from tqdm import tqdm
@@ -416,30 +463,38 @@ def encode_slice(cfg: EncodeConfig, inputs: Inputs, part: list, output: SliceOut
     batch_size = cfg.batch_size or default_batch_size(encoder, device)
     dataset = inputs.dataset(part, cfg.resolution, encoder.in_channels, cfg.image_checks())
     kept = cfg.image_column(encoder.in_channels)
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers,
-                        collate_fn=functools.partial(images.collate, keep=kept),
-                        pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=functools.partial(images.collate, keep=kept),
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if workers else None,
+    )
     latent_size = cfg.resolution // encoder.downsample
-    writer = BackgroundWriter(open_slice_writer(cfg.format, output, encoder.latent_channels, latent_size,
-                                                cfg.shard_size, kept))
+    writer = BackgroundWriter(
+        open_slice_writer(cfg.format, output, encoder.latent_channels, latent_size, cfg.shard_size, kept)
+    )
     stats, bad, notes, good, max_label = LatentStats(encoder.latent_channels), [], [], 0, -1
     image_bytes = 0
-    total = len(part) if inputs.kind == "folder" else None   # tar sample counts are unknown up front
+    total = len(part) if inputs.kind == "folder" else None  # tar sample counts are unknown up front
     kill_after = int(os.environ.get(KILL_AFTER_ENV, 0))
     report_path = os.path.join(output.local, REPORT_JSON)
     start = time.time()
-    with tqdm(total=total, unit="img", desc=output.name, disable=not cfg.progress, dynamic_ncols=True,
-              file=sys.stderr) as bar:
+    with tqdm(
+        total=total, unit="img", desc=output.name, disable=not cfg.progress, dynamic_ncols=True, file=sys.stderr
+    ) as bar:
         for batch in loader:
             bad += batch["bad"]
             notes += batch["notes"]
             if total is not None and len(bad) > bad_limit(total, cfg.max_bad_fraction):
                 _fail(writer, output, report_path, total, bad, cfg)
             if batch["images"] is not None:
-                mean, logvar = encoder(batch["images"])            # (n, 2, C, h, w) fp16
+                mean, logvar = encoder(batch["images"])  # (n, 2, C, h, w) fp16
                 stats.update(mean, logvar)
-                writer.put(mean.cpu().numpy(), logvar.cpu().numpy(), batch["labels"].tolist(), batch["keys"],
-                           batch["kept"])
+                writer.put(
+                    mean.cpu().numpy(), logvar.cpu().numpy(), batch["labels"].tolist(), batch["keys"], batch["kept"]
+                )
                 image_bytes += sum(map(len, batch["kept"] or ()))
                 good += len(batch["keys"])
                 max_label = max(max_label, int(batch["labels"].max()))
@@ -453,36 +508,84 @@ def encode_slice(cfg: EncodeConfig, inputs: Inputs, part: list, output: SliceOut
     seen = good + len(bad)
     if len(bad) > bad_limit(seen, cfg.max_bad_fraction):
         _fail(None, output, report_path, seen, bad, cfg)
-    meta = {"format": cfg.format, "resolution": cfg.resolution, "latent_channels": encoder.latent_channels,
-            "latent_size": latent_size, "image_channels": encoder.in_channels, "vae": cfg.vae,
-            "scale_factor": (cfg.scale_factor if cfg.scale_factor == "measure" else encoder.scaling_factor
-                             if cfg.scale_factor == "auto" else float(cfg.scale_factor)),
-            "classes": inputs.classes, "image": kept and kept.to_json(), "settings": settings}
-    return publish_slice(output, meta, num_samples=good, max_label=max_label, bad=bad, notes=notes, inputs=seen,
-                         shards=shards, stats=stats, elapsed=elapsed, device=str(device), config=_jsonable(cfg),
-                         image_bytes=image_bytes)
+    meta = {
+        "format": cfg.format,
+        "resolution": cfg.resolution,
+        "latent_channels": encoder.latent_channels,
+        "latent_size": latent_size,
+        "image_channels": encoder.in_channels,
+        "vae": cfg.vae,
+        "scale_factor": (
+            cfg.scale_factor
+            if cfg.scale_factor == "measure"
+            else encoder.scaling_factor
+            if cfg.scale_factor == "auto"
+            else float(cfg.scale_factor)
+        ),
+        "classes": inputs.classes,
+        "image": kept and kept.to_json(),
+        "settings": settings,
+    }
+    return publish_slice(
+        output,
+        meta,
+        num_samples=good,
+        max_label=max_label,
+        bad=bad,
+        notes=notes,
+        inputs=seen,
+        shards=shards,
+        stats=stats,
+        elapsed=elapsed,
+        device=str(device),
+        config=_jsonable(cfg),
+        image_bytes=image_bytes,
+    )
 
 
-def publish_slice(output: SliceOutput, meta: dict, *, num_samples: int, max_label: int, bad: list, inputs: int,
-                  shards: list[dict], stats: LatentStats, elapsed: float, notes: list = (), **extra: Any
-                  ) -> dict[str, Any]:
+def publish_slice(
+    output: SliceOutput,
+    meta: dict,
+    *,
+    num_samples: int,
+    max_label: int,
+    bad: list,
+    inputs: int,
+    shards: list[dict],
+    stats: LatentStats,
+    elapsed: float,
+    notes: list = (),
+    **extra: Any,
+) -> dict[str, Any]:
     """Write a finished slice's report.json and summary.json (last: the slice is then complete).
 
     meta: what all slices share (format, resolution, latent_channels, latent_size, image_channels,
     vae, scale_factor, classes, image, settings); merge builds dataset.json from it."""
     report = make_report(output.name, inputs, bad, notes)
-    summary = {"slice": output.name, **meta, "max_label": max_label, "num_samples": num_samples,
-               "inputs": inputs, "skipped": len(bad), **report["noted"], "shards": len(shards),
-               "bytes": sum(s["bytes"] for s in shards), "elapsed_s": elapsed,
-               "images_per_s": num_samples / max(elapsed, 1e-9), "latent_stats": stats.to_json(),
-               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra}
+    summary = {
+        "slice": output.name,
+        **meta,
+        "max_label": max_label,
+        "num_samples": num_samples,
+        "inputs": inputs,
+        "skipped": len(bad),
+        **report["noted"],
+        "shards": len(shards),
+        "bytes": sum(s["bytes"] for s in shards),
+        "elapsed_s": elapsed,
+        "images_per_s": num_samples / max(elapsed, 1e-9),
+        "latent_stats": stats.to_json(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **extra,
+    }
     output.publish({REPORT_JSON: to_json(report), SUMMARY_JSON: to_json(summary)})
     log(summary_line(summary))
     return summary
 
 
-def _fail(writer: BackgroundWriter | None, output: SliceOutput, report_path: str, total: int,
-          bad: list, cfg: EncodeConfig) -> None:
+def _fail(
+    writer: BackgroundWriter | None, output: SliceOutput, report_path: str, total: int, bad: list, cfg: EncodeConfig
+) -> None:
     if writer is not None:
         writer.abort()
     os.makedirs(output.local, exist_ok=True)
@@ -501,23 +604,41 @@ def log(message: str) -> None:
 
 # --- command line ----------------------------------------------------------------------------------------
 
+
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--input", required=True, help="ImageNet-layout folder (root/<class>/<image>) or "
-                   "webdataset image tars (a directory of .tar, a brace pattern or a glob)")
-    p.add_argument("--out", required=True, help="dataset root: a local directory or a remote URL "
-                   "(s3://, gs://, oci://, azure://, hf://)")
+    p.add_argument(
+        "--input",
+        required=True,
+        help="ImageNet-layout folder (root/<class>/<image>) or "
+        "webdataset image tars (a directory of .tar, a brace pattern or a glob)",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        help="dataset root: a local directory or a remote URL (s3://, gs://, oci://, azure://, hf://)",
+    )
     p.add_argument("--resolution", type=int, default=256, help="center-crop size (a multiple of 8 for the SD VAE)")
-    p.add_argument("--vae", default="none", help="local diffusers AutoencoderKL directory (safetensors), "
-                   "or 'none': pixel mode, the image in [-1, 1] is the latent")
+    p.add_argument(
+        "--vae",
+        default="none",
+        help="local diffusers AutoencoderKL directory (safetensors), "
+        "or 'none': pixel mode, the image in [-1, 1] is the latent",
+    )
     p.add_argument("--format", default="mds", choices=FORMATS)
     p.add_argument("--input-format", default="auto", choices=("auto", "folder", "wds"))
     p.add_argument("--classes", help="class names for webdataset input: JSON list or one name per line")
-    p.add_argument("--scale-factor", default="auto",
-                   help="auto (the VAE config's scaling_factor, 0.18215 for SD VAEs; 1 in pixel mode), "
-                   "measure (1/std per channel over all encoded images), or a number")
+    p.add_argument(
+        "--scale-factor",
+        default="auto",
+        help="auto (the VAE config's scaling_factor, 0.18215 for SD VAEs; 1 in pixel mode), "
+        "measure (1/std per channel over all encoded images), or a number",
+    )
     p.add_argument("--image-channels", type=int, choices=(1, 3), help="pixel mode: 3 = RGB (default), 1 = grey")
-    p.add_argument("--batch-size", type=int, help="images per encoder call (default 64 on GPU; on CPU 1 "
-                   "with a VAE, 32 in pixel mode)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        help="images per encoder call (default 64 on GPU; on CPU 1 with a VAE, 32 in pixel mode)",
+    )
     p.add_argument("--decode-workers", type=int, help="DataLoader workers decoding images (default cores-1)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
@@ -525,23 +646,47 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-size", type=int, default=1 << 26, help="bytes per shard before compression")
     p.add_argument("--worker", type=int, help="this worker's index (default: torchrun / SLURM array / srun)")
     p.add_argument("--num-workers", type=int, help="number of workers")
-    p.add_argument("--num-slices", type=int, help="slices in all (default: one per worker); "
-                   "worker w encodes slices w, w+W, …")
+    p.add_argument(
+        "--num-slices", type=int, help="slices in all (default: one per worker); worker w encodes slices w, w+W, …"
+    )
     p.add_argument("--staging", help="local directory to write shards in before uploading them to --out")
-    p.add_argument("--max-bad-fraction", type=float, default=0.01,
-                   help="fail (exit 2) when more of a slice's inputs than this cannot be decoded")
-    p.add_argument("--min-side", type=int, default=0, help="skip images whose short side is below this "
-                   "(default 0: keep them; those below --resolution are upscaled and listed in report.json)")
-    p.add_argument("--max-aspect", type=float, default=0.0, help="skip images whose long/short side ratio is "
-                   "above this (default 0: keep them; those above 3 are listed in report.json)")
-    p.add_argument("--ignore-exif-orientation", dest="exif_orientation", action="store_false",
-                   help="do not rotate by the EXIF orientation tag (torchvision ImageFolder / ADM behaviour)")
+    p.add_argument(
+        "--max-bad-fraction",
+        type=float,
+        default=0.01,
+        help="fail (exit 2) when more of a slice's inputs than this cannot be decoded",
+    )
+    p.add_argument(
+        "--min-side",
+        type=int,
+        default=0,
+        help="skip images whose short side is below this "
+        "(default 0: keep them; those below --resolution are upscaled and listed in report.json)",
+    )
+    p.add_argument(
+        "--max-aspect",
+        type=float,
+        default=0.0,
+        help="skip images whose long/short side ratio is "
+        "above this (default 0: keep them; those above 3 are listed in report.json)",
+    )
+    p.add_argument(
+        "--ignore-exif-orientation",
+        dest="exif_orientation",
+        action="store_false",
+        help="do not rotate by the EXIF orientation tag (torchvision ImageFolder / ADM behaviour)",
+    )
     p.add_argument("--limit", type=int, help="encode only the first N inputs (a trial run)")
     p.add_argument("--overwrite", action="store_true", help="encode complete slices again")
     p.add_argument("--no-progress", dest="progress", action="store_false")
-    p.add_argument("--keep-image", nargs="?", const="png", choices=IMAGE_CODECS,
-                   help="also store each cropped image at the training resolution (for REPA): png "
-                   "(lossless, the default when given without a value) or jpeg (--image-quality, 4:4:4)")
+    p.add_argument(
+        "--keep-image",
+        nargs="?",
+        const="png",
+        choices=IMAGE_CODECS,
+        help="also store each cropped image at the training resolution (for REPA): png "
+        "(lossless, the default when given without a value) or jpeg (--image-quality, 4:4:4)",
+    )
     p.add_argument("--image-quality", type=int, default=95, help="JPEG quality for --keep-image jpeg")
 
 

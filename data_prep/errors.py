@@ -1,5 +1,6 @@
 """Errors that end a data_prep command with a clear message and exit code 2 (bad input or flags:
 rerunning unchanged will fail the same way, so batch scripts must not requeue)."""
+
 from __future__ import annotations
 
 EXIT_BAD_INPUT = 2

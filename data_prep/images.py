@@ -15,6 +15,7 @@ What real image sets contain (`to_rgb_or_l`, `ImageChecks`):
   `ImageChecks.report_aspect` (the center crop keeps a small part) are kept and listed as notes in
   report.json; `--min-side` / `--max-aspect` skip them instead.
 """
+
 from __future__ import annotations
 
 import glob
@@ -38,6 +39,7 @@ LABEL_EXTS = ("cls", "class", "label")
 
 # --- listing -----------------------------------------------------------------------------------------
 
+
 def list_image_folder(root: str) -> tuple[list[tuple[str, int]], list[str]]:
     """(items (relative path, label) sorted by path, class names): torchvision ImageFolder's labels
     (sorted class folder names), every non-hidden file under a class folder, symlinks followed."""
@@ -45,8 +47,7 @@ def list_image_folder(root: str) -> tuple[list[tuple[str, int]], list[str]]:
         raise FileNotFoundError(f"--input {root}: not a directory")
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not classes:
-        raise ValueError(f"--input {root}: no class folders (expected the ImageNet train layout "
-                         f"root/<class>/<image>)")
+        raise ValueError(f"--input {root}: no class folders (expected the ImageNet train layout root/<class>/<image>)")
     items = []
     for label, name in enumerate(classes):
         for dirpath, dirnames, filenames in os.walk(os.path.join(root, name), followlinks=True):
@@ -89,6 +90,7 @@ def read_class_names(path: str) -> list[str]:
 
 
 # --- decoding (ADM's center crop: ditscale.data.crop) ----------------------------------------------
+
 
 @dataclass(frozen=True)
 class ImageChecks:
@@ -134,8 +136,7 @@ def to_rgb_or_l(image: Image.Image, channels: int) -> Image.Image:
     return image if image.mode == mode else image.convert(mode)
 
 
-def decode_image(source, size: int, channels: int, checks: ImageChecks | None = None
-                 ) -> tuple[np.ndarray, list[str]]:
+def decode_image(source, size: int, channels: int, checks: ImageChecks | None = None) -> tuple[np.ndarray, list[str]]:
     """Decode a path or file object, orient it, convert to RGB (or L), center-crop:
     ((size, size, channels) uint8, notes about the image's size); ValueError when `checks` skip it."""
     checks = checks or ImageChecks(size)
@@ -156,8 +157,9 @@ def _bad(key: str, error: BaseException) -> dict[str, Any]:
 class FolderImages(Dataset):
     """Map-style dataset over (relative path, label) items of an image folder."""
 
-    def __init__(self, root: str, items: list[tuple[str, int]], size: int, channels: int,
-                 checks: ImageChecks | None = None):
+    def __init__(
+        self, root: str, items: list[tuple[str, int]], size: int, channels: int, checks: ImageChecks | None = None
+    ):
         self.root, self.items, self.size, self.channels = root, items, size, channels
         self.checks = checks or ImageChecks(size)
 
@@ -177,8 +179,14 @@ class TarImages(IterableDataset):
     """Samples of webdataset image tars (an image member + a `cls` member per key), split over
     DataLoader workers by shard. A shard that breaks off (truncated, unreadable) is reported once."""
 
-    def __init__(self, tars: list[str], size: int, channels: int, num_classes: int | None = None,
-                 checks: ImageChecks | None = None):
+    def __init__(
+        self,
+        tars: list[str],
+        size: int,
+        channels: int,
+        num_classes: int | None = None,
+        checks: ImageChecks | None = None,
+    ):
         self.tars, self.size, self.channels, self.num_classes = tars, size, channels, num_classes
         self.checks = checks or ImageChecks(size)
 
@@ -198,8 +206,7 @@ class TarImages(IterableDataset):
                 if tar.endswith(".tar"):
                     _check_end_of_archive(tar, stream.offset)
         except Exception as e:  # a broken tar: what was read is kept, the rest is reported
-            yield {"ok": False, "key": name, "reason": f"tar unreadable after {count} samples: "
-                                                       f"{type(e).__name__}: {e}"}
+            yield {"ok": False, "key": name, "reason": f"tar unreadable after {count} samples: {type(e).__name__}: {e}"}
 
     def _sample(self, key: str, members: dict[str, bytes]) -> dict[str, Any]:
         image = next((members[e] for e in members if e.lower() in IMAGE_EXTS), None)
@@ -254,9 +261,11 @@ def collate(batch: list[dict[str, Any]], keep=None) -> dict[str, Any]:
     "kept", else kept is None."""
     good = [b for b in batch if b["ok"]]
     images = torch.from_numpy(np.stack([b["image"] for b in good])) if good else None
-    return {"images": images,
-            "labels": torch.tensor([b["label"] for b in good], dtype=torch.int64),
-            "keys": [b["key"] for b in good],
-            "kept": [keep.encode(b["image"]) for b in good] if keep is not None else None,
-            "bad": [(b["key"], b["reason"]) for b in batch if not b["ok"]],
-            "notes": [(b["key"], note) for b in good for note in b["notes"]]}
+    return {
+        "images": images,
+        "labels": torch.tensor([b["label"] for b in good], dtype=torch.int64),
+        "keys": [b["key"] for b in good],
+        "kept": [keep.encode(b["image"]) for b in good] if keep is not None else None,
+        "bad": [(b["key"], b["reason"]) for b in batch if not b["ok"]],
+        "notes": [(b["key"], note) for b in good for note in b["notes"]],
+    }

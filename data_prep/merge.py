@@ -5,6 +5,7 @@ Refuses to merge unless every slice 0..N-1 is complete and all were written with
 index.json files (shard paths become `slice-…/shard…`); webdataset: wds_index.json lists every tar with
 its sample count and hashes. Re-running merge after more slices finished is safe.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,9 @@ def complete_slices(out: str) -> list[str]:
         root = local_path(out)
         if not os.path.isdir(root):
             raise DataPrepError(f"{out}: not a directory")
-        return sorted(n for n in os.listdir(root)
-                      if SLICE_RE.match(n) and os.path.isfile(os.path.join(root, n, SUMMARY_JSON)))
+        return sorted(
+            n for n in os.listdir(root) if SLICE_RE.match(n) and os.path.isfile(os.path.join(root, n, SUMMARY_JSON))
+        )
     from streaming.base.storage.upload import CloudUploader
 
     keys = CloudUploader.get(out, exist_ok=True).list_objects() or []
@@ -70,7 +72,7 @@ def merge_mds(out: str, names: list[str]) -> None:
     if not is_remote(out):
         old = os.path.join(local_path(out), MDS_INDEX)
         if os.path.exists(old):
-            os.remove(old)      # merge_index moves its result here and will not overwrite
+            os.remove(old)  # merge_index moves its result here and will not overwrite
         out = os.path.abspath(local_path(out))
     merge_index([join(out, n, MDS_INDEX) for n in names], out)
 
@@ -94,19 +96,27 @@ def merge(out: str) -> dict[str, Any]:
     num_slices = first["settings"]["num_slices"]
     for n, s in zip(names, summaries):
         if s["settings"] != first["settings"]:
-            diff = sorted(k for k in set(s["settings"]) | set(first["settings"])
-                          if s["settings"].get(k) != first["settings"].get(k))
-            raise DataPrepError(f"{join(out, n)} was written with other settings than {names[0]} "
-                                f"(differ in: {', '.join(diff)}); re-encode it with --overwrite")
+            diff = sorted(
+                k
+                for k in set(s["settings"]) | set(first["settings"])
+                if s["settings"].get(k) != first["settings"].get(k)
+            )
+            raise DataPrepError(
+                f"{join(out, n)} was written with other settings than {names[0]} "
+                f"(differ in: {', '.join(diff)}); re-encode it with --overwrite"
+            )
     missing = [slice_name(k, num_slices) for k in range(num_slices) if slice_name(k, num_slices) not in names]
     if missing:
         shown = ", ".join(missing[:8]) + (" …" if len(missing) > 8 else "")
-        raise DataPrepError(f"{out}: {len(missing)} of {num_slices} slices are not complete ({shown}); "
-                            f"rerun encode for them (complete slices are kept), then merge")
+        raise DataPrepError(
+            f"{out}: {len(missing)} of {num_slices} slices are not complete ({shown}); "
+            f"rerun encode for them (complete slices are kept), then merge"
+        )
     extra = [n for n in names if not n.endswith(f"-of-{num_slices:05d}")]
     if extra:
-        raise DataPrepError(f"{out}: slices of another slicing are present ({', '.join(extra[:4])}); "
-                            f"remove them or use another --out")
+        raise DataPrepError(
+            f"{out}: slices of another slicing are present ({', '.join(extra[:4])}); remove them or use another --out"
+        )
 
     fmt = first["format"]
     data_format(fmt, f"{join(out, names[0], SUMMARY_JSON)}: 'format'").load("merge")(out, names)
@@ -121,33 +131,51 @@ def merge(out: str) -> dict[str, Any]:
     scale = scale_from_stats(stats) if first["scale_factor"] == "measure" else first["scale_factor"]
     count = sum(st["count"] for st in stats)
     mean = np.sum([st["sum"] for st in stats], 0) / max(count, 1)
-    var = np.sum([st["sum_sq"] for st in stats], 0) / max(count, 1) - mean ** 2
+    var = np.sum([st["sum_sq"] for st in stats], 0) / max(count, 1) - mean**2
     skipped, noted = [], []
     for n in names:
         report = json.loads(read_bytes(join(out, n, REPORT_JSON)))
         skipped += report["skipped_inputs"]
         noted += [(r["path"], r["note"]) for r in report.get("noted_inputs", [])]
-    report = make_report("all", sum(s["inputs"] for s in summaries), [(r["path"], r["reason"]) for r in skipped],
-                         noted)
+    report = make_report("all", sum(s["inputs"] for s in summaries), [(r["path"], r["reason"]) for r in skipped], noted)
     _put(out, REPORT_JSON, to_json({k: v for k, v in report.items() if k != "slice"}))
     meta = {
-        "format": fmt, "resolution": first["resolution"], "latent_channels": first["latent_channels"],
-        "latent_size": first["latent_size"], "image_channels": first["image_channels"],
-        "scale_factor": scale, "vae": first["vae"], "classes": classes, "image": first.get("image"),
+        "format": fmt,
+        "resolution": first["resolution"],
+        "latent_channels": first["latent_channels"],
+        "latent_size": first["latent_size"],
+        "image_channels": first["image_channels"],
+        "scale_factor": scale,
+        "vae": first["vae"],
+        "classes": classes,
+        "image": first.get("image"),
         "num_samples": sum(s["num_samples"] for s in summaries),
-        "slices": [{"name": n, "num_samples": s["num_samples"], "skipped": s["skipped"], "shards": s["shards"],
-                    "bytes": s["bytes"]} for n, s in zip(names, summaries)],
-        "skipped": len(skipped), **report["noted"],
+        "slices": [
+            {
+                "name": n,
+                "num_samples": s["num_samples"],
+                "skipped": s["skipped"],
+                "shards": s["shards"],
+                "bytes": s["bytes"],
+            }
+            for n, s in zip(names, summaries)
+        ],
+        "skipped": len(skipped),
+        **report["noted"],
         "latent_stats": {"mean": mean.tolist(), "std": np.sqrt(np.maximum(var, 0)).tolist()},
-        "settings": first["settings"], "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "settings": first["settings"],
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     _put(out, DATASET_JSON, to_json(meta))
     total_bytes = sum(s["bytes"] for s in summaries)
-    print(f"data_prep merge: {out}: {len(names)} slices, {meta['num_samples']} samples, "
-          f"{sum(s['shards'] for s in summaries)} shards, {human_bytes(total_bytes)}, "
-          f"{len(skipped)} inputs skipped, " +
-          "".join(f"{v} {k.replace('_', ' ')}, " for k, v in report["noted"].items()) +
-          f"scale_factor {scale} (report: {join(out, REPORT_JSON)})", file=sys.stderr)
+    print(
+        f"data_prep merge: {out}: {len(names)} slices, {meta['num_samples']} samples, "
+        f"{sum(s['shards'] for s in summaries)} shards, {human_bytes(total_bytes)}, "
+        f"{len(skipped)} inputs skipped, "
+        + "".join(f"{v} {k.replace('_', ' ')}, " for k, v in report["noted"].items())
+        + f"scale_factor {scale} (report: {join(out, REPORT_JSON)})",
+        file=sys.stderr,
+    )
     return meta
 
 
@@ -158,4 +186,3 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     merge(args.out)
     return 0
-

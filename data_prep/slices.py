@@ -6,6 +6,7 @@ else torchrun / the deepspeed launcher, else a SLURM array (SLURM_ARRAY_TASK_ID 
 SLURM_ARRAY_TASK_MIN, stepped, out of SLURM_ARRAY_TASK_COUNT), else the tasks of an srun step, else a
 single worker (also an sbatch shell without srun); ranks follow `ditscale.runtime`'s rules.
 """
+
 from __future__ import annotations
 
 import os
@@ -34,8 +35,9 @@ def slices_of_worker(worker: int, num_workers: int, num_slices: int) -> list[int
     return list(range(worker, num_slices, num_workers))
 
 
-def resolve_worker(worker: int | None = None, num_workers: int | None = None,
-                   env: Mapping[str, str] | None = None) -> tuple[int, int, str]:
+def resolve_worker(
+    worker: int | None = None, num_workers: int | None = None, env: Mapping[str, str] | None = None
+) -> tuple[int, int, str]:
     """(worker index, number of workers, where it came from)."""
     env = os.environ if env is None else env
     if worker is not None or num_workers is not None:

@@ -4,6 +4,7 @@ Real photographs ship with scikit-image (astronaut, coffee, chelsea, …); crops
 and aspect ratios, plus generated gradients, make an ImageNet-layout folder in milliseconds. The tiny
 AutoencoderKL has random weights and the SD VAE's structure at a fraction of the width.
 """
+
 from __future__ import annotations
 
 import os
@@ -41,13 +42,14 @@ def sample_images(count: int, seed: int = 0, min_side: int = 40, max_side: int =
         ph, pw = photo.shape[:2]
         ch, cw = int(rng.integers(ph // 3, ph + 1)), int(rng.integers(pw // 3, pw + 1))
         top, left = int(rng.integers(0, ph - ch + 1)), int(rng.integers(0, pw - cw + 1))
-        crop = Image.fromarray(photo[top:top + ch, left:left + cw])
+        crop = Image.fromarray(photo[top : top + ch, left : left + cw])
         out.append(crop.resize((w, h), Image.BICUBIC))
     return out
 
 
-def write_image_folder(root: str, *, classes: int = 3, per_class: int = 4, seed: int = 0,
-                       min_side: int = 40, max_side: int = 96) -> str:
+def write_image_folder(
+    root: str, *, classes: int = 3, per_class: int = 4, seed: int = 0, min_side: int = 40, max_side: int = 96
+) -> str:
     """An ImageNet-layout folder root/class_k/img_i.{jpg,png}; returns root."""
     images = sample_images(classes * per_class, seed, min_side, max_side)
     for i, image in enumerate(images):
@@ -71,12 +73,14 @@ def write_image_tars(folder: str, out_dir: str, per_tar: int = 5) -> list[str]:
     for t in range(0, len(items), per_tar):
         path = os.path.join(out_dir, f"images-{t // per_tar:05d}.tar")
         with tarfile.open(path, "w") as tar:
-            for rel, label in items[t:t + per_tar]:
+            for rel, label in items[t : t + per_tar]:
                 key = os.path.splitext(rel.replace(os.sep, "_"))[0]
                 with open(os.path.join(folder, rel), "rb") as f:
                     data = f.read()
-                for name, payload in ((f"{key}{os.path.splitext(rel)[1].lower()}", data),
-                                      (f"{key}.cls", str(label).encode())):
+                for name, payload in (
+                    (f"{key}{os.path.splitext(rel)[1].lower()}", data),
+                    (f"{key}.cls", str(label).encode()),
+                ):
                     info = tarfile.TarInfo(name)
                     info.size = len(payload)
                     tar.addfile(info, io.BytesIO(payload))
@@ -90,16 +94,34 @@ def save_tiny_vae(path: str, *, latent_channels: int = 4, seed: int = 0) -> str:
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=8, sample_size=32)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=latent_channels,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=32,
+    )
     vae.save_pretrained(path, safe_serialization=True)
     return path
 
 
-def write_synthetic_latents(out: str, num_samples: int, *, latent_channels: int = 4, latent_size: int = 32,
-                            num_classes: int = 1000, format: str = "mds", num_slices: int = 1,
-                            shard_size: int = 1 << 26, seed: int = 0, nan_samples: tuple[int, ...] = ()) -> str:
+def write_synthetic_latents(
+    out: str,
+    num_samples: int,
+    *,
+    latent_channels: int = 4,
+    latent_size: int = 32,
+    num_classes: int = 1000,
+    format: str = "mds",
+    num_slices: int = 1,
+    shard_size: int = 1 << 26,
+    seed: int = 0,
+    nan_samples: tuple[int, ...] = (),
+) -> str:
     """A merged dataset of random posteriors (no images, no VAE) through the real writers and merge:
     loader benchmarks and trainer tests at ImageNet-latent shapes in seconds. The posterior means of
     `nan_samples` (indices) are NaN, for the trainer's fault tests. Returns `out`."""
@@ -116,9 +138,17 @@ def write_synthetic_latents(out: str, num_samples: int, *, latent_channels: int 
     rng = np.random.default_rng(seed)
     shape = (2, latent_channels, latent_size, latent_size)
     settings = {"format": format, "synthetic": seed, "num_slices": num_slices, "input": num_samples}
-    meta = {"format": format, "resolution": latent_size * 8, "latent_channels": latent_channels,
-            "latent_size": latent_size, "image_channels": 3, "vae": "synthetic", "scale_factor": 0.18215,
-            "classes": [f"class_{i}" for i in range(num_classes)], "settings": settings}
+    meta = {
+        "format": format,
+        "resolution": latent_size * 8,
+        "latent_channels": latent_channels,
+        "latent_size": latent_size,
+        "image_channels": 3,
+        "vae": "synthetic",
+        "scale_factor": 0.18215,
+        "classes": [f"class_{i}" for i in range(num_classes)],
+        "settings": settings,
+    }
     for k in range(num_slices):
         output = SliceOutput(out, slice_name(k, num_slices))
         output.reset()
@@ -130,13 +160,21 @@ def write_synthetic_latents(out: str, num_samples: int, *, latent_channels: int 
             mean = rng.standard_normal((n, *shape), dtype=np.float32).astype(np.float16) * 5
             logvar = rng.uniform(-12, -4, (n, *shape)).astype(np.float16)
             stats.update(torch.from_numpy(mean), torch.from_numpy(logvar))
-            for j, i in enumerate(indices[lo:lo + n]):
+            for j, i in enumerate(indices[lo : lo + n]):
                 if i in nan_samples:
                     mean[j] = np.nan
-            writer.put(mean, logvar, labels[lo:lo + n].tolist(),
-                       [f"synthetic/{i:09d}" for i in indices[lo:lo + n]])
+            writer.put(mean, logvar, labels[lo : lo + n].tolist(), [f"synthetic/{i:09d}" for i in indices[lo : lo + n]])
         shards = writer.finish()
-        publish_slice(output, meta, num_samples=len(indices), max_label=int(labels.max(initial=-1)), bad=[],
-                      inputs=len(indices), shards=shards, stats=stats, elapsed=time.time() - start)
+        publish_slice(
+            output,
+            meta,
+            num_samples=len(indices),
+            max_label=int(labels.max(initial=-1)),
+            bad=[],
+            inputs=len(indices),
+            shards=shards,
+            stats=stats,
+            elapsed=time.time() - start,
+        )
     merge(out)
     return out

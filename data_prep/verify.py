@@ -5,6 +5,7 @@ decompressed data's hashes and sample count too, for webdataset the samples coun
 few records per shard are decoded and checked (shapes, dtypes, finite values, label range, key).
 Finally the sample counts are summed against dataset.json. Problems name the shard; exit status 1.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,8 +53,9 @@ def check_record(name: str, rec: dict[str, Any], meta: dict) -> list[str]:
     logvar = rec["logvar"]
     pixel = meta["vae"] == "none"
     if (pixel and not np.isneginf(logvar).all()) or (not pixel and not np.isfinite(logvar).all()):
-        problems.append(f"{name}: record {rec['key']!r}: logvar should be "
-                        f"{'-inf everywhere (pixel mode)' if pixel else 'finite'}")
+        problems.append(
+            f"{name}: record {rec['key']!r}: logvar should be {'-inf everywhere (pixel mode)' if pixel else 'finite'}"
+        )
     if not 0 <= rec["label"] < len(meta["classes"]):
         problems.append(f"{name}: record {rec['key']!r}: label {rec['label']} outside [0, {len(meta['classes'])})")
     if not rec["key"]:
@@ -115,7 +117,7 @@ def verify_mds_shard(root: str, shard: dict, meta: dict, k: int, rng: random.Ran
     decoded = 0
     for i in _pick(count, k, rng):
         try:
-            rec = reader.decode_sample(data[offsets[i]:offsets[i + 1]])
+            rec = reader.decode_sample(data[offsets[i] : offsets[i + 1]])
         except Exception as e:
             problems.append(f"{name}: record {i} does not decode ({type(e).__name__}: {e})")
             continue
@@ -144,8 +146,12 @@ def verify_wds_shard(root: str, shard: dict, meta: dict, k: int, rng: random.Ran
     for i in _pick(len(samples), k, rng):
         key, members = samples[i]
         try:
-            rec = {"key": key, "label": int(members["cls"].decode()), "image": _wds_image(members, meta),
-                   **{c: np.load(io.BytesIO(members[f"{c}.npy"]), allow_pickle=False) for c in ("mean", "logvar")}}
+            rec = {
+                "key": key,
+                "label": int(members["cls"].decode()),
+                "image": _wds_image(members, meta),
+                **{c: np.load(io.BytesIO(members[f"{c}.npy"]), allow_pickle=False) for c in ("mean", "logvar")},
+            }
         except Exception as e:
             problems.append(f"{name}: sample {key!r} does not decode ({type(e).__name__}: {e})")
             continue
@@ -154,8 +160,9 @@ def verify_wds_shard(root: str, shard: dict, meta: dict, k: int, rng: random.Ran
     return problems, decoded
 
 
-def verify(root: str, *, records_per_shard: int = 4, seed: int = 0, threads: int = 8,
-           progress: bool = False) -> VerifyResult:
+def verify(
+    root: str, *, records_per_shard: int = 4, seed: int = 0, threads: int = 8, progress: bool = False
+) -> VerifyResult:
     """Check the merged dataset at `root` (local or remote); see the module docstring."""
     from tqdm import tqdm
 
@@ -176,19 +183,20 @@ def verify(root: str, *, records_per_shard: int = 4, seed: int = 0, threads: int
     rngs = [random.Random(f"{seed}/{i}") for i in range(len(shards))]
     with ThreadPoolExecutor(threads) as pool:
         jobs = pool.map(lambda a: check(root, a[0], meta, records_per_shard, a[1]), zip(shards, rngs))
-        for problems, decoded in tqdm(jobs, total=len(shards), unit="shard", disable=not progress,
-                                      file=sys.stderr):
+        for problems, decoded in tqdm(jobs, total=len(shards), unit="shard", disable=not progress, file=sys.stderr):
             result.problems += problems
             result.decoded += decoded
     result.shards = len(shards)
     result.samples = sum(s["samples"] for s in shards)
     if result.samples != meta["num_samples"]:
-        result.problems.append(f"{join(root, index_name)}: {result.samples} samples in the index, "
-                               f"dataset.json says {meta['num_samples']}")
+        result.problems.append(
+            f"{join(root, index_name)}: {result.samples} samples in the index, dataset.json says {meta['num_samples']}"
+        )
     per_slice = {s["name"]: s["num_samples"] for s in meta["slices"]}
     if sum(per_slice.values()) != meta["num_samples"]:
-        result.problems.append(f"{root}: dataset.json's slices add up to {sum(per_slice.values())} samples, "
-                               f"not {meta['num_samples']}")
+        result.problems.append(
+            f"{root}: dataset.json's slices add up to {sum(per_slice.values())} samples, not {meta['num_samples']}"
+        )
     return result
 
 
@@ -200,11 +208,15 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    result = verify(args.root, records_per_shard=args.records_per_shard, seed=args.seed,
-                    threads=args.threads, progress=True)
+    result = verify(
+        args.root, records_per_shard=args.records_per_shard, seed=args.seed, threads=args.threads, progress=True
+    )
     for problem in result.problems:
         print(f"data_prep verify: {problem}", file=sys.stderr)
     status = "OK" if result.ok else f"FAILED ({len(result.problems)} problems)"
-    print(f"data_prep verify: {args.root}: {status}: {result.shards} shards, {result.samples} samples, "
-          f"{result.decoded} records decoded", file=sys.stderr)
+    print(
+        f"data_prep verify: {args.root}: {status}: {result.shards} shards, {result.samples} samples, "
+        f"{result.decoded} records decoded",
+        file=sys.stderr,
+    )
     return 0 if result.ok else 1

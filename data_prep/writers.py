@@ -9,6 +9,7 @@ A slice is complete when `<out>/<slice>/summary.json` exists, and summary.json i
 A crashed slice leaves a `.partial` directory (or a remote prefix without summary.json); the rerun
 discards it and encodes the slice again.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -78,7 +79,7 @@ class SliceOutput:
                 f.write(files[name])
                 f.flush()
                 os.fsync(f.fileno())
-        if os.path.exists(self.final):     # an old incomplete copy (no summary.json) in the way
+        if os.path.exists(self.final):  # an old incomplete copy (no summary.json) in the way
             shutil.rmtree(self.final)
         os.rename(self.local, self.final)
 
@@ -94,8 +95,12 @@ def other_slicings(out: str, num_slices: int) -> list[str]:
 def file_info(path: str, basename: str, samples: int) -> dict[str, Any]:
     with open(path, "rb") as f:
         data = f.read()
-    return {"basename": basename, "samples": samples, "bytes": len(data),
-            "hashes": {algo: digest(data, algo) for algo in HASHES}}
+    return {
+        "basename": basename,
+        "samples": samples,
+        "bytes": len(data),
+        "hashes": {algo: digest(data, algo) for algo in HASHES},
+    }
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -107,14 +112,26 @@ def npy_bytes(array: np.ndarray) -> bytes:
 class MdsSliceWriter:
     """MDSWriter: zstd-compressed shards with sha1 + xxh64 per shard, the slice's index.json."""
 
-    def __init__(self, output: SliceOutput, latent_channels: int, latent_size: int, shard_size: int,
-                 image: ImageColumn | None = None, compression: str = "zstd"):
+    def __init__(
+        self,
+        output: SliceOutput,
+        latent_channels: int,
+        latent_size: int,
+        shard_size: int,
+        image: ImageColumn | None = None,
+        compression: str = "zstd",
+    ):
         from streaming import MDSWriter  # imported here: `import streaming` costs seconds (it imports transformers)
 
         out = (output.local, output.final) if output.staged else output.local
-        self.writer = MDSWriter(out=out, columns=mds_columns(latent_channels, latent_size, image is not None),
-                                compression=compression, hashes=HASHES, size_limit=shard_size,
-                                keep_local=False)
+        self.writer = MDSWriter(
+            out=out,
+            columns=mds_columns(latent_channels, latent_size, image is not None),
+            compression=compression,
+            hashes=HASHES,
+            size_limit=shard_size,
+            keep_local=False,
+        )
 
     def write(self, mean: np.ndarray, logvar: np.ndarray, label: int, key: str, image: bytes | None) -> None:
         record = {"mean": mean, "logvar": logvar, "label": int(label), "key": key}
@@ -125,8 +142,14 @@ class MdsSliceWriter:
         shards = []
         for s in self.writer.shards:
             stored = s["zip_data"] or s["raw_data"]
-            shards.append({"basename": stored["basename"], "samples": s["samples"],
-                           "bytes": stored["bytes"], "hashes": stored["hashes"]})
+            shards.append(
+                {
+                    "basename": stored["basename"],
+                    "samples": s["samples"],
+                    "bytes": stored["bytes"],
+                    "hashes": stored["hashes"],
+                }
+            )
         return shards
 
 
@@ -134,8 +157,14 @@ class WdsSliceWriter:
     """webdataset ShardWriter: uncompressed tars (mean.npy, logvar.npy, cls, __key__, optionally
     image.png | image.jpg), the slice's wds_index.json with per-shard sample counts and hashes."""
 
-    def __init__(self, output: SliceOutput, latent_channels: int, latent_size: int, shard_size: int,
-                 image: ImageColumn | None = None):
+    def __init__(
+        self,
+        output: SliceOutput,
+        latent_channels: int,
+        latent_size: int,
+        shard_size: int,
+        image: ImageColumn | None = None,
+    ):
         from webdataset import ShardWriter
 
         self.output, self.shards, self.count = output, [], 0
@@ -143,8 +172,16 @@ class WdsSliceWriter:
         os.makedirs(output.local, exist_ok=True)
         self.upload = output.uploader()
         pattern = os.path.join(output.local, "shard-%06d.tar")
-        self.writer = ShardWriter(pattern, maxcount=10**9, maxsize=shard_size, post=self._closed,
-                                  verbose=0, encoder=False, mtime=0, format="PAX_FORMAT")
+        self.writer = ShardWriter(
+            pattern,
+            maxcount=10**9,
+            maxsize=shard_size,
+            post=self._closed,
+            verbose=0,
+            encoder=False,
+            mtime=0,
+            format="PAX_FORMAT",
+        )
 
     def _closed(self, path: str) -> None:
         basename, count = os.path.basename(path), self.count
@@ -157,8 +194,12 @@ class WdsSliceWriter:
             self.upload.upload_file(basename)
 
     def write(self, mean: np.ndarray, logvar: np.ndarray, label: int, key: str, image: bytes | None) -> None:
-        sample = {"__key__": wds_key(key), "mean.npy": npy_bytes(mean), "logvar.npy": npy_bytes(logvar),
-                  "cls": str(int(label)).encode()}
+        sample = {
+            "__key__": wds_key(key),
+            "mean.npy": npy_bytes(mean),
+            "logvar.npy": npy_bytes(logvar),
+            "cls": str(int(label)).encode(),
+        }
         if image is not None:
             sample[self.image_field] = image
         self.writer.write(sample)
@@ -173,8 +214,14 @@ class WdsSliceWriter:
         return self.shards
 
 
-def open_slice_writer(fmt: str, output: SliceOutput, latent_channels: int, latent_size: int,
-                      shard_size: int, image: ImageColumn | None = None):
+def open_slice_writer(
+    fmt: str,
+    output: SliceOutput,
+    latent_channels: int,
+    latent_size: int,
+    shard_size: int,
+    image: ImageColumn | None = None,
+):
     """The registered writer of format `fmt` (`ditscale.data.schema.FORMATS`) for one slice."""
     writer = data_format(fmt, "--format").load("writer")
     return writer(output, latent_channels, latent_size, shard_size, image)
@@ -210,8 +257,14 @@ class BackgroundWriter:
         if self.error is not None:
             raise RuntimeError(f"shard writer failed: {self.error}") from self.error
 
-    def put(self, means: np.ndarray, logvars: np.ndarray, labels: list[int], keys: list[str],
-            images: list[bytes] | None = None) -> None:
+    def put(
+        self,
+        means: np.ndarray,
+        logvars: np.ndarray,
+        labels: list[int],
+        keys: list[str],
+        images: list[bytes] | None = None,
+    ) -> None:
         """One batch: means/logvars (n, 2, C, h, w) fp16; images: the encoded image column, or None."""
         self._check()
         self.queue.put((means, logvars, labels, keys, images))

@@ -1,4 +1,5 @@
 """`ditscale <command> [args]`: one entry point over the `python -m` modules."""
+
 from __future__ import annotations
 
 import importlib

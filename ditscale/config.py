@@ -8,6 +8,7 @@ Every key is typed. An unknown key (with the closest valid ones), a value of the
 range is a `ConfigError` naming the dotted key; the trainer turns it into exit code 2. Sections:
 model, objective, diffusion, data, optim, train, engine, log, sample, eval; `run_dir` is top level.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,40 +43,45 @@ def _choice(value, key: str, choices) -> None:
 #                                    Sections                                   #
 #################################################################################
 
+
 @dataclass
 class ModelConfig:
     """The DiT: a preset, optionally reshaped. input_size / in_channels / num_classes come from the
     dataset's dataset.json unless given (a given value must agree with it)."""
 
     preset: str = "DiT-XL/2"
-    depth: int | None = None            # preset overrides, e.g. for tiny test models
+    depth: int | None = None  # preset overrides, e.g. for tiny test models
     hidden_size: int | None = None
     num_heads: int | None = None
     patch_size: int | None = None
     mlp_ratio: float = 4.0
-    input_size: int | None = None       # latent side (dataset latent_size)
-    in_channels: int | None = None      # latent channels (dataset latent_channels)
-    num_classes: int | None = None      # dataset classes
-    class_dropout_prob: float = 0.1     # label dropout for classifier-free guidance
+    input_size: int | None = None  # latent side (dataset latent_size)
+    in_channels: int | None = None  # latent channels (dataset latent_channels)
+    num_classes: int | None = None  # dataset classes
+    class_dropout_prob: float = 0.1  # label dropout for classifier-free guidance
     learn_sigma: bool = True
-    block: str = "adaln_zero"           # a registered block type: adaln_zero | adaln | cross_attention | in_context
-    qk_norm: str | None = None          # None | layernorm | rmsnorm
-    checkpoint_every: int = 0           # activation checkpointing: 0 off, k = every k-th block
+    block: str = "adaln_zero"  # a registered block type: adaln_zero | adaln | cross_attention | in_context
+    qk_norm: str | None = None  # None | layernorm | rmsnorm
+    checkpoint_every: int = 0  # activation checkpointing: 0 off, k = every k-th block
 
     def validate(self) -> None:
         from ditscale.models.dit import BLOCKS, DIT_PRESETS, QK_NORMS
 
         if self.preset not in DIT_PRESETS:
             close = difflib.get_close_matches(self.preset, list(DIT_PRESETS), n=3)
-            raise ConfigError(f"model.preset: unknown preset {self.preset!r}"
-                              + (f"; did you mean {', '.join(close)}?" if close else
-                                 f"; valid: {', '.join(DIT_PRESETS)}"))
+            raise ConfigError(
+                f"model.preset: unknown preset {self.preset!r}"
+                + (f"; did you mean {', '.join(close)}?" if close else f"; valid: {', '.join(DIT_PRESETS)}")
+            )
         for name in ("depth", "hidden_size", "num_heads", "patch_size", "input_size", "in_channels", "num_classes"):
             value = getattr(self, name)
             _require(value is None or value >= 1, f"model.{name}", f"must be >= 1, got {value}")
         _require(self.mlp_ratio > 0, "model.mlp_ratio", f"must be > 0, got {self.mlp_ratio}")
-        _require(0 <= self.class_dropout_prob < 1, "model.class_dropout_prob",
-                 f"must be in [0, 1), got {self.class_dropout_prob}")
+        _require(
+            0 <= self.class_dropout_prob < 1,
+            "model.class_dropout_prob",
+            f"must be in [0, 1), got {self.class_dropout_prob}",
+        )
         _choice(self.block, "model.block", BLOCKS)
         _choice(self.qk_norm, "model.qk_norm", QK_NORMS)
         _require(self.checkpoint_every >= 0, "model.checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")
@@ -88,12 +94,24 @@ class ModelConfig:
         if missing:
             raise ConfigError(f"model.{missing[0]} is not resolved: give it, or resolve it from the dataset")
         kwargs = dict(DIT_PRESETS[self.preset])
-        kwargs.update({k: getattr(self, k) for k in ("depth", "hidden_size", "num_heads", "patch_size")
-                       if getattr(self, k) is not None})
-        kwargs.update(mlp_ratio=self.mlp_ratio, input_size=self.input_size, in_channels=self.in_channels,
-                      num_classes=self.num_classes, class_dropout_prob=self.class_dropout_prob,
-                      learn_sigma=self.learn_sigma, block=self.block, qk_norm=self.qk_norm,
-                      checkpoint_every=self.checkpoint_every)
+        kwargs.update(
+            {
+                k: getattr(self, k)
+                for k in ("depth", "hidden_size", "num_heads", "patch_size")
+                if getattr(self, k) is not None
+            }
+        )
+        kwargs.update(
+            mlp_ratio=self.mlp_ratio,
+            input_size=self.input_size,
+            in_channels=self.in_channels,
+            num_classes=self.num_classes,
+            class_dropout_prob=self.class_dropout_prob,
+            learn_sigma=self.learn_sigma,
+            block=self.block,
+            qk_norm=self.qk_norm,
+            checkpoint_every=self.checkpoint_every,
+        )
         try:
             validate_config(kwargs)
         except ValueError as e:
@@ -105,7 +123,7 @@ class ModelConfig:
 class DiffusionConfig:
     """The Gaussian diffusion (ditscale.diffusion.create_diffusion); the defaults are the paper's."""
 
-    noise_schedule: str = "linear"      # linear | cosine
+    noise_schedule: str = "linear"  # linear | cosine
     diffusion_steps: int = 1000
     predict_xstart: bool = False
     use_kl: bool = False
@@ -117,17 +135,17 @@ class DiffusionConfig:
         _require(self.diffusion_steps >= 2, "diffusion.diffusion_steps", f"must be >= 2, got {self.diffusion_steps}")
 
 
-_BYTES = re.compile(r"\d+(\.\d+)?\s*(b|kb|mb|gb|tb|pb)?")    # streaming's sizes (kb = 1024 bytes)
+_BYTES = re.compile(r"\d+(\.\d+)?\s*(b|kb|mb|gb|tb|pb)?")  # streaming's sizes (kb = 1024 bytes)
 
 
 @dataclass
 class TimestepConfig:
     """How training draws times (ditscale.objectives.timesteps), for every objective kind."""
 
-    sampling: str = "uniform"           # uniform (the paper, SiT) | logit_normal (SD3)
-    mean: float = 0.0                   # logit-normal location m
-    std: float = 1.0                    # logit-normal scale s
-    shift: float = 1.0                  # resolution shift s: u' = s·u / (1 + (s − 1)·u), u = noise fraction
+    sampling: str = "uniform"  # uniform (the paper, SiT) | logit_normal (SD3)
+    mean: float = 0.0  # logit-normal location m
+    std: float = 1.0  # logit-normal scale s
+    shift: float = 1.0  # resolution shift s: u' = s·u / (1 + (s − 1)·u), u = noise fraction
 
     def validate(self) -> None:
         from ditscale.objectives import TIMESTEP_SAMPLINGS
@@ -137,18 +155,21 @@ class TimestepConfig:
         _require(self.shift > 0, "objective.timesteps.shift", f"must be > 0, got {self.shift}")
         if self.sampling == "uniform":
             for key in ("mean", "std"):
-                _require(getattr(self, key) == getattr(TimestepConfig, key), f"objective.timesteps.{key}",
-                         "applies to objective.timesteps.sampling=logit_normal only")
+                _require(
+                    getattr(self, key) == getattr(TimestepConfig, key),
+                    f"objective.timesteps.{key}",
+                    "applies to objective.timesteps.sampling=logit_normal only",
+                )
 
 
 @dataclass
 class FlowConfig:
     """Flow matching as in SiT (ditscale.objectives.flow); read when objective.kind=flow."""
 
-    path: str = "linear"                # linear | gvp | vp
-    prediction: str = "velocity"        # velocity | noise | score
-    loss_weight: str = "none"           # none | velocity | likelihood (noise / score predictions)
-    train_eps: float | None = None      # None: SiT's default for the path and prediction
+    path: str = "linear"  # linear | gvp | vp
+    prediction: str = "velocity"  # velocity | noise | score
+    loss_weight: str = "none"  # none | velocity | likelihood (noise / score predictions)
+    train_eps: float | None = None  # None: SiT's default for the path and prediction
     sample_eps: float | None = None
 
     def validate(self) -> None:
@@ -157,8 +178,11 @@ class FlowConfig:
         _choice(self.path, "objective.flow.path", PATHS)
         _choice(self.prediction, "objective.flow.prediction", PREDICTIONS)
         _choice(self.loss_weight, "objective.flow.loss_weight", LOSS_WEIGHTS)
-        _require(self.loss_weight == "none" or self.prediction != "velocity", "objective.flow.loss_weight",
-                 f"{self.loss_weight} weights noise / score predictions; velocity is trained unweighted (SiT)")
+        _require(
+            self.loss_weight == "none" or self.prediction != "velocity",
+            "objective.flow.loss_weight",
+            f"{self.loss_weight} weights noise / score predictions; velocity is trained unweighted (SiT)",
+        )
         for key in ("train_eps", "sample_eps"):
             value = getattr(self, key)
             _require(value is None or 0 <= value < 0.5, f"objective.flow.{key}", f"must be in [0, 0.5), got {value}")
@@ -169,7 +193,7 @@ class ObjectiveConfig:
     """The training objective (ditscale.objectives). kind=ddpm reads the `diffusion` section, kind=flow
     `objective.flow`; a key of the other kind set away from its default is an error."""
 
-    kind: str = "ddpm"                  # ddpm (the paper) | flow (SiT)
+    kind: str = "ddpm"  # ddpm (the paper) | flow (SiT)
     timesteps: TimestepConfig = field(default_factory=TimestepConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
 
@@ -191,25 +215,28 @@ def _untouched(section, prefix: str, kind: str, owner: str) -> None:
     """Every key of `section` at its default: it belongs to objective.kind=`owner`, not `kind`."""
     for f in dataclasses.fields(section):
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        _require(getattr(section, f.name) == default, f"{prefix}.{f.name}",
-                 f"applies to objective.kind={owner}, but objective.kind={kind}")
+        _require(
+            getattr(section, f.name) == default,
+            f"{prefix}.{f.name}",
+            f"applies to objective.kind={owner}, but objective.kind={kind}",
+        )
 
 
 @dataclass
 class DataConfig:
     """Where the data_prep dataset lives and how it is read."""
 
-    root: str = ""                      # dataset root (local dir or remote URL such as s3://...)
-    cache: str | None = None            # local cache for a remote root (default: $DITSCALE_DATA_CACHE/...)
-    cache_limit: str | None = None      # MDS cache size per node ("200gb", bytes): least recently used shards
-                                        # are evicted past it (None: keep every shard fetched)
-    remote_wait_s: float = 600.0        # how long a read waits for an unreachable object store before exit 2
-    format: str = "auto"                # auto (dataset.json) | a registered format: mds, wds
-    num_workers: int = 2                # loader processes per rank
-    prefetch_factor: int = 4            # batches each worker keeps ready
+    root: str = ""  # dataset root (local dir or remote URL such as s3://...)
+    cache: str | None = None  # local cache for a remote root (default: $DITSCALE_DATA_CACHE/...)
+    cache_limit: str | None = None  # MDS cache size per node ("200gb", bytes): least recently used shards
+    # are evicted past it (None: keep every shard fetched)
+    remote_wait_s: float = 600.0  # how long a read waits for an unreachable object store before exit 2
+    format: str = "auto"  # auto (dataset.json) | a registered format: mds, wds
+    num_workers: int = 2  # loader processes per rank
+    prefetch_factor: int = 4  # batches each worker keeps ready
     shuffle: bool = True
-    shuffle_seed: int | None = None     # None: train.seed
-    hflip: bool = True                  # show each sample's stored mirror half the time (off for digits, text)
+    shuffle_seed: int | None = None  # None: train.seed
+    hflip: bool = True  # show each sample's stored mirror half the time (off for digits, text)
 
     def validate(self) -> None:
         _require(bool(self.root), "data.root", "is required (the dataset directory written by data_prep)")
@@ -218,8 +245,11 @@ class DataConfig:
         _choice(self.format, "data.format", ("auto", *FORMATS))
         _require(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
         _require(self.prefetch_factor >= 1, "data.prefetch_factor", f"must be >= 1, got {self.prefetch_factor}")
-        _require(self.cache_limit is None or _BYTES.fullmatch(str(self.cache_limit).strip().lower()) is not None,
-                 "data.cache_limit", f"must be a size such as 200gb, 512mb (1024-based) or a byte count, got {self.cache_limit!r}")
+        _require(
+            self.cache_limit is None or _BYTES.fullmatch(str(self.cache_limit).strip().lower()) is not None,
+            "data.cache_limit",
+            f"must be a size such as 200gb, 512mb (1024-based) or a byte count, got {self.cache_limit!r}",
+        )
         _require(self.remote_wait_s >= 0, "data.remote_wait_s", f"must be >= 0 seconds, got {self.remote_wait_s}")
 
     def cache_limit_bytes(self) -> int | None:
@@ -240,13 +270,16 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     weight_decay: float = 0.0
-    grad_clip: float = 0.0              # max global grad norm; 0 = off
+    grad_clip: float = 0.0  # max global grad norm; 0 = off
     warmup_steps: int = 0
 
     def validate(self) -> None:
         _require(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
-        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
-                 f"must be two values in [0, 1), got {self.betas}")
+        _require(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            "optim.betas",
+            f"must be two values in [0, 1), got {self.betas}",
+        )
         _require(self.eps > 0, "optim.eps", f"must be > 0, got {self.eps}")
         _require(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
         _require(self.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 = off), got {self.grad_clip}")
@@ -261,40 +294,54 @@ class TrainConfig:
     global_batch: int = 256
     micro_batch: int | None = None
     max_steps: int = 400_000
-    ckpt_every: int = 5_000             # steps between checkpoints (also one at exit)
-    keep_last: int = 3                  # complete checkpoints kept
+    ckpt_every: int = 5_000  # steps between checkpoints (also one at exit)
+    keep_last: int = 3  # complete checkpoints kept
     ema_decay: float = 0.9999
     seed: int = 0
-    max_nonfinite: int = 20             # non-finite steps in a row before stopping (exit 3)
-    resume: str = "auto"                # auto (newest complete checkpoint, else fresh) | none | a checkpoint dir
+    max_nonfinite: int = 20  # non-finite steps in a row before stopping (exit 3)
+    resume: str = "auto"  # auto (newest complete checkpoint, else fresh) | none | a checkpoint dir
     resume_ignore: list[str] = field(default_factory=list)  # keys allowed to differ from the checkpoint's
-    stop_check_every: int = 1           # steps between the ranks' agreement on a stop signal
-    hang_timeout_min: float = 10.0      # no step completed for this long: the rank exits 4 (0 = off; watchdog.py)
-    deterministic: bool = False         # deterministic kernels (bit-exact resume on GPUs; slower)
+    stop_check_every: int = 1  # steps between the ranks' agreement on a stop signal
+    hang_timeout_min: float = 10.0  # no step completed for this long: the rank exits 4 (0 = off; watchdog.py)
+    deterministic: bool = False  # deterministic kernels (bit-exact resume on GPUs; slower)
 
     def validate(self) -> None:
         for name in ("global_batch", "max_steps", "ckpt_every", "keep_last", "max_nonfinite", "stop_check_every"):
             _require(getattr(self, name) >= 1, f"train.{name}", f"must be >= 1, got {getattr(self, name)}")
-        _require(self.micro_batch is None or self.micro_batch >= 1, "train.micro_batch",
-                 f"must be >= 1, got {self.micro_batch}")
-        _require(self.micro_batch is None or self.global_batch % self.micro_batch == 0, "train.micro_batch",
-                 f"{self.micro_batch} does not divide train.global_batch={self.global_batch}")
+        _require(
+            self.micro_batch is None or self.micro_batch >= 1,
+            "train.micro_batch",
+            f"must be >= 1, got {self.micro_batch}",
+        )
+        _require(
+            self.micro_batch is None or self.global_batch % self.micro_batch == 0,
+            "train.micro_batch",
+            f"{self.micro_batch} does not divide train.global_batch={self.global_batch}",
+        )
         _require(0 <= self.ema_decay < 1, "train.ema_decay", f"must be in [0, 1), got {self.ema_decay}")
         _require(self.seed >= 0, "train.seed", f"must be >= 0, got {self.seed}")
-        _require(self.hang_timeout_min >= 0, "train.hang_timeout_min",
-                 f"must be >= 0 (0 = no watchdog), got {self.hang_timeout_min}")
+        _require(
+            self.hang_timeout_min >= 0,
+            "train.hang_timeout_min",
+            f"must be >= 0 (0 = no watchdog), got {self.hang_timeout_min}",
+        )
         _require(bool(self.resume), "train.resume", "must be auto, none or a checkpoint directory")
 
     def batch_split(self, world_size: int) -> tuple[int, int]:
         """(micro_batch, gradient accumulation steps) for `world_size` ranks."""
         if self.micro_batch is None:
-            _require(self.global_batch % world_size == 0, "train.global_batch",
-                     f"{self.global_batch} is not divisible by the {world_size} ranks")
+            _require(
+                self.global_batch % world_size == 0,
+                "train.global_batch",
+                f"{self.global_batch} is not divisible by the {world_size} ranks",
+            )
             return self.global_batch // world_size, 1
         per_step = self.micro_batch * world_size
-        _require(self.global_batch % per_step == 0, "train.global_batch",
-                 f"{self.global_batch} is not a multiple of train.micro_batch × ranks = "
-                 f"{self.micro_batch} × {world_size}")
+        _require(
+            self.global_batch % per_step == 0,
+            "train.global_batch",
+            f"{self.global_batch} is not a multiple of train.micro_batch × ranks = {self.micro_batch} × {world_size}",
+        )
         return self.micro_batch, self.global_batch // per_step
 
 
@@ -305,10 +352,10 @@ class EngineConfig:
     (ditscale.engine.build.compile_mode, ditscale.engine.nonfinite)."""
 
     ds_config: str = "ds_configs/zero2_bf16.json"
-    device: str = "auto"                # auto (cuda if available) | cuda | cpu; $DITSCALE_DEVICE overrides
+    device: str = "auto"  # auto (cuda if available) | cuda | cpu; $DITSCALE_DEVICE overrides
     dist_timeout_min: int = 30
-    compile: str = "auto"               # auto (blocks on CUDA under ZeRO-1/2, else off) | off | blocks
-    nonfinite_check: str = "step"       # step (DeepSpeed skips bad steps; 2 host syncs/step) | async (none)
+    compile: str = "auto"  # auto (blocks on CUDA under ZeRO-1/2, else off) | off | blocks
+    nonfinite_check: str = "step"  # step (DeepSpeed skips bad steps; 2 host syncs/step) | async (none)
 
     def validate(self) -> None:
         _require(bool(self.ds_config), "engine.ds_config", "is required (a JSON in ds_configs/)")
@@ -326,13 +373,14 @@ class LogConfig:
     tensorboard: bool = True
     wandb: bool = False
     wandb_project: str = "ditscale"
-    peak_tflops: float | None = None    # per device, for MFU; None: known GPUs' bf16 dense peak, else no MFU
-    progress: str = "auto"              # auto (when stderr is a terminal) | on | off
+    peak_tflops: float | None = None  # per device, for MFU; None: known GPUs' bf16 dense peak, else no MFU
+    progress: str = "auto"  # auto (when stderr is a terminal) | on | off
 
     def validate(self) -> None:
         _require(self.every >= 1, "log.every", f"must be >= 1, got {self.every}")
-        _require(self.peak_tflops is None or self.peak_tflops > 0, "log.peak_tflops",
-                 f"must be > 0, got {self.peak_tflops}")
+        _require(
+            self.peak_tflops is None or self.peak_tflops > 0, "log.peak_tflops", f"must be > 0, got {self.peak_tflops}"
+        )
         _choice(self.progress, "log.progress", ("auto", "on", "off"))
         if self.wandb:
             try:
@@ -347,14 +395,14 @@ class SampleConfig:
     run_dir/samples every `every` steps (0 = off)."""
 
     every: int = 0
-    classes: list[int] | None = None    # None: the official showcase for 1000 classes, else the first 8
+    classes: list[int] | None = None  # None: the official showcase for 1000 classes, else the first 8
     num_per_class: int = 4
-    sampler: str | None = None          # None: ddim (objective ddpm) / heun (flow); any sampler of the objective
+    sampler: str | None = None  # None: ddim (objective ddpm) / heun (flow); any sampler of the objective
     steps: int = 50
-    cfg_interval: list[float] | None = None   # [lo, hi]: guide only where the noise fraction is in it
+    cfg_interval: list[float] | None = None  # [lo, hi]: guide only where the noise fraction is in it
     cfg_scale: float = 4.0
     seed: int = 0
-    vae: str | None = None              # AutoencoderKL directory; None: the dataset's (dataset.json vae)
+    vae: str | None = None  # AutoencoderKL directory; None: the dataset's (dataset.json vae)
 
     def sampler_for(self, kind: str) -> str:
         """The grid sampler for objective `kind`: the configured one, else DDIM for ddpm (fast grids), else the
@@ -370,9 +418,12 @@ class SampleConfig:
             from ditscale.sampling.registry import SAMPLERS
 
             _choice(self.sampler, "sample.sampler", tuple(SAMPLERS))
-        _require(self.cfg_interval is None or (len(self.cfg_interval) == 2 and
-                                               0 <= self.cfg_interval[0] <= self.cfg_interval[1] <= 1),
-                 "sample.cfg_interval", f"must be [lo, hi] with 0 <= lo <= hi <= 1, got {self.cfg_interval}")
+        _require(
+            self.cfg_interval is None
+            or (len(self.cfg_interval) == 2 and 0 <= self.cfg_interval[0] <= self.cfg_interval[1] <= 1),
+            "sample.cfg_interval",
+            f"must be [lo, hi] with 0 <= lo <= hi <= 1, got {self.cfg_interval}",
+        )
         _require(self.steps >= 1, "sample.steps", f"must be >= 1, got {self.steps}")
         _require(self.cfg_scale >= 1, "sample.cfg_scale", f"must be >= 1, got {self.cfg_scale}")
         _require(self.classes is None or len(self.classes) > 0, "sample.classes", "needs at least one class")
@@ -387,17 +438,17 @@ class EvalConfig:
 
     every: int = 0
     num_samples: int = 10_000
-    ref: str = ""                       # ADM reference batch .npz, a saved reference, or a folder of images
-    network: str = "inception"          # inception | digits (ditscale.evaluate.digits, for 8×8 digits)
-    weights: str = ""                   # the network's weights file (pt_inception-2015-12-05-6726825d.pth)
-    resize: str = "tf1"                 # Inception input resize: tf1 (ADM) | torch (pytorch-fid)
-    metrics: list[str] = field(default_factory=lambda: ["fid"])   # of fid, sfid, is, pr
+    ref: str = ""  # ADM reference batch .npz, a saved reference, or a folder of images
+    network: str = "inception"  # inception | digits (ditscale.evaluate.digits, for 8×8 digits)
+    weights: str = ""  # the network's weights file (pt_inception-2015-12-05-6726825d.pth)
+    resize: str = "tf1"  # Inception input resize: tf1 (ADM) | torch (pytorch-fid)
+    metrics: list[str] = field(default_factory=lambda: ["fid"])  # of fid, sfid, is, pr
     sampler: str = "ddpm"
     steps: int = 250
-    cfg_scale: float = 1.0              # 1 = no guidance (the paper's FID-vs-training curves)
-    labels: str = "balanced"            # balanced (num_samples / classes each) | random (the DiT paper)
+    cfg_scale: float = 1.0  # 1 = no guidance (the paper's FID-vs-training curves)
+    labels: str = "balanced"  # balanced (num_samples / classes each) | random (the DiT paper)
     seed: int = 0
-    batch_size: int = 64                # images per rank per model call (also the chunk size)
+    batch_size: int = 64  # images per rank per model call (also the chunk size)
 
     def validate(self) -> None:
         from ditscale.evaluate.metrics import METRICS
@@ -415,8 +466,11 @@ class EvalConfig:
         _require(self.seed >= 0, "eval.seed", f"must be >= 0, got {self.seed}")
         if self.every:
             _require(bool(self.ref), "eval.ref", "is required with eval.every > 0 (a reference .npz or folder)")
-            _require(bool(self.weights), "eval.weights", f"is required with eval.every > 0 (the {self.network} "
-                                                         f"network's weights file)")
+            _require(
+                bool(self.weights),
+                "eval.weights",
+                f"is required with eval.every > 0 (the {self.network} network's weights file)",
+            )
 
 
 @dataclass
@@ -463,6 +517,7 @@ class ExperimentConfig:
 #                        Building from dicts, typed and strict                  #
 #################################################################################
 
+
 def _hints(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -500,7 +555,7 @@ def _coerce(value: Any, hint, key: str, raw: str | None = None) -> Any:
         inner = [a for a in args if a is not type(None)][0]
         return _coerce(value, inner, key, raw)
     if origin is list:
-        if isinstance(value, str):      # an override such as "1,2,3"
+        if isinstance(value, str):  # an override such as "1,2,3"
             value = [v.strip() for v in value.split(",") if v.strip()]
             value = [v if args[0] is str else yaml.safe_load(v) for v in value]
         if not isinstance(value, (list, tuple)):
@@ -549,8 +604,9 @@ def _build(cls, data: dict, prefix: str = ""):
         if key not in hints:
             raise _unknown_key(full)
         hint = hints[key]
-        kwargs[key] = _build(hint, value or {}, full + ".") if dataclasses.is_dataclass(hint) \
-            else _coerce(value, hint, full)
+        kwargs[key] = (
+            _build(hint, value or {}, full + ".") if dataclasses.is_dataclass(hint) else _coerce(value, hint, full)
+        )
     return cls(**kwargs)
 
 
@@ -639,11 +695,15 @@ def save_config(cfg: ExperimentConfig, path: str | os.PathLike) -> None:
 #                        Dataset resolution and resume identity                 #
 #################################################################################
 
+
 def resolve_with_dataset(cfg: ExperimentConfig, meta: dict) -> ExperimentConfig:
     """Fill model.input_size / in_channels / num_classes from dataset.json; a value given in the
     config must agree with the dataset (a latent model cannot read other latents)."""
-    found = {"input_size": meta["latent_size"], "in_channels": meta["latent_channels"],
-             "num_classes": len(meta["classes"])}
+    found = {
+        "input_size": meta["latent_size"],
+        "in_channels": meta["latent_channels"],
+        "num_classes": len(meta["classes"]),
+    }
     model = dataclasses.replace(cfg.model)
     for key, value in found.items():
         given = getattr(model, key)
@@ -656,8 +716,10 @@ def resolve_with_dataset(cfg: ExperimentConfig, meta: dict) -> ExperimentConfig:
     if cfg.data.format != "auto" and cfg.data.format != meta["format"]:
         raise ConfigError(f"data.format={cfg.data.format} but {cfg.data.root}/dataset.json says {meta['format']}")
     if cfg.data.cache_limit is not None and meta["format"] != "mds":
-        raise ConfigError(f"data.cache_limit: {cfg.data.root} is a {meta['format']} dataset, read in place without "
-                          f"a cache; the limit applies to MDS datasets")
+        raise ConfigError(
+            f"data.cache_limit: {cfg.data.root} is a {meta['format']} dataset, read in place without "
+            f"a cache; the limit applies to MDS datasets"
+        )
     out = dataclasses.replace(cfg, model=model)
     out.validate()
     out.model.dit_kwargs()
@@ -667,20 +729,39 @@ def resolve_with_dataset(cfg: ExperimentConfig, meta: dict) -> ExperimentConfig:
 # Keys that may change when a run resumes: where things are, how often to save / log, how the work is
 # split over ranks. Everything else (model, diffusion, optimizer, batch, seeds, data order) must match.
 RESUME_MAY_CHANGE = (
-    "run_dir", "train.max_steps", "train.ckpt_every", "train.keep_last", "train.max_nonfinite",
-    "train.resume", "train.resume_ignore", "train.stop_check_every", "train.hang_timeout_min", "train.micro_batch",
+    "run_dir",
+    "train.max_steps",
+    "train.ckpt_every",
+    "train.keep_last",
+    "train.max_nonfinite",
+    "train.resume",
+    "train.resume_ignore",
+    "train.stop_check_every",
+    "train.hang_timeout_min",
+    "train.micro_batch",
     "train.deterministic",
-    "model.checkpoint_every", "data.root", "data.cache", "data.cache_limit", "data.remote_wait_s",
-    "data.num_workers", "data.prefetch_factor",
-    "engine.", "log.", "sample.", "eval.",
+    "model.checkpoint_every",
+    "data.root",
+    "data.cache",
+    "data.cache_limit",
+    "data.remote_wait_s",
+    "data.num_workers",
+    "data.prefetch_factor",
+    "engine.",
+    "log.",
+    "sample.",
+    "eval.",
 )
 
 
 def identity(cfg: ExperimentConfig | dict) -> dict[str, Any]:
     """The flattened keys that define the training trajectory (what a resume must match)."""
     flat = flatten(cfg if isinstance(cfg, dict) else to_dict(cfg))
-    return {k: v for k, v in flat.items() if not any(k == p or (p.endswith(".") and k.startswith(p))
-                                                     for p in RESUME_MAY_CHANGE)}
+    return {
+        k: v
+        for k, v in flat.items()
+        if not any(k == p or (p.endswith(".") and k.startswith(p)) for p in RESUME_MAY_CHANGE)
+    }
 
 
 def config_hash(cfg: ExperimentConfig | dict) -> str:

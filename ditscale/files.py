@@ -7,6 +7,7 @@ DeepSpeed's files beside them follow the umask (0644 under 022), so teammates co
 a shared run. Every safetensors file goes through `save_safetensors`; `follow_umask` fixes the files a
 library wrote the same way (diffusers' save_pretrained).
 """
+
 from __future__ import annotations
 
 import os
@@ -24,7 +25,7 @@ def current_umask() -> int:
                     return int(line.split()[1], 8)
     except OSError:
         pass
-    mask = os.umask(0o022)          # elsewhere: the classic read-and-restore (not thread-safe, brief)
+    mask = os.umask(0o022)  # elsewhere: the classic read-and-restore (not thread-safe, brief)
     os.umask(mask)
     return mask
 

@@ -7,6 +7,7 @@ official train.py checkpoints, our exports) inspected, or exported to a diffuser
 The library behind it is `ditscale.weights` (load_dit, export_diffusers, load_pipeline, …); `load_pipeline`
 is also importable from here, as older exported pipelines' README.md say.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,8 +21,10 @@ __all__ = ["load_pipeline", "main"]
 
 
 def _parser():
-    p = argparse.ArgumentParser(prog="python -m ditscale.interop",
-                                description="Inspect official-layout DiT checkpoints; export them to diffusers.")
+    p = argparse.ArgumentParser(
+        prog="python -m ditscale.interop",
+        description="Inspect official-layout DiT checkpoints; export them to diffusers.",
+    )
     sub = p.add_subparsers(dest="command", required=True)
     inspect = sub.add_parser("inspect", help="print the DiT configuration a checkpoint's shapes imply")
     export = sub.add_parser("export", help="write a diffusers DiTPipeline directory")
@@ -32,8 +35,12 @@ def _parser():
     export.add_argument("--vae", required=True, help="local diffusers AutoencoderKL directory")
     export.add_argument("--out", required=True, help="output directory")
     export.add_argument("--dataset", default=None, help="dataset root or dataset.json: class names, scale_factor")
-    export.add_argument("--scale-factor", type=float, default=None,
-                        help="latent scale (default: the dataset's, else the VAE's scaling_factor)")
+    export.add_argument(
+        "--scale-factor",
+        type=float,
+        default=None,
+        help="latent scale (default: the dataset's, else the VAE's scaling_factor)",
+    )
     return p
 
 

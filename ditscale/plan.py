@@ -33,6 +33,7 @@ FLOPs: 3 × the forward multiply-adds × 2 per image (`ditscale.models.flops`), 
 checkpointed block. `mfu` is taken as the fraction of the peak the GPU sustains on all executed FLOPs, so
 checkpointing costs time; the step time leaves out offload traffic and the CPU optimizer step.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,7 +49,7 @@ import torch
 from ditscale.models import DIT_PRESETS, DiT, block_type, dit_config
 from ditscale.models.flops import dit_gflops, dit_params, train_flops_per_image
 
-GiB = 2 ** 30
+GiB = 2**30
 OFFLOADS = ("none", "optimizer", "optimizer+params")
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}
 EMA_BYTES = {"fp32": 4, "bf16": 2, "none": 0}
@@ -60,11 +61,13 @@ MAX_MICRO_BATCH = 1 << 16
 #                                    Inputs                                      #
 #################################################################################
 
+
 @dataclass(frozen=True)
 class ZeroBuffers:
     """DeepSpeed's buffer settings (elements), with DeepSpeed's defaults; `from_ds_config` reads a ds config."""
+
     reduce_bucket_size: int = 500_000_000
-    overlap_comm: bool | None = None              # None: DeepSpeed's default (on for ZeRO-3 only)
+    overlap_comm: bool | None = None  # None: DeepSpeed's default (on for ZeRO-3 only)
     contiguous_gradients: bool = True
     prefetch_bucket_size: int = 50_000_000
     max_live_parameters: int = 1_000_000_000
@@ -72,8 +75,13 @@ class ZeroBuffers:
     sub_group_size: int = 1_000_000_000
 
     def __post_init__(self):
-        for f in ("reduce_bucket_size", "prefetch_bucket_size", "max_live_parameters",
-                  "param_persistence_threshold", "sub_group_size"):
+        for f in (
+            "reduce_bucket_size",
+            "prefetch_bucket_size",
+            "max_live_parameters",
+            "param_persistence_threshold",
+            "sub_group_size",
+        ):
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"zero_optimization.{f} must be an int >= 0, got {v!r}")
@@ -85,27 +93,28 @@ class ZeroBuffers:
 @dataclass(frozen=True)
 class PlanInput:
     """One training setup. Validates itself; errors name the field (the CLI flag is the field with dashes)."""
+
     preset: str = "DiT-XL/2"
     resolution: int = 256
     micro_batch: int = 32
     gpus: int = 8
-    gpu_mem: float = 80.0                          # GiB per GPU, as torch.cuda reports it
+    gpu_mem: float = 80.0  # GiB per GPU, as torch.cuda reports it
     zero: int = 2
-    offload: str = "none"                          # none | optimizer | optimizer+params (ZeRO-3)
-    checkpointing: int = 0                         # 0 off, k: blocks 0, k, 2k, ... (1 = every block)
-    precision: str = "bf16"                        # model dtype: bf16 (DeepSpeed bf16) | fp32
-    grad_dtype: str | None = None                  # gradient accumulation dtype; None = the model dtype
-    ema: str = "fp32"                              # fp32 | bf16 | none
-    ema_device: str = "auto"                       # auto (with the master weights) | gpu | cpu
+    offload: str = "none"  # none | optimizer | optimizer+params (ZeRO-3)
+    checkpointing: int = 0  # 0 off, k: blocks 0, k, 2k, ... (1 = every block)
+    precision: str = "bf16"  # model dtype: bf16 (DeepSpeed bf16) | fp32
+    grad_dtype: str | None = None  # gradient accumulation dtype; None = the model dtype
+    ema: str = "fp32"  # fp32 | bf16 | none
+    ema_device: str = "auto"  # auto (with the master weights) | gpu | cpu
     grad_accum: int = 1
     latent_channels: int = 4
     vae_factor: int = 8
     mfu: float = 0.45
-    peak_tflops: float = 989.0                     # H100 SXM dense bf16
-    headroom: float = 0.1                          # fraction of gpu_mem kept free (context, NCCL, fragmentation)
-    cpu_mem: float | None = None                   # GiB of host memory per node; None: not checked
+    peak_tflops: float = 989.0  # H100 SXM dense bf16
+    headroom: float = 0.1  # fraction of gpu_mem kept free (context, NCCL, fragmentation)
+    cpu_mem: float | None = None  # GiB of host memory per node; None: not checked
     gpus_per_node: int = 8
-    model: dict = field(default_factory=dict)      # DiT kwargs over the preset (depth=4, hidden_size=256, ...)
+    model: dict = field(default_factory=dict)  # DiT kwargs over the preset (depth=4, hidden_size=256, ...)
     buffers: ZeroBuffers = field(default_factory=ZeroBuffers)
 
     def __post_init__(self):
@@ -116,8 +125,9 @@ class PlanInput:
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{f} must be a positive int, got {v!r}")
         if isinstance(self.checkpointing, bool) or not isinstance(self.checkpointing, int) or self.checkpointing < 0:
-            raise ValueError(f"checkpointing must be an int >= 0 (0 off, k = every k-th block), "
-                             f"got {self.checkpointing!r}")
+            raise ValueError(
+                f"checkpointing must be an int >= 0 (0 off, k = every k-th block), got {self.checkpointing!r}"
+            )
         if self.zero not in (0, 1, 2, 3):
             raise ValueError(f"zero must be a ZeRO stage 0, 1, 2 or 3, got {self.zero!r}")
         if self.offload not in OFFLOADS:
@@ -138,8 +148,9 @@ class PlanInput:
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo < v <= hi:
                 raise ValueError(f"{f} must be a number in ({lo}, {hi}], got {v!r}")
-        if self.cpu_mem is not None and (isinstance(self.cpu_mem, bool) or not isinstance(self.cpu_mem, (int, float))
-                                         or self.cpu_mem <= 0):
+        if self.cpu_mem is not None and (
+            isinstance(self.cpu_mem, bool) or not isinstance(self.cpu_mem, (int, float)) or self.cpu_mem <= 0
+        ):
             raise ValueError(f"cpu_mem must be a positive number of GiB or None, got {self.cpu_mem!r}")
         if not 0 <= self.headroom < 1:
             raise ValueError(f"headroom must be in [0, 1), got {self.headroom!r}")
@@ -154,8 +165,9 @@ class PlanInput:
 
     def dit_kwargs(self):
         """Full DiT kwargs: the preset, the model overrides, input_size = resolution / vae_factor."""
-        return dit_config({**DIT_PRESETS[self.preset], **self.model}, self.resolution,
-                          self.latent_channels, self.vae_factor)
+        return dit_config(
+            {**DIT_PRESETS[self.preset], **self.model}, self.resolution, self.latent_channels, self.vae_factor
+        )
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
@@ -165,15 +177,17 @@ class PlanInput:
 #                                 Model shapes                                   #
 #################################################################################
 
+
 @dataclass(frozen=True)
 class Shapes:
     """What the planner needs of the model's tensors, read from a meta-device build."""
-    params: int                  # all trainable parameters
-    block_params: int            # one transformer block
-    embed_params: int            # patch, timestep and label embedders (their gradients come last)
-    largest_param: int           # largest single tensor
-    largest_module: int          # most parameters owned directly by one module (ZeRO-3's fetch unit)
-    small_params: int            # parameters in tensors of <= param_persistence_threshold elements
+
+    params: int  # all trainable parameters
+    block_params: int  # one transformer block
+    embed_params: int  # patch, timestep and label embedders (their gradients come last)
+    largest_param: int  # largest single tensor
+    largest_module: int  # most parameters owned directly by one module (ZeRO-3's fetch unit)
+    small_params: int  # parameters in tensors of <= param_persistence_threshold elements
 
 
 @functools.lru_cache(maxsize=256)
@@ -186,8 +200,9 @@ def _shapes(kwargs_items, persistence_threshold):
     return Shapes(
         params=sum(sizes),
         block_params=sum(p.numel() for p in model.blocks[0].parameters()),
-        embed_params=sum(p.numel() for m in (model.x_embedder, model.t_embedder, model.y_embedder)
-                         for p in m.parameters()),
+        embed_params=sum(
+            p.numel() for m in (model.x_embedder, model.t_embedder, model.y_embedder) for p in m.parameters()
+        ),
         largest_param=max(sizes),
         largest_module=max(per_module),
         small_params=sum(s for s in sizes if s <= persistence_threshold),
@@ -202,6 +217,7 @@ def model_shapes(inp: PlanInput) -> Shapes:
 #                                  Activations                                   #
 #################################################################################
 
+
 @dataclass(frozen=True)
 class Activations:
     """Activation bytes of one micro-batch. `saved`: alive when backward starts (block tensors, checkpointed
@@ -209,6 +225,7 @@ class Activations:
     block recomputes); `recompute`: what the last block recomputes once backward reaches it (when it is
     checkpointed), by which time the final layer's and the loss's `head` are freed; `workspace`: the
     backward's transient gradients inside one block; `embeddings`: what is left at the first block."""
+
     saved: int
     block: int
     checkpointed_blocks: int
@@ -242,8 +259,12 @@ def block_saved(cfg, n, act_bytes):
     ln_stats = 2 * tok * 4
     lse = n * h * t * 4
     qk_norm = cfg["qk_norm"]
-    attention = [("qkv input", x), ("q, k, v (one qkv output)", 3 * x), ("attention output = proj input", x),
-                 ("attention log-sum-exp", lse)]
+    attention = [
+        ("qkv input", x),
+        ("q, k, v (one qkv output)", 3 * x),
+        ("attention output = proj input", x),
+        ("attention log-sum-exp", lse),
+    ]
     if qk_norm:
         # Normalised q, k; SDPA's output then comes back in (N, h, T, d) layout, so proj copies it.
         stats = (2 if qk_norm == "layernorm" else 1) * 2 * n * h * t * 4
@@ -258,14 +279,23 @@ def block_saved(cfg, n, act_bytes):
         # modulation output and keep all of it.
         items += [("adaLN SiLU(c), 1 + scale ×2", 3 * n * d * a)]
         if kind.gated:
-            items += [("attention branch output (gate)", x), ("MLP branch output (gate)", x),
-                      ("adaLN modulation output (gate views)", n * 6 * d * a)]
+            items += [
+                ("attention branch output (gate)", x),
+                ("MLP branch output (gate)", x),
+                ("adaLN modulation output (gate views)", n * 6 * d * a),
+            ]
         return items
     items = [("block input (norm1 input)", x), ("norm1 statistics", ln_stats)] + attention
     if kind.conditioning == "context":
-        items += [("norm_cross input", x), ("norm_cross statistics", ln_stats), ("q input", x), ("q output", x),
-                  ("cross-attention output = proj input", x), ("cross-attention log-sum-exp", lse),
-                  ("k, v of the condition tokens", n * 2 * 2 * d * a)]
+        items += [
+            ("norm_cross input", x),
+            ("norm_cross statistics", ln_stats),
+            ("q input", x),
+            ("q output", x),
+            ("cross-attention output = proj input", x),
+            ("cross-attention log-sum-exp", lse),
+            ("k, v of the condition tokens", n * 2 * 2 * d * a),
+        ]
     items += [("norm2 input", x), ("norm2 statistics", ln_stats)] + mlp
     return items
 
@@ -274,8 +304,11 @@ def embeddings_saved(cfg, n, act_bytes):
     """[(tensor, bytes)] saved before the blocks: patch, timestep and label embeddings."""
     d, a = cfg["hidden_size"], act_bytes
     latent = n * cfg["in_channels"] * cfg["input_size"] ** 2
-    return [("patch embedding input", latent * a), ("timestep features, MLP hidden ×2", n * (256 + 2 * d) * a),
-            ("condition c", n * d * a)]
+    return [
+        ("patch embedding input", latent * a),
+        ("timestep features, MLP hidden ×2", n * (256 + 2 * d) * a),
+        ("condition c", n * d * a),
+    ]
 
 
 def head_saved(cfg, n, act_bytes):
@@ -304,8 +337,15 @@ def activation_memory(cfg, micro_batch, act_bytes, checkpoint_every):
     last_checkpointed = bool(checkpoint_every) and (depth - 1) % checkpoint_every == 0
     # Backward of the MLP: the residual-stream gradient, the branch's gradient and that of the hidden layer.
     workspace = n * t * (2 * d + int(d * cfg["mlp_ratio"])) * act_bytes
-    return Activations(saved=saved, block=block, checkpointed_blocks=ckpt, recompute=block if last_checkpointed else 0,
-                       workspace=workspace, embeddings=embeddings, head=head)
+    return Activations(
+        saved=saved,
+        block=block,
+        checkpointed_blocks=ckpt,
+        recompute=block if last_checkpointed else 0,
+        workspace=workspace,
+        embeddings=embeddings,
+        head=head,
+    )
 
 
 #################################################################################
@@ -330,7 +370,7 @@ def _memory(inp: PlanInput, shapes: Shapes, acts: Activations):
     if s < 3:
         gpu["parameters"] = w * P
     else:
-        persistent = w * shapes.small_params if N > 1 else 0     # one rank: the partition is the parameter
+        persistent = w * shapes.small_params if N > 1 else 0  # one rank: the partition is the parameter
         if off_par:
             cpu["parameters"] = w * shard(P)
             gpu["parameters"] = persistent
@@ -355,12 +395,16 @@ def _memory(inp: PlanInput, shapes: Shapes, acts: Activations):
     full_end = g * (P if inp.grad_accum > 1 else P - shapes.block_params - shapes.embed_params)
     partition = 0 if off_opt else g * shard(P)
     if s == 0 and inp.precision == "bf16":
-        grads = dict.fromkeys(PHASES, g * P)                     # DeepSpeed's bf16 ZeRO-0 keeps them between steps
+        grads = dict.fromkeys(PHASES, g * P)  # DeepSpeed's bf16 ZeRO-0 keeps them between steps
     elif s in (0, 1):
         # With overlap_comm ZeRO-1 reduces during backward, into a partition buffer allocated at the first bucket.
         early = partition if s == 1 and buf.overlap(s) else 0
-        grads = {"backward start": g * P if inp.grad_accum > 1 else 0, "backward, first block": full_end + early,
-                 "after backward": g * P, "optimizer step": g * P if s == 0 else partition}
+        grads = {
+            "backward start": g * P if inp.grad_accum > 1 else 0,
+            "backward, first block": full_end + early,
+            "after backward": g * P,
+            "optimizer step": g * P if s == 0 else partition,
+        }
     else:
         grads = dict.fromkeys(PHASES, partition)
     if off_opt:
@@ -375,7 +419,7 @@ def _memory(inp: PlanInput, shapes: Shapes, acts: Activations):
     elif s == 0 and N > 1:
         comm = g * min(buf.reduce_bucket_size, P)
     if s in (1, 2) and off_opt:
-        comm += g * shapes.largest_param                         # GPU staging of one gradient for the copy
+        comm += g * shapes.largest_param  # GPU staging of one gradient for the copy
     if s == 3:
         # One block gathered (its parameters are reused within `max_reuse_distance` in backward) plus the
         # prefetch; on one rank the partition is the parameter and nothing is gathered.
@@ -383,7 +427,7 @@ def _memory(inp: PlanInput, shapes: Shapes, acts: Activations):
         gathered = min(buf.max_live_parameters, working, P) if N > 1 else 0
         comm = g * buf.reduce_bucket_size * buf.contiguous_gradients + w * gathered + g * shapes.largest_module
     if s == 0 and inp.precision == "bf16":
-        step_tmp = 8 * P                                         # fp32 copies of each gradient, then flattened
+        step_tmp = 8 * P  # fp32 copies of each gradient, then flattened
     elif not off_opt and s > 0:
         # The step flattens the gradient partition (ZeRO-3: one sub-group at a time) and casts it to fp32.
         n_step = shard(P) if s < 3 else shard(min(buf.sub_group_size, P))
@@ -409,34 +453,36 @@ def _memory(inp: PlanInput, shapes: Shapes, acts: Activations):
 #                                     Plan                                       #
 #################################################################################
 
+
 @dataclass(frozen=True)
 class Plan:
     input: PlanInput
     params: int
     tokens: int
-    memory: dict                      # GPU bytes per category at the peak phase
+    memory: dict  # GPU bytes per category at the peak phase
     peak_bytes: int
     peak_phase: str
-    phases: dict                      # phase -> {category: bytes}
+    phases: dict  # phase -> {category: bytes}
     activations: Activations
-    cpu: dict                         # CPU bytes per category, per GPU rank
+    cpu: dict  # CPU bytes per category, per GPU rank
     cpu_bytes: int
     cpu_bytes_per_node: int
     usable_bytes: int
     fits: bool
-    max_micro_batch: int              # largest micro-batch that fits with these settings (0: none)
-    suggestions: tuple                # what would make it fit (empty when it fits)
+    max_micro_batch: int  # largest micro-batch that fits with these settings (0: none)
+    suggestions: tuple  # what would make it fit (empty when it fits)
     global_batch: int
-    model_flops_per_step: float       # 6 × forward multiply-adds × global batch
-    hardware_flops_per_step: float    # + the recomputed forward of checkpointed blocks
+    model_flops_per_step: float  # 6 × forward multiply-adds × global batch
+    hardware_flops_per_step: float  # + the recomputed forward of checkpointed blocks
     step_time_s: float
     images_per_s: float
     images_per_s_per_gpu: float
 
     def to_json(self):
         d = dataclasses.asdict(self)
-        d["activations"].update(backward_start=self.activations.backward_start,
-                                at_first_block=self.activations.at_first_block)
+        d["activations"].update(
+            backward_start=self.activations.backward_start, at_first_block=self.activations.at_first_block
+        )
         return d
 
 
@@ -499,8 +545,9 @@ def settings(inp: PlanInput):
 
 
 def _describe(inp):
-    ck = {0: "no checkpointing", 1: "checkpointing every block"}.get(inp.checkpointing,
-                                                                    f"checkpointing every {inp.checkpointing}th block")
+    ck = {0: "no checkpointing", 1: "checkpointing every block"}.get(
+        inp.checkpointing, f"checkpointing every {inp.checkpointing}th block"
+    )
     off = "" if inp.offload == "none" else f" + offload {inp.offload}"
     return f"ZeRO-{inp.zero}{off}, {ck}"
 
@@ -527,8 +574,10 @@ def suggestions(inp: PlanInput):
                 out.append(f"{_describe(alt)} at micro-batch {inp.micro_batch}")
                 break
         else:
-            out.append(f"nothing fits at micro-batch {inp.micro_batch} on {inp.gpus} GPUs of {inp.gpu_mem:g} GiB; "
-                       "more GPUs (ZeRO-3 shards by their number), a smaller model or resolution")
+            out.append(
+                f"nothing fits at micro-batch {inp.micro_batch} on {inp.gpus} GPUs of {inp.gpu_mem:g} GiB; "
+                "more GPUs (ZeRO-3 shards by their number), a smaller model or resolution"
+            )
     return tuple(out)
 
 
@@ -581,6 +630,7 @@ def sweep(inp: PlanInput):
 #                                     Output                                     #
 #################################################################################
 
+
 def _gib(b):
     return f"{b / GiB:.2f}"
 
@@ -594,9 +644,15 @@ def _table(rows, header):
 def format_plan(p: Plan) -> str:
     inp = p.input
     w = inp.precision
-    labels = {"parameters": f"parameters ({w})", "master weights": "master weights (fp32)",
-              "gradients": f"gradients ({inp.grad_dtype or w})", "optimizer": "Adam moments (fp32)",
-              "EMA": f"EMA ({inp.ema})", "activations": "activations", "buffers": "buffers / buckets / temporaries"}
+    labels = {
+        "parameters": f"parameters ({w})",
+        "master weights": "master weights (fp32)",
+        "gradients": f"gradients ({inp.grad_dtype or w})",
+        "optimizer": "Adam moments (fp32)",
+        "EMA": f"EMA ({inp.ema})",
+        "activations": "activations",
+        "buffers": "buffers / buckets / temporaries",
+    }
     rows = [(labels[c], *(_gib(p.phases[ph][c]) for ph in PHASES)) for c in CATEGORIES]
     rows.append(("total", *(_gib(sum(p.phases[ph].values())) for ph in PHASES)))
     a = p.activations
@@ -616,10 +672,16 @@ def format_plan(p: Plan) -> str:
     ]
     if p.cpu_bytes:
         parts = ", ".join(f"{k} {_gib(v)}" for k, v in p.cpu.items() if v)
-        out.append(f"CPU memory: {_gib(p.cpu_bytes)} GiB per GPU ({parts}); "
-                   f"{_gib(p.cpu_bytes_per_node)} GiB per node of {min(inp.gpus, inp.gpus_per_node)} GPUs"
-                   + ("" if inp.cpu_mem is None else f" (usable {inp.cpu_mem * (1 - inp.headroom):.2f} of "
-                      f"{inp.cpu_mem:g} GiB: {'fits' if _cpu_ok(inp, p.cpu) else 'DOES NOT FIT'})"))
+        out.append(
+            f"CPU memory: {_gib(p.cpu_bytes)} GiB per GPU ({parts}); "
+            f"{_gib(p.cpu_bytes_per_node)} GiB per node of {min(inp.gpus, inp.gpus_per_node)} GPUs"
+            + (
+                ""
+                if inp.cpu_mem is None
+                else f" (usable {inp.cpu_mem * (1 - inp.headroom):.2f} of "
+                f"{inp.cpu_mem:g} GiB: {'fits' if _cpu_ok(inp, p.cpu) else 'DOES NOT FIT'})"
+            )
+        )
     out.append(f"largest micro-batch that fits with these settings: {p.max_micro_batch or 'none'}")
     if p.suggestions:
         out.append("would fit with: " + "; ".join(p.suggestions))
@@ -639,17 +701,32 @@ def format_sweep(inp: PlanInput, rows) -> str:
     table = []
     for alt, mb, p in rows:
         ck = {0: "off", 1: "every block"}.get(alt.checkpointing, f"every {alt.checkpointing}")
-        table.append((f"ZeRO-{alt.zero}", alt.offload, ck, mb or "-", _gib(p.peak_bytes) if p else "-",
-                      _gib(p.cpu_bytes) if p else "-", f"{p.images_per_s_per_gpu:,.1f}" if p else "-"))
-    head = (f"{inp.preset} at {inp.resolution}px on {inp.gpus} GPUs of {inp.gpu_mem:g} GiB "
-            f"({inp.headroom:.0%} headroom), {inp.precision}: largest micro-batch per setting")
-    return head + "\n" + _table(table, ("stage", "offload", "checkpointing", "micro-batch", "peak GiB",
-                                        "CPU GiB/GPU", "images/s/GPU"))
+        table.append(
+            (
+                f"ZeRO-{alt.zero}",
+                alt.offload,
+                ck,
+                mb or "-",
+                _gib(p.peak_bytes) if p else "-",
+                _gib(p.cpu_bytes) if p else "-",
+                f"{p.images_per_s_per_gpu:,.1f}" if p else "-",
+            )
+        )
+    head = (
+        f"{inp.preset} at {inp.resolution}px on {inp.gpus} GPUs of {inp.gpu_mem:g} GiB "
+        f"({inp.headroom:.0%} headroom), {inp.precision}: largest micro-batch per setting"
+    )
+    return (
+        head
+        + "\n"
+        + _table(table, ("stage", "offload", "checkpointing", "micro-batch", "peak GiB", "CPU GiB/GPU", "images/s/GPU"))
+    )
 
 
 #################################################################################
 #                                      CLI                                       #
 #################################################################################
+
 
 def from_ds_config(config) -> dict:
     """PlanInput fields from a DeepSpeed config (a dict or a JSON path): zero, offload, precision, grad_dtype,
@@ -682,7 +759,7 @@ def from_ds_config(config) -> dict:
         if accum not in names:
             raise ValueError(f"{where}: data_types.grad_accum_dtype {accum!r} is not modelled (fp32 or bf16)")
         out["grad_dtype"] = names[accum]
-    dev = lambda key: ((zero.get(key) or {}).get("device") or "none")
+    dev = lambda key: (zero.get(key) or {}).get("device") or "none"
     opt, par = dev("offload_optimizer"), dev("offload_param")
     if "nvme" in (opt, par):
         raise ValueError(f"{where}: NVMe offload is not modelled")
@@ -718,16 +795,25 @@ def _model_arg(v):
     try:
         val = json.loads(val)
     except json.JSONDecodeError:
-        pass                                                     # a bare string: block=adaln, qk_norm=rmsnorm
+        pass  # a bare string: block=adaln, qk_norm=rmsnorm
     return key.strip(), val
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m ditscale.plan", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m ditscale.plan",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ap.add_argument("--preset", default="DiT-XL/2", help="DiT preset (e.g. DiT-XL/2, DiT-7B/2)")
-    ap.add_argument("--model-arg", type=_model_arg, action="append", default=[], metavar="KEY=VALUE",
-                    help="DiT keyword argument over the preset (depth=4, qk_norm=rmsnorm, ...); repeatable")
+    ap.add_argument(
+        "--model-arg",
+        type=_model_arg,
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="DiT keyword argument over the preset (depth=4, qk_norm=rmsnorm, ...); repeatable",
+    )
     ap.add_argument("--resolution", type=int, default=256, help="image size in pixels")
     ap.add_argument("--micro-batch", type=int, default=32, help="images per GPU per micro-step")
     ap.add_argument("--grad-accum", type=int, default=1)
@@ -735,16 +821,21 @@ def main(argv=None):
     ap.add_argument("--gpus-per-node", type=int, default=8)
     ap.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU")
     ap.add_argument("--cpu-mem", type=float, help="GiB of host memory per node, to check offloaded bytes")
-    ap.add_argument("--headroom", type=float, default=0.1,
-                    help="fraction of GPU memory left for CUDA context, NCCL, fragmentation")
+    ap.add_argument(
+        "--headroom", type=float, default=0.1, help="fraction of GPU memory left for CUDA context, NCCL, fragmentation"
+    )
     ap.add_argument("--ds-config", help="DeepSpeed JSON: stage, offload, bf16 and bucket sizes (flags override)")
     ap.add_argument("--zero", type=int, choices=(0, 1, 2, 3), help="ZeRO stage (default 2)")
     ap.add_argument("--offload", choices=OFFLOADS, help="CPU offload (default none)")
     ap.add_argument("--precision", choices=tuple(DTYPE_BYTES), help="model dtype (default bf16)")
     ap.add_argument("--checkpointing", type=_checkpointing, default=0, help="every | off | k (every k-th block)")
     ap.add_argument("--ema", choices=tuple(EMA_BYTES), default="fp32")
-    ap.add_argument("--ema-device", choices=("auto", "gpu", "cpu"), default="auto",
-                    help="auto: beside the fp32 master weights (CPU when the optimizer is offloaded)")
+    ap.add_argument(
+        "--ema-device",
+        choices=("auto", "gpu", "cpu"),
+        default="auto",
+        help="auto: beside the fp32 master weights (CPU when the optimizer is offloaded)",
+    )
     ap.add_argument("--latent-channels", type=int, default=4)
     ap.add_argument("--vae-factor", type=int, default=8, help="pixels per latent cell (1 = pixel space)")
     ap.add_argument("--mfu", type=float, default=0.45, help="fraction of peak FLOP/s sustained")
@@ -762,20 +853,46 @@ def main(argv=None):
                 fields[flag] = getattr(args, flag)
         fields.setdefault("zero", 2)
         inp = PlanInput(
-            preset=args.preset, model=dict(args.model_arg), resolution=args.resolution, micro_batch=args.micro_batch,
-            grad_accum=args.grad_accum, gpus=args.gpus, gpus_per_node=args.gpus_per_node, gpu_mem=args.gpu_mem,
-            headroom=args.headroom, cpu_mem=args.cpu_mem, checkpointing=args.checkpointing, ema=args.ema,
+            preset=args.preset,
+            model=dict(args.model_arg),
+            resolution=args.resolution,
+            micro_batch=args.micro_batch,
+            grad_accum=args.grad_accum,
+            gpus=args.gpus,
+            gpus_per_node=args.gpus_per_node,
+            gpu_mem=args.gpu_mem,
+            headroom=args.headroom,
+            cpu_mem=args.cpu_mem,
+            checkpointing=args.checkpointing,
+            ema=args.ema,
             ema_device=args.ema_device,
-            latent_channels=args.latent_channels, vae_factor=args.vae_factor, mfu=args.mfu,
-            peak_tflops=args.peak_tflops, **fields)
+            latent_channels=args.latent_channels,
+            vae_factor=args.vae_factor,
+            mfu=args.mfu,
+            peak_tflops=args.peak_tflops,
+            **fields,
+        )
     except ValueError as e:
         ap.error(str(e))
     if args.sweep:
         rows = sweep(inp)
         if args.json:
-            print(json.dumps([{"zero": a.zero, "offload": a.offload, "checkpointing": a.checkpointing,
-                               "max_micro_batch": mb, "plan": p.to_json() if p else None} for a, mb, p in rows],
-                             indent=1, default=str))
+            print(
+                json.dumps(
+                    [
+                        {
+                            "zero": a.zero,
+                            "offload": a.offload,
+                            "checkpointing": a.checkpointing,
+                            "max_micro_batch": mb,
+                            "plan": p.to_json() if p else None,
+                        }
+                        for a, mb, p in rows
+                    ],
+                    indent=1,
+                    default=str,
+                )
+            )
         else:
             print(format_sweep(inp, rows))
         return 0

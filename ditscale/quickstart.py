@@ -3,6 +3,7 @@
 digits → image folder → data_prep (pixel mode) → MDS shards → ditscale.train (DeepSpeed, configs/quickstart.yaml)
 → EMA export → guided DDPM samples (one row per class) → PNG grid + loss curve → quality figures.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,6 +20,7 @@ CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 
 def loss_curve(metrics: Path, png: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -46,8 +48,18 @@ def main(argv=None) -> int:
     if not (data / "dataset.json").exists():
         make_dataset(str(images), str(data), resolution=8, vae="none", format="mds", image_channels=1, progress=True)
     print("[3/5] training through ditscale.train (DeepSpeed on CPU)")
-    rc = subprocess.call([sys.executable, "-m", "ditscale.train", "--config", str(CONFIG),
-                          f"data.root={data}", f"run_dir={run}", *(argv if argv is not None else sys.argv[1:])])
+    rc = subprocess.call(
+        [
+            sys.executable,
+            "-m",
+            "ditscale.train",
+            "--config",
+            str(CONFIG),
+            f"data.root={data}",
+            f"run_dir={run}",
+            *(argv if argv is not None else sys.argv[1:]),
+        ]
+    )
     if rc != 0:
         print(f"training failed with exit code {rc}; see {run}")
         return rc
@@ -56,19 +68,34 @@ def main(argv=None) -> int:
     subprocess.check_call([sys.executable, "-m", "ditscale.engine.export", str(run), "--out", str(export)])
     model = load_model(export).eval()
     labels = torch.arange(10).repeat_interleave(20)
-    z = sample_latents(model, None, labels, cfg_scale=3.0, guide_channels="all", sampler="ddpm", steps=100,
-                       generator=torch.Generator().manual_seed(0), device="cpu", progress=True)
+    z = sample_latents(
+        model,
+        None,
+        labels,
+        cfg_scale=3.0,
+        guide_channels="all",
+        sampler="ddpm",
+        steps=100,
+        generator=torch.Generator().manual_seed(0),
+        device="cpu",
+        progress=True,
+    )
     samples = z.clamp(-1, 1).numpy()
-    grid = save_grid(torch.from_numpy(samples[labels.numpy() % 20 < 10]).repeat(1, 3, 1, 1),
-                     labels[labels.numpy() % 20 < 10], OUT / "samples.png",
-                     class_names=[str(i) for i in range(10)])
+    grid = save_grid(
+        torch.from_numpy(samples[labels.numpy() % 20 < 10]).repeat(1, 3, 1, 1),
+        labels[labels.numpy() % 20 < 10],
+        OUT / "samples.png",
+        class_names=[str(i) for i in range(10)],
+    )
     del grid
     loss_curve(run / "metrics.jsonl", OUT / "loss.png")
     q = qd.digits_quality(samples, labels.numpy())
-    print("[5/5] quality: classifier accuracy {accuracy:.1%} (goal ≥ 90 %), diversity {diversity_mean:.2f} "
-          "mean / {diversity_min:.2f} min (goals ≥ 0.6 / ≥ 0.4)".format(**q))
+    print(
+        "[5/5] quality: classifier accuracy {accuracy:.1%} (goal ≥ 90 %), diversity {diversity_mean:.2f} "
+        "mean / {diversity_min:.2f} min (goals ≥ 0.6 / ≥ 0.4)".format(**q)
+    )
     (OUT / "quality.json").write_text(json.dumps(q, indent=2))
-    print(f"\nOutputs: {OUT/'samples.png'}, {OUT/'loss.png'}, {OUT/'quality.json'}, run dir {run}")
+    print(f"\nOutputs: {OUT / 'samples.png'}, {OUT / 'loss.png'}, {OUT / 'quality.json'}, run dir {run}")
     print("Next: encode ImageNet with a local VAE (slurm/prep_latents.sh), then sbatch slurm/train_xl.sh (README).")
     return 0
 

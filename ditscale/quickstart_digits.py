@@ -8,6 +8,7 @@ trainer → sampler) runs on real data with no download. Quality is measured, no
 - diversity: per class, the mean pairwise distance of generated samples divided by that of the real
   digits of the class (≈ 1 for samples as varied as the data, → 0 for copies of one image).
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -14,6 +14,7 @@ Launchers, in the order they are recognised:
 - nothing: one process.
 SLURM array tasks are not ranks: data_prep reads them itself (data_prep.slices).
 """
+
 from __future__ import annotations
 
 import os
@@ -29,8 +30,8 @@ class RankEnv:
     world_size: int = 1
     local_rank: int = 0
     local_world_size: int = 1
-    launcher: str = "single"    # one of LAUNCHERS; "slurm" is an srun step, a batch shell is "single"
-    job_tasks: int = 1          # the SLURM job's task count seen from its batch shell, else world_size
+    launcher: str = "single"  # one of LAUNCHERS; "slurm" is an srun step, a batch shell is "single"
+    job_tasks: int = 1  # the SLURM job's task count seen from its batch shell, else world_size
 
 
 def _ints(env: Mapping[str, str], keys: dict[str, str | None]) -> dict[str, int]:
@@ -57,14 +58,21 @@ def rank_env(environ: Mapping[str, str] | None = None) -> RankEnv:
     env = os.environ if environ is None else environ
     if "RANK" in env and "WORLD_SIZE" in env:
         launcher = "deepspeed" if "LOCAL_SIZE" in env or "CROSS_RANK" in env else "torchrun"
-        v = _ints(env, {"RANK": None, "WORLD_SIZE": None, "LOCAL_RANK": "0",
-                        "LOCAL_WORLD_SIZE": env.get("LOCAL_SIZE") or env["WORLD_SIZE"]})
-        found = RankEnv(v["RANK"], v["WORLD_SIZE"], v["LOCAL_RANK"], v["LOCAL_WORLD_SIZE"], launcher,
-                        v["WORLD_SIZE"])
+        v = _ints(
+            env,
+            {
+                "RANK": None,
+                "WORLD_SIZE": None,
+                "LOCAL_RANK": "0",
+                "LOCAL_WORLD_SIZE": env.get("LOCAL_SIZE") or env["WORLD_SIZE"],
+            },
+        )
+        found = RankEnv(v["RANK"], v["WORLD_SIZE"], v["LOCAL_RANK"], v["LOCAL_WORLD_SIZE"], launcher, v["WORLD_SIZE"])
         names = ("RANK", "WORLD_SIZE")
     elif "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:
-        v = _ints(env, {"SLURM_PROCID": None, "SLURM_LOCALID": "0",
-                        "SLURM_STEP_NUM_TASKS": env.get("SLURM_NTASKS") or "1"})
+        v = _ints(
+            env, {"SLURM_PROCID": None, "SLURM_LOCALID": "0", "SLURM_STEP_NUM_TASKS": env.get("SLURM_NTASKS") or "1"}
+        )
         world = v["SLURM_STEP_NUM_TASKS"]
         found = RankEnv(v["SLURM_PROCID"], world, v["SLURM_LOCALID"], _tasks_per_node(env), "slurm", world)
         names = ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS / SLURM_NTASKS")
@@ -95,8 +103,9 @@ def pick_device(env: RankEnv, want: str = "auto", *, share_gpus: bool = False):
             raise RuntimeError(f"device {want!r} but CUDA is not available on this host")
         n = torch.cuda.device_count()
         if env.local_rank >= n and not share_gpus:
-            raise RuntimeError(f"local rank {env.local_rank} but only {n} visible GPU(s) on this host: "
-                               f"start one task per GPU")
+            raise RuntimeError(
+                f"local rank {env.local_rank} but only {n} visible GPU(s) on this host: start one task per GPU"
+            )
         device = torch.device("cuda", env.local_rank % n)
     if device.type == "cuda":
         torch.cuda.set_device(device)

@@ -10,6 +10,7 @@ Same flags and seed → same images, on any number of ranks (noise and label of 
 (seed, i)). A killed --npz-out run is resumed by rerunning the same command. Exit code 2 on bad input.
 Library use: `sample_latents`, `decode`, `to_uint8`, `save_grid`, `ema_grid` (re-exported here).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,7 +25,6 @@ import torch
 from ditscale.evaluate.inception import RESIZE_MODES
 from ditscale.runtime import RankEnv, pick_device, rank_env
 from ditscale.sampling.core import (
-    SAMPLERS,
     GuidedSampler,
     decode,
     index_labels,
@@ -36,15 +36,26 @@ from ditscale.sampling.core import (
 )
 from ditscale.sampling.grid import GridConfig, ema_grid, save_grid, vae_and_scale
 from ditscale.sampling.npz import prepare_dir, run_chunks
+from ditscale.sampling.registry import SAMPLERS
 from ditscale.weights import WEIGHTS, load_model, preset_of
 
-__all__ = ["GridConfig", "decode", "ema_grid", "load_model", "main", "read_dataset_meta", "sample_latents",
-           "save_grid", "to_uint8"]
+__all__ = [
+    "GridConfig",
+    "decode",
+    "ema_grid",
+    "load_model",
+    "main",
+    "read_dataset_meta",
+    "sample_latents",
+    "save_grid",
+    "to_uint8",
+]
 
 
 # --------------------------------------------------------------------------------------------------
 # Inputs: dataset metadata (the checkpoint: `ditscale.weights.load_model`)
 # --------------------------------------------------------------------------------------------------
+
 
 def read_dataset_meta(path) -> dict:
     """dataset.json (from its directory or the file itself): classes, scale_factor, vae, …"""
@@ -65,6 +76,7 @@ def read_dataset_meta(path) -> dict:
 # --------------------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------------------
+
 
 def _ints(text: str) -> list[int]:
     try:
@@ -99,41 +111,76 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m ditscale.sample", description=__doc__.split("\n\n")[0],
-                                formatter_class=_Help)
+    p = argparse.ArgumentParser(
+        prog="python -m ditscale.sample", description=__doc__.split("\n\n")[0], formatter_class=_Help
+    )
     g = p.add_argument_group("model")
-    g.add_argument("--ckpt", required=True, help="official-layout weights (.safetensors / .pt, e.g. the paper's "
-                   "DiT-XL-2-256x256.pt), a sharded export's .safetensors.index.json, or an export directory")
+    g.add_argument(
+        "--ckpt",
+        required=True,
+        help="official-layout weights (.safetensors / .pt, e.g. the paper's "
+        "DiT-XL-2-256x256.pt), a sharded export's .safetensors.index.json, or an export directory",
+    )
     g.add_argument("--weights", default="ema", choices=WEIGHTS, help="EMA or raw weights of a checkpoint")
-    g.add_argument("--config", default=None, help="model config: JSON/YAML file or inline JSON such as "
-                   "'{\"num_heads\": 16}' (default: a config next to the weights; shapes give the rest)")
+    g.add_argument(
+        "--config",
+        default=None,
+        help="model config: JSON/YAML file or inline JSON such as "
+        "'{\"num_heads\": 16}' (default: a config next to the weights; shapes give the rest)",
+    )
     g.add_argument("--num-heads", type=int, default=None, help="attention heads when no preset has this width")
     g.add_argument("--dataset", default=None, help="dataset root or dataset.json: class names, scale_factor, vae")
-    g.add_argument("--vae", default=None, help="local diffusers AutoencoderKL directory, or 'none' for pixel "
-                   "mode (default: the dataset's)")
-    g.add_argument("--scale-factor", type=_floats, default=None,
-                   help="latent scale, one float or one per channel (default: the dataset's, else the VAE's)")
+    g.add_argument(
+        "--vae",
+        default=None,
+        help="local diffusers AutoencoderKL directory, or 'none' for pixel mode (default: the dataset's)",
+    )
+    g.add_argument(
+        "--scale-factor",
+        type=_floats,
+        default=None,
+        help="latent scale, one float or one per channel (default: the dataset's, else the VAE's)",
+    )
     s = p.add_argument_group("sampler")
-    s.add_argument("--sampler", default="ddpm", choices=SAMPLERS, help="ancestral DDPM or DDIM")
+    s.add_argument(
+        "--sampler",
+        default="ddpm",
+        choices=[n for n, i in SAMPLERS.items() if i.kind == "ddpm"],
+        help="ancestral DDPM or DDIM (flow models' samplers: not in this CLI yet)",
+    )
     s.add_argument("--steps", type=int, default=250, help="sampling steps")
     s.add_argument("--respacing", default=None, help="explicit timestep respacing (e.g. 'ddim50', '10,10,10')")
     s.add_argument("--eta", type=float, default=0.0, help="DDIM η")
-    s.add_argument("--cfg-scale", type=float, default=4.0,
-                   help="classifier-free guidance scale; 1 = none (the paper: 4.0 for images, 1.5 for FID)")
+    s.add_argument(
+        "--cfg-scale",
+        type=float,
+        default=4.0,
+        help="classifier-free guidance scale; 1 = none (the paper: 4.0 for images, 1.5 for FID)",
+    )
     s.add_argument("--guide-channels", type=_guide, default=3, help="guided channels: 3 (paper), 4 or 'all'")
     s.add_argument("--noise-schedule", default="linear", choices=("linear", "cosine"), help="the training schedule")
     s.add_argument("--diffusion-steps", type=int, default=1000, help="training diffusion steps")
     s.add_argument("--seed", type=int, default=0, help="sample i's noise and label come from (seed, i)")
     r = p.add_argument_group("run")
     r.add_argument("--batch-size", type=int, default=64, help="images per model call (per GPU; doubled for guidance)")
-    r.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda:LOCAL_RANK when CUDA is present, "
-                   "else cpu; $DITSCALE_DEVICE overrides)")
-    r.add_argument("--precision", default="auto", choices=("auto", "bf16", "bf16-weights", "fp32"),
-                   help="bf16 = bf16 autocast, fp32 weights (auto on GPU); bf16-weights casts the model; "
-                   "fp32 (auto on CPU)")
-    r.add_argument("--compile", default="auto", choices=("auto", "off", "blocks", "step", "step-cudagraphs"),
-                   help="torch.compile: each transformer block (quick), the whole sampling step, or the step "
-                   "as a CUDA graph; auto = blocks for --npz-out on CUDA, else off")
+    r.add_argument(
+        "--device",
+        default=None,
+        help="cpu, cuda, cuda:N (default: cuda:LOCAL_RANK when CUDA is present, else cpu; $DITSCALE_DEVICE overrides)",
+    )
+    r.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "bf16", "bf16-weights", "fp32"),
+        help="bf16 = bf16 autocast, fp32 weights (auto on GPU); bf16-weights casts the model; fp32 (auto on CPU)",
+    )
+    r.add_argument(
+        "--compile",
+        default="auto",
+        choices=("auto", "off", "blocks", "step", "step-cudagraphs"),
+        help="torch.compile: each transformer block (quick), the whole sampling step, or the step "
+        "as a CUDA graph; auto = blocks for --npz-out on CUDA, else off",
+    )
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     o = p.add_argument_group("grid output")
     o.add_argument("--out", default=None, help="PNG grid path")
@@ -142,17 +189,34 @@ def build_parser() -> argparse.ArgumentParser:
     n = p.add_argument_group("npz output (all ranks)")
     n.add_argument("--npz-out", default=None, help="directory of chunk files and the final ADM .npz")
     n.add_argument("--num-samples", type=int, default=50000, help="images in the .npz")
-    n.add_argument("--labels", default="balanced", choices=("balanced", "random"),
-                   help="balanced: sample i gets class i mod num_classes (recent papers: 50 per class); random: "
-                   "uniform, seeded per sample (what the DiT paper did)")
-    n.add_argument("--samples-per-class", type=int, default=None, metavar="N",
-                   help="balanced labels, exactly N images per class: sets --num-samples to N × classes")
-    n.add_argument("--stall-timeout", type=float, default=3600.0,
-                   help="rank 0 gives up when no other rank finishes a chunk for this many seconds")
+    n.add_argument(
+        "--labels",
+        default="balanced",
+        choices=("balanced", "random"),
+        help="balanced: sample i gets class i mod num_classes (recent papers: 50 per class); random: "
+        "uniform, seeded per sample (what the DiT paper did)",
+    )
+    n.add_argument(
+        "--samples-per-class",
+        type=int,
+        default=None,
+        metavar="N",
+        help="balanced labels, exactly N images per class: sets --num-samples to N × classes",
+    )
+    n.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=3600.0,
+        help="rank 0 gives up when no other rank finishes a chunk for this many seconds",
+    )
     n.add_argument("--eval-ref", default=None, help="then run ditscale.evaluate against this reference")
     n.add_argument("--inception", default=None, help="Inception weights file for --eval-ref")
-    n.add_argument("--eval-resize", default="tf1", choices=RESIZE_MODES,
-                   help="resize of the evaluation (tf1: ADM's, as published numbers; see ditscale.evaluate)")
+    n.add_argument(
+        "--eval-resize",
+        default="tf1",
+        choices=RESIZE_MODES,
+        help="resize of the evaluation (tf1: ADM's, as published numbers; see ditscale.evaluate)",
+    )
     return p
 
 
@@ -176,19 +240,34 @@ def _setup(args, env: RankEnv) -> SimpleNamespace:
     meta = read_dataset_meta(args.dataset) if args.dataset else {}
     vae_path = args.vae if args.vae is not None else meta.get("vae")
     if vae_path is None:
-        raise ValueError("--vae is required: a local AutoencoderKL directory, or 'none' for pixel-space models "
-                         "(or --dataset with a 'vae' entry)")
+        raise ValueError(
+            "--vae is required: a local AutoencoderKL directory, or 'none' for pixel-space models "
+            "(or --dataset with a 'vae' entry)"
+        )
     model = load_model(args.ckpt, args.weights, args.config, args.num_heads)
     precision = args.precision if args.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     model = model.to(device=device, dtype=torch.bfloat16 if precision == "bf16-weights" else torch.float32)
     compile_mode = args.compile
     if compile_mode == "auto":
         compile_mode = "blocks" if device.type == "cuda" and args.npz_out else "off"
-    diffusion = sampling_diffusion(args.sampler, args.steps, respacing=args.respacing, learn_sigma=model.learn_sigma,
-                                   noise_schedule=args.noise_schedule, diffusion_steps=args.diffusion_steps)
-    sampler = GuidedSampler(model, diffusion, args.sampler, args.cfg_scale, args.guide_channels, args.eta,
-                            autocast=torch.bfloat16 if precision == "bf16" else None,
-                            compile=False if compile_mode == "off" else compile_mode)
+    diffusion = sampling_diffusion(
+        args.sampler,
+        args.steps,
+        respacing=args.respacing,
+        learn_sigma=model.learn_sigma,
+        noise_schedule=args.noise_schedule,
+        diffusion_steps=args.diffusion_steps,
+    )
+    sampler = GuidedSampler(
+        model,
+        diffusion,
+        args.sampler,
+        args.cfg_scale,
+        args.guide_channels,
+        args.eta,
+        autocast=torch.bfloat16 if precision == "bf16" else None,
+        compile=False if compile_mode == "off" else compile_mode,
+    )
     scale = args.scale_factor if args.scale_factor is not None else meta.get("scale_factor")
     vae, scale = vae_and_scale(vae_path, scale, device)
     channels = vae.config.latent_channels if vae is not None else None
@@ -197,8 +276,9 @@ def _setup(args, env: RankEnv) -> SimpleNamespace:
     names = meta.get("classes")
     if names is not None and len(names) != model.num_classes:
         raise ValueError(f"--dataset has {len(names)} classes, the model {model.num_classes}")
-    return SimpleNamespace(device=device, model=model, sampler=sampler, vae=vae, vae_path=str(vae_path),
-                           scale=scale, names=names)
+    return SimpleNamespace(
+        device=device, model=model, sampler=sampler, vae=vae, vae_path=str(vae_path), scale=scale, names=names
+    )
 
 
 def _images(run, seeds, labels, batch_size, pad=False, progress=False) -> np.ndarray:
@@ -206,7 +286,7 @@ def _images(run, seeds, labels, batch_size, pad=False, progress=False) -> np.nda
     to full size with copies of its last sample when `pad`, so a compiled step sees one shape)."""
     out = []
     for start in range(0, len(seeds), batch_size):
-        s, y = list(seeds[start:start + batch_size]), list(labels[start:start + batch_size])
+        s, y = list(seeds[start : start + batch_size]), list(labels[start : start + batch_size])
         n = len(s)
         if pad:
             s, y = s + [s[-1]] * (batch_size - n), y + [y[-1]] * (batch_size - n)
@@ -234,12 +314,23 @@ def _npz(args, env, run):
             raise ValueError(f"--samples-per-class must be >= 1, got {args.samples_per_class}")
         args.num_samples = args.samples_per_class * model.num_classes
     settings = {
-        "ckpt": str(Path(args.ckpt).resolve()), "weights": args.weights, "sampler": args.sampler,
-        "steps": args.steps, "respacing": args.respacing, "eta": args.eta, "cfg_scale": args.cfg_scale,
-        "guide_channels": args.guide_channels, "noise_schedule": args.noise_schedule,
-        "diffusion_steps": args.diffusion_steps, "seed": args.seed, "num_samples": args.num_samples,
-        "labels": args.labels, "num_classes": model.num_classes, "vae": run.vae_path,
-        "scale_factor": run.scale, "precision": args.precision,
+        "ckpt": str(Path(args.ckpt).resolve()),
+        "weights": args.weights,
+        "sampler": args.sampler,
+        "steps": args.steps,
+        "respacing": args.respacing,
+        "eta": args.eta,
+        "cfg_scale": args.cfg_scale,
+        "guide_channels": args.guide_channels,
+        "noise_schedule": args.noise_schedule,
+        "diffusion_steps": args.diffusion_steps,
+        "seed": args.seed,
+        "num_samples": args.num_samples,
+        "labels": args.labels,
+        "num_classes": model.num_classes,
+        "vae": run.vae_path,
+        "scale_factor": run.scale,
+        "precision": args.precision,
     }
     chunk_size = prepare_dir(args.npz_out, settings, args.batch_size)
 
@@ -248,16 +339,24 @@ def _npz(args, env, run):
         images = _images(run, index_seeds(args.seed, indices), labels, args.batch_size, pad=bool(run.sampler.compile))
         return images, labels
 
-    out = run_chunks(args.npz_out, args.num_samples, chunk_size, produce, env, progress=not args.no_progress,
-                     stall_timeout=args.stall_timeout)
+    out = run_chunks(
+        args.npz_out,
+        args.num_samples,
+        chunk_size,
+        produce,
+        env,
+        progress=not args.no_progress,
+        stall_timeout=args.stall_timeout,
+    )
     if out is None:
         return 0
     print(f"wrote {out}")
     if args.eval_ref:
         from ditscale.evaluate.__main__ import main as evaluate
 
-        return evaluate(["--samples", str(out), "--ref", args.eval_ref, "--inception", args.inception,
-                         "--resize", args.eval_resize])
+        return evaluate(
+            ["--samples", str(out), "--ref", args.eval_ref, "--inception", args.inception, "--resize", args.eval_resize]
+        )
     print(f"evaluate: python -m ditscale.evaluate --samples {out} --ref REFERENCE.npz --inception WEIGHTS.pth")
     return 0
 
@@ -269,11 +368,14 @@ def main(argv=None) -> int:
     try:
         env = rank_env()
         if args.out and env.rank != 0:
-            return 0                                                             # a grid is one process's job
+            return 0  # a grid is one process's job
         run = _setup(args, env)
         if env.rank == 0:
-            print(f"model: {preset_of(run.model.config) or 'DiT'} {json.dumps(run.model.config)} on {run.device}; "
-                  f"{args.sampler} {run.sampler.plan.num_steps} steps, cfg {args.cfg_scale}", file=sys.stderr)
+            print(
+                f"model: {preset_of(run.model.config) or 'DiT'} {json.dumps(run.model.config)} on {run.device}; "
+                f"{args.sampler} {run.sampler.plan.num_steps} steps, cfg {args.cfg_scale}",
+                file=sys.stderr,
+            )
         if args.out:
             _grid(args, run)
             return 0

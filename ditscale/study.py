@@ -21,6 +21,7 @@ Figures (from each run's config.yaml and metrics.jsonl "eval" events): FID vs tr
 per configuration (the paper's Fig. 6); FID vs training compute = Gflops × batch × steps × 3 (backward ≈
 2 × forward, as the paper's Fig. 9); final FID vs Gflops, bubble area ∝ Gflops (Fig. 2, left).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,6 +42,7 @@ SWEEP_KEYS = {"base_config", "runs_root", "models", "patch_sizes", "max_steps", 
 #################################################################################
 #                                   The sweep                                   #
 #################################################################################
+
 
 @dataclass(frozen=True)
 class Configuration:
@@ -78,7 +80,7 @@ class Sweep:
         if unknown or missing:
             raise ValueError(f"{path}: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}")
         sweep = cls(**data, source=str(path))
-        sweep.configurations()                                    # validates
+        sweep.configurations()  # validates
         return sweep
 
     def _fail(self, key: str, message: str):
@@ -104,7 +106,7 @@ class Sweep:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 self._fail(key, f"must be an integer >= 1, got {value!r}")
-        out = []
+        out: list = []
         for name, family, model_overrides in map(self._model, self.models):
             for patch in self.patch_sizes:
                 preset = f"{family}/{patch}"
@@ -112,9 +114,15 @@ class Sweep:
                     self._fail("models", f"no preset {preset} (presets: {', '.join(sorted(DIT_PRESETS))})")
                 full = f"{name}-{patch}"
                 run_dir = Path(self.runs_root) / full
-                overrides = (f"model.preset={preset}", f"run_dir={run_dir}", f"train.max_steps={self.max_steps}",
-                             f"train.ckpt_every={self.eval_every}", f"eval.every={self.eval_every}",
-                             *self.overrides, *model_overrides)
+                overrides = (
+                    f"model.preset={preset}",
+                    f"run_dir={run_dir}",
+                    f"train.max_steps={self.max_steps}",
+                    f"train.ckpt_every={self.eval_every}",
+                    f"eval.every={self.eval_every}",
+                    *self.overrides,
+                    *model_overrides,
+                )
                 out.append(Configuration(len(out), full, preset, overrides, run_dir))
         if len({c.name for c in out}) != len(out):
             self._fail("models", "configuration names repeat; give the models distinct names")
@@ -132,6 +140,7 @@ class Sweep:
 #################################################################################
 #                              Running a configuration                          #
 #################################################################################
+
 
 def train_command(sweep: Sweep, config: Configuration, launcher: list[str] | None = None) -> list[str]:
     """The trainer's command line for one configuration (the launcher defaults to this Python)."""
@@ -154,6 +163,7 @@ def run_configs(sweep: Sweep, indices: list[int], launcher: list[str] | None = N
 #################################################################################
 #                                     Results                                   #
 #################################################################################
+
 
 def eval_points(run_dir: Path, metric: str = "fid") -> list[tuple[int, float]]:
     """(step, value) of a run's "eval" events, sorted by step (the last event of a step wins)."""
@@ -180,8 +190,15 @@ def collect(sweep: Sweep, metric: str = "fid") -> list[dict]:
             cfg = config_from_dict(yaml.safe_load(saved.read_text()))
             kwargs = cfg.model.dit_kwargs()
             gflops, batch = dit_gflops(kwargs), cfg.train.global_batch
-            row.update(gflops=gflops, params=dit_params(kwargs), global_batch=batch, points=[
-                {"step": s, metric: v, "compute_gflops": 3 * gflops * batch * s} for s, v in eval_points(c.run_dir, metric)])
+            row.update(
+                gflops=gflops,
+                params=dit_params(kwargs),
+                global_batch=batch,
+                points=[
+                    {"step": s, metric: v, "compute_gflops": 3 * gflops * batch * s}
+                    for s, v in eval_points(c.run_dir, metric)
+                ],
+            )
         rows.append(row)
     return rows
 
@@ -203,17 +220,22 @@ def trend(rows: list[dict], metric: str = "fid") -> dict:
     finals = [r["points"][-1][metric] for r in done]
     falling = {r["name"]: r["points"][-1][metric] < r["points"][0][metric] for r in done if len(r["points"]) > 1}
     rho = spearman([r["gflops"] for r in done], finals)
-    return {"spearman_final_vs_gflops": rho, "bigger_is_better": None if rho is None else rho < 0,
-            "falls_during_training": falling}
+    return {
+        "spearman_final_vs_gflops": rho,
+        "bigger_is_better": None if rho is None else rho < 0,
+        "falls_during_training": falling,
+    }
 
 
 #################################################################################
 #                                     Figures                                   #
 #################################################################################
 
+
 def plot(rows: list[dict], out_dir, metric: str = "fid") -> list[Path]:
     """fid_vs_steps.png, fid_vs_compute.png, fid_vs_gflops.png in out_dir (configurations with points)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -226,9 +248,10 @@ def plot(rows: list[dict], out_dir, metric: str = "fid") -> list[Path]:
     colours = plt.get_cmap("viridis")
     colour = {r["name"]: colours(i / max(1, len(done) - 1)) for i, r in enumerate(done)}
     paths = []
-    for x_key, x_label, name in (("step", "training steps", "fid_vs_steps.png"),
-                                 ("compute_gflops", "training compute (Gflops = 3 × forward × batch × steps)",
-                                  "fid_vs_compute.png")):
+    for x_key, x_label, name in (
+        ("step", "training steps", "fid_vs_steps.png"),
+        ("compute_gflops", "training compute (Gflops = 3 × forward × batch × steps)", "fid_vs_compute.png"),
+    ):
         fig, ax = plt.subplots(figsize=(6.4, 4.4))
         for r in done:
             xs, ys = [p[x_key] for p in r["points"]], [p[metric] for p in r["points"]]
@@ -247,8 +270,12 @@ def plot(rows: list[dict], out_dir, metric: str = "fid") -> list[Path]:
     ax.scatter(sizes, [r["points"][-1][metric] for r in done], s=area, c=[colour[r["name"]] for r in done], alpha=0.7)
     for r in done:
         ax.annotate(r["name"], (r["gflops"], r["points"][-1][metric]), fontsize=7, ha="center")
-    ax.set(xscale="log", xlabel="model Gflops (forward, per image)", ylabel=f"final {label}",
-           title=f"final {label} vs model Gflops")
+    ax.set(
+        xscale="log",
+        xlabel="model Gflops (forward, per image)",
+        ylabel=f"final {label}",
+        title=f"final {label} vs model Gflops",
+    )
     fig.tight_layout()
     fig.savefig(out_dir / "fid_vs_gflops.png", dpi=120)
     plt.close(fig)
@@ -258,6 +285,7 @@ def plot(rows: list[dict], out_dir, metric: str = "fid") -> list[Path]:
 #################################################################################
 #                                      CLI                                      #
 #################################################################################
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ditscale.study", description=__doc__.split("\n\n")[0])
@@ -273,9 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
     which = run.add_mutually_exclusive_group(required=True)
     which.add_argument("--index", type=int, nargs="+", help="configuration indices")
     which.add_argument("--all", action="store_true")
-    run.add_argument("--launcher", default=None,
-                     help="command before 'ditscale.train', e.g. 'torchrun --nproc_per_node 8 -m' (default: "
-                          "this Python, -m)")
+    run.add_argument(
+        "--launcher",
+        default=None,
+        help="command before 'ditscale.train', e.g. 'torchrun --nproc_per_node 8 -m' (default: this Python, -m)",
+    )
     pl = sub.add_parser("plot", help="figures and summary.json from the runs' metrics")
     pl.add_argument("sweep")
     pl.add_argument("--out", required=True, help="directory for the PNGs and summary.json")
@@ -289,8 +319,11 @@ def main(argv=None) -> int:
         sweep = Sweep.load(args.sweep)
         configs = sweep.configurations()
         if args.command == "list":
-            print(len(configs) if args.count else "\n".join(f"{c.index}\t{c.name}\t{c.preset}\t{c.run_dir}"
-                                                            for c in configs))
+            print(
+                len(configs)
+                if args.count
+                else "\n".join(f"{c.index}\t{c.name}\t{c.preset}\t{c.run_dir}" for c in configs)
+            )
             return 0
         if args.command == "args":
             if not 0 <= args.index < len(configs):
@@ -306,8 +339,12 @@ def main(argv=None) -> int:
             return run_configs(sweep, list(indices), args.launcher.split() if args.launcher else None)
         rows = collect(sweep, args.metric)
         paths = plot(rows, args.out, args.metric)
-        summary = {"sweep": str(args.sweep), "metric": args.metric, "configurations": rows,
-                   "trend": trend(rows, args.metric)}
+        summary = {
+            "sweep": str(args.sweep),
+            "metric": args.metric,
+            "configurations": rows,
+            "trend": trend(rows, args.metric),
+        }
         (Path(args.out) / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         print("\n".join(str(p) for p in [*paths, Path(args.out) / "summary.json"]))
         return 0

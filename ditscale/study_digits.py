@@ -6,6 +6,7 @@ OUT receives digits_mds/ (data_prep, pixel mode), digits_net.safetensors (the st
 digits_ref.npz (the real digits as an ADM reference batch), study.yaml (the sweep with its paths under OUT),
 study/<configuration>/ (the runs) and figures/ (ditscale.study plot: PNGs and summary.json).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,15 @@ def prepare(out, max_steps: int | None = None, net_steps: int = 300) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     if not (out / "digits_mds" / "dataset.json").exists():
         write_image_folder(out / "digits_images")
-        make_dataset(str(out / "digits_images"), str(out / "digits_mds"), resolution=8, vae="none", format="mds",
-                     image_channels=1, decode_workers=0)
+        make_dataset(
+            str(out / "digits_images"),
+            str(out / "digits_mds"),
+            resolution=8,
+            vae="none",
+            format="mds",
+            image_channels=1,
+            decode_workers=0,
+        )
     if not (out / "digits_net.safetensors").exists():
         net, accuracy = train_digits_net(net_steps)
         save_digits_net(net, out / "digits_net.safetensors")
@@ -52,8 +60,12 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m ditscale.study_digits", description=__doc__.splitlines()[0])
     p.add_argument("out", help="output directory")
-    p.add_argument("--max-steps", type=int, default=None, help="train steps per configuration (default: the "
-                   "sweep file's; evaluations at thirds)")
+    p.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help="train steps per configuration (default: the sweep file's; evaluations at thirds)",
+    )
     args = p.parse_args(argv)
     sweep = prepare(args.out, args.max_steps)
     rc = study.main(["run", str(sweep), "--all"])

@@ -18,6 +18,7 @@ latent draw and the objective's draws (times, noise, label dropout; ditscale.obj
 generator seeded with those, on the device. With the loader's position, the optimizer state and the EMA in every checkpoint, a resumed run
 repeats the uninterrupted one bit for bit (same world size and ZeRO stage, deterministic kernels).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,6 +58,7 @@ def say(*parts) -> None:
 #                             Configuration and checks                          #
 #################################################################################
 
+
 def last_line(error: Exception) -> str:
     """The message of an error, without the worker traceback a DataLoader re-raise puts in front of it."""
     text = str(error).strip()
@@ -67,12 +69,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m ditscale.train", description=__doc__.splitlines()[0])
     ap.add_argument("--config", help="experiment YAML (configs/*.yaml); defaults apply without one")
     ap.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.max_steps=10")
-    ap.add_argument("--check", action="store_true",
-                    help="validate the config, the data (index, shard files and sizes), the run dir and the "
-                         "DeepSpeed JSON, then exit 0 or 2")
-    ap.add_argument("--deep", action="store_true",
-                    help="with --check: also every hash of every shard (reads the whole dataset once; time printed)")
-    ap.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)   # deepspeed launcher
+    ap.add_argument(
+        "--check",
+        action="store_true",
+        help="validate the config, the data (index, shard files and sizes), the run dir and the "
+        "DeepSpeed JSON, then exit 0 or 2",
+    )
+    ap.add_argument(
+        "--deep",
+        action="store_true",
+        help="with --check: also every hash of every shard (reads the whole dataset once; time printed)",
+    )
+    ap.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)  # deepspeed launcher
     return ap.parse_args(argv)
 
 
@@ -93,13 +101,17 @@ def prepare(args, world_size: int) -> tuple[ExperimentConfig, dict, dict]:
     micro, _ = cfg.train.batch_split(world_size)
     try:
         found = check_dataset(cfg.data.root, meta, deep=args.check and args.deep)
-        check_fills_batch(meta, global_batch=cfg.train.global_batch, ranks=world_size, micro_batch=micro,
-                          workers=cfg.data.num_workers)
+        check_fills_batch(
+            meta, global_batch=cfg.train.global_batch, ranks=world_size, micro_batch=micro, workers=cfg.data.num_workers
+        )
     except DataError as e:
         raise ConfigError(f"data.root: {e}") from None
     if found.problems:
-        raise ConfigError(f"data.root: {len(found.problems)} problem(s) with the shards of {cfg.data.root}:\n  " +
-                          "\n  ".join(found.problems[:20]) + ("\n  ..." if len(found.problems) > 20 else ""))
+        raise ConfigError(
+            f"data.root: {len(found.problems)} problem(s) with the shards of {cfg.data.root}:\n  "
+            + "\n  ".join(found.problems[:20])
+            + ("\n  ..." if len(found.problems) > 20 else "")
+        )
     if args.check and args.deep:
         say(f"data: {found.shards} shards, {found.bytes / 1e9:.2f} GB hashed in {found.seconds:.1f} s")
     vae = cfg.sample.vae or meta["vae"]
@@ -107,6 +119,7 @@ def prepare(args, world_size: int) -> tuple[ExperimentConfig, dict, dict]:
         raise ConfigError(f"sample.vae: {vae} does not exist (needed for sample grids; sample.every=0 turns them off)")
     if cfg.eval.every:
         from ditscale.evaluate.in_training import check_inputs
+
         check_inputs(cfg.eval)
     run_dir = Path(cfg.run_dir)
     try:
@@ -122,26 +135,33 @@ def check_resume(cfg: ExperimentConfig):
     """(checkpoint dir, its meta) to resume from, or (None, None); ConfigError when it cannot be used."""
     from ditscale.engine.checkpoint import CKPT_DIR, newest_complete, read_meta, resolve_resume, verify_across_ranks
 
-    path = resolve_resume(cfg.run_dir, cfg.train.resume, log=say,
-                          verify=lambda p, m: verify_across_ranks(p, m, log=say))
+    path = resolve_resume(
+        cfg.run_dir, cfg.train.resume, log=say, verify=lambda p, m: verify_across_ranks(p, m, log=say)
+    )
     if path is None:
         existing = newest_complete(Path(cfg.run_dir) / CKPT_DIR, log=lambda *_: None)
         if cfg.train.resume == "none" and existing is not None:
-            raise ConfigError(f"train.resume=none but run_dir {cfg.run_dir} holds checkpoints ({existing.name}); "
-                              f"use train.resume=auto to continue it, or another run_dir")
+            raise ConfigError(
+                f"train.resume=none but run_dir {cfg.run_dir} holds checkpoints ({existing.name}); "
+                f"use train.resume=auto to continue it, or another run_dir"
+            )
         return None, None
     meta = read_meta(path)
     diff = config_diff(meta["config"], cfg, ignore=cfg.train.resume_ignore)
     if diff:
-        raise ConfigError(f"the config does not match checkpoint {path} (saved with config hash "
-                          f"{meta.get('config_hash')}):\n  " + "\n  ".join(diff) +
-                          "\nresume in another run_dir, or list the keys in train.resume_ignore")
+        raise ConfigError(
+            f"the config does not match checkpoint {path} (saved with config hash "
+            f"{meta.get('config_hash')}):\n  "
+            + "\n  ".join(diff)
+            + "\nresume in another run_dir, or list the keys in train.resume_ignore"
+        )
     return path, meta
 
 
 #################################################################################
 #                                    One step                                   #
 #################################################################################
+
 
 def step_generator(device: torch.device, seed: int, step: int, rank: int, micro: int) -> torch.Generator:
     """The generator of one micro-batch's randomness, a pure function of its coordinates."""
@@ -151,8 +171,9 @@ def step_generator(device: torch.device, seed: int, step: int, rank: int, micro:
     return g
 
 
-def micro_step(engine, objective, batch: dict, g: torch.Generator, scale_factor, drop_prob: float,
-               device: torch.device, aux=()) -> dict[str, torch.Tensor]:
+def micro_step(
+    engine, objective, batch: dict, g: torch.Generator, scale_factor, drop_prob: float, device: torch.device, aux=()
+) -> dict[str, torch.Tensor]:
     """Forward + backward of one micro-batch; returns the objective's per-sample terms (N,) in fp32.
     Draw order from g: the latent, then the objective's own draws (see its module)."""
     from ditscale.data import sample_latents
@@ -160,7 +181,7 @@ def micro_step(engine, objective, batch: dict, g: torch.Generator, scale_factor,
     mean = batch["mean"].to(device, non_blocking=True)
     logvar = batch["logvar"].to(device, non_blocking=True)
     y = batch["label"].to(device, non_blocking=True)
-    x = sample_latents(mean, logvar, scale_factor, generator=g)                  # (N, C, h, w) fp32
+    x = sample_latents(mean, logvar, scale_factor, generator=g)  # (N, C, h, w) fp32
     terms = objective.loss(engine, x, y, g, drop_prob=drop_prob, aux=aux)
     engine.backward(terms["loss"].mean())
     engine.step()
@@ -184,6 +205,7 @@ def report_memory(engine, ema, metrics, step: int, rss_before_model_gib: float |
 #                                   Sample grids                                #
 #################################################################################
 
+
 def sample_grid(cfg: ExperimentConfig, meta: dict, ema, step: int, device, tb) -> None:
     """An EMA sample grid in run_dir/samples (rank 0 samples; every rank contributes its EMA shards)."""
     from ditscale.evaluate.in_training import ema_model
@@ -193,12 +215,19 @@ def sample_grid(cfg: ExperimentConfig, meta: dict, ema, step: int, device, tb) -
     model = ema_model(cfg, ema)
     if model is None:
         return
-    grid = GridConfig.from_dataset(meta, classes=cfg.sample.classes, num_per_class=cfg.sample.num_per_class,
-                                   sampler=cfg.sample.sampler_for(cfg.objective.kind), steps=cfg.sample.steps,
-                                   cfg_scale=cfg.sample.cfg_scale, seed=cfg.sample.seed,
-                                   guide_channels=3 if model.in_channels == 4 else "all",   # official quirk
-                                   vae=cfg.sample.vae or meta["vae"], objective=build_objective(cfg).record(),
-                                   cfg_interval=tuple(cfg.sample.cfg_interval) if cfg.sample.cfg_interval else None)
+    grid = GridConfig.from_dataset(
+        meta,
+        classes=cfg.sample.classes,
+        num_per_class=cfg.sample.num_per_class,
+        sampler=cfg.sample.sampler_for(cfg.objective.kind),
+        steps=cfg.sample.steps,
+        cfg_scale=cfg.sample.cfg_scale,
+        seed=cfg.sample.seed,
+        guide_channels=3 if model.in_channels == 4 else "all",  # official quirk
+        vae=cfg.sample.vae or meta["vae"],
+        objective=build_objective(cfg).record(),
+        cfg_interval=tuple(cfg.sample.cfg_interval) if cfg.sample.cfg_interval else None,
+    )
     path = ema_grid(model.to(device), grid, step, Path(cfg.run_dir) / "samples", tb_writer=tb)
     say(f"sample grid {path}")
 
@@ -206,6 +235,7 @@ def sample_grid(cfg: ExperimentConfig, meta: dict, ema, step: int, device, tb) -
 #################################################################################
 #                                    The run                                    #
 #################################################################################
+
 
 class Hooks:
     """Observers of a run (`train(..., hooks=)`: benchmarks, tests), called on every rank. A hook may raise
@@ -227,7 +257,7 @@ class Start:
     ema: object
     step: int = 0
     images_seen: int = 0
-    client: dict | None = None          # this rank's saved state (loader position)
+    client: dict | None = None  # this rank's saved state (loader position)
     resumed_from: Path | None = None
 
 
@@ -242,9 +272,11 @@ def start(cfg: ExperimentConfig, ds: dict, env, device: torch.device) -> Start:
     stage = zero_stage(ds)
     universal = resume_meta is not None and checkpoint.needs_universal(resume_meta, env.world_size, stage)
     if universal and (resume_meta["zero_stage"] == 3) != (stage == 3):
-        raise ConfigError(f"engine.ds_config: {resume_dir} was written under ZeRO-{resume_meta['zero_stage']}, this "
-                          f"run uses ZeRO-{stage} ({cfg.engine.ds_config}); DeepSpeed cannot move a checkpoint "
-                          f"between ZeRO-3 and ZeRO-1/2: keep the stage (the world size may change)")
+        raise ConfigError(
+            f"engine.ds_config: {resume_dir} was written under ZeRO-{resume_meta['zero_stage']}, this "
+            f"run uses ZeRO-{stage} ({cfg.engine.ds_config}); DeepSpeed cannot move a checkpoint "
+            f"between ZeRO-3 and ZeRO-1/2: keep the stage (the world size may change)"
+        )
     if resume_dir is not None and resume_dir.parent.resolve() == (Path(cfg.run_dir) / checkpoint.CKPT_DIR).resolve():
         if env.rank == 0:
             checkpoint.abandon_newer(resume_dir.parent, resume_meta["step"], log=say)
@@ -258,9 +290,15 @@ def start(cfg: ExperimentConfig, ds: dict, env, device: torch.device) -> Start:
     client = checkpoint.load(engine, resume_dir, resume_meta, universal_dir=universal_dir, log=say)
     ema = ShardedEMA(master_shards(engine), cfg.train.ema_decay)
     checkpoint.load_ema(ema, resume_dir, resume_meta, same_layout=not universal)
-    say(f"resumed from {resume_dir} at step {resume_meta['step']}" +
-        (f" (universal: {resume_meta['world_size']} -> {env.world_size} ranks, ZeRO-{resume_meta['zero_stage']} -> "
-         f"ZeRO-{stage})" if universal else ""))
+    say(
+        f"resumed from {resume_dir} at step {resume_meta['step']}"
+        + (
+            f" (universal: {resume_meta['world_size']} -> {env.world_size} ranks, ZeRO-{resume_meta['zero_stage']} -> "
+            f"ZeRO-{stage})"
+            if universal
+            else ""
+        )
+    )
     return Start(engine, ema, resume_meta["step"], resume_meta["images_seen"], client, resume_dir)
 
 
@@ -269,15 +307,27 @@ def make_loader(cfg: ExperimentConfig, micro_batch: int, device: torch.device, c
     from ditscale.data import build_dataloader, build_dataset
     from ditscale.data.shm import release_stale_loader_shm
 
-    release_stale_loader_shm(log=say)                 # left by a killed job on this node, else "Reused local directory"
+    release_stale_loader_shm(log=say)  # left by a killed job on this node, else "Reused local directory"
     seed = cfg.train.seed if cfg.data.shuffle_seed is None else cfg.data.shuffle_seed
     limit = cfg.data.cache_limit_bytes()
-    dataset = build_dataset(cfg.data.root, batch_size=micro_batch, seed=seed, shuffle=cfg.data.shuffle,
-                            local=cfg.data.cache, hflip=cfg.data.hflip, remote_wait_s=cfg.data.remote_wait_s,
-                            **({"cache_limit": limit} if limit else {}))
+    dataset = build_dataset(
+        cfg.data.root,
+        batch_size=micro_batch,
+        seed=seed,
+        shuffle=cfg.data.shuffle,
+        local=cfg.data.cache,
+        hflip=cfg.data.hflip,
+        remote_wait_s=cfg.data.remote_wait_s,
+        **({"cache_limit": limit} if limit else {}),
+    )
     workers = cfg.data.num_workers
-    loader = build_dataloader(dataset, batch_size=micro_batch, num_workers=workers, pin_memory=device.type == "cuda",
-                              prefetch_factor=cfg.data.prefetch_factor if workers else None)
+    loader = build_dataloader(
+        dataset,
+        batch_size=micro_batch,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=cfg.data.prefetch_factor if workers else None,
+    )
     if client is not None and client.get("loader") is not None:
         loader.load_state_dict(client["loader"])
     return loader
@@ -311,29 +361,59 @@ def train(cfg: ExperimentConfig, meta: dict, ds: dict, env, device: torch.device
     micro, accum = tc.batch_split(env.world_size)
     batches = DevicePrefetcher(make_loader(cfg, micro, device, run.client), device)
     objective = build_objective(cfg)
-    metrics = Metrics(cfg.run_dir, cfg.log, rank=env.rank, world_size=env.world_size, device=device,
-                      images_per_step=tc.global_batch, start_step=step, max_steps=tc.max_steps,
-                      flops_per_image=train_flops_per_image(cfg.model.dit_kwargs()))
-    metrics.write_event(event="start", step=step, world_size=env.world_size, zero_stage=zero_stage(ds),
-                        resumed_from=str(run.resumed_from or ""), config_hash=config_hash(cfg))
+    metrics = Metrics(
+        cfg.run_dir,
+        cfg.log,
+        rank=env.rank,
+        world_size=env.world_size,
+        device=device,
+        images_per_step=tc.global_batch,
+        start_step=step,
+        max_steps=tc.max_steps,
+        flops_per_image=train_flops_per_image(cfg.model.dit_kwargs()),
+    )
+    metrics.write_event(
+        event="start",
+        step=step,
+        world_size=env.world_size,
+        zero_stage=zero_stage(ds),
+        resumed_from=str(run.resumed_from or ""),
+        config_hash=config_hash(cfg),
+    )
     evaluator = None
     if cfg.eval.every:
         from ditscale.evaluate.in_training import TrainingEval
+
         evaluator = TrainingEval(cfg, meta, env.rank, env.world_size, device, metrics, log=say)
-    say(f"{env.world_size} rank(s) on {device.type}, ZeRO-{zero_stage(ds)}, micro-batch {micro} x {accum} "
-        f"accumulation, step {step} -> {tc.max_steps}")
-    dataset_info = {k: meta[k] for k in ("vae", "scale_factor", "classes", "resolution", "latent_size",
-                                         "latent_channels", "num_samples")}
+    say(
+        f"{env.world_size} rank(s) on {device.type}, ZeRO-{zero_stage(ds)}, micro-batch {micro} x {accum} "
+        f"accumulation, step {step} -> {tc.max_steps}"
+    )
+    dataset_info = {
+        k: meta[k]
+        for k in ("vae", "scale_factor", "classes", "resolution", "latent_size", "latent_channels", "num_samples")
+    }
 
     def save(at: int) -> None:
         nonlocal saved_at
         t0 = time.perf_counter()
         with watchdog.paused("checkpoint save"):
-            checkpoint.save(engine, ema, cfg.run_dir, at, keep_last=tc.keep_last, log=say,
-                            client={"loader": batches.state_dict(), "step": at, "images_seen": images_seen},
-                            meta={"images_seen": images_seen, "config": to_dict(cfg),
-                                  "config_hash": config_hash(cfg), "dataset": dataset_info,
-                                  "objective": objective.record()})
+            checkpoint.save(
+                engine,
+                ema,
+                cfg.run_dir,
+                at,
+                keep_last=tc.keep_last,
+                log=say,
+                client={"loader": batches.state_dict(), "step": at, "images_seen": images_seen},
+                meta={
+                    "images_seen": images_seen,
+                    "config": to_dict(cfg),
+                    "config_hash": config_hash(cfg),
+                    "dataset": dataset_info,
+                    "objective": objective.record(),
+                },
+            )
         saved_at = at
         metrics.write_event(event="checkpoint", step=at, seconds=round(time.perf_counter() - t0, 1))
 
@@ -350,7 +430,7 @@ def train(cfg: ExperimentConfig, meta: dict, ds: dict, env, device: torch.device
     # non-finite step is skipped and there is nothing to read. Without it (engine.nonfinite_check=async,
     # or check_grad_overflow=false) a non-finite loss reaches the weights: it is caught at the next step
     # (async) or the next log, always before a save, and the run stops. fp32 checks at log / save.
-    skips_nonfinite = skips_nonfinite_steps(complete_ds_config(ds, cfg, env.world_size))   # what DeepSpeed got
+    skips_nonfinite = skips_nonfinite_steps(complete_ds_config(ds, cfg, env.world_size))  # what DeepSpeed got
     watch = NonfiniteWatch(metrics.nonfinite, env.world_size, every_step=cfg.engine.nonfinite_check == "async")
     engine.train()
     scale, drop = meta["scale_factor"], cfg.model.class_dropout_prob
@@ -373,11 +453,11 @@ def train(cfg: ExperimentConfig, meta: dict, ds: dict, env, device: torch.device
 
     try:
         pause_for_test("loop")
-        if step < tc.max_steps and stop.agreed(step, now=True):      # a stop signal during start-up
+        if step < tc.max_steps and stop.agreed(step, now=True):  # a stop signal during start-up
             say(f"stop signal ({stop.name}) before the first step: nothing new to save, exit {EXIT_PREEMPTED}")
             metrics.write_event(event="preempted", step=step, before_first_step=True)
             return EXIT_PREEMPTED
-        if not evaluated():                         # the evaluation a preempted run left unfinished
+        if not evaluated():  # the evaluation a preempted run left unfinished
             return preempted()
         while step < tc.max_steps:
             data_wait = 0.0
@@ -387,9 +467,12 @@ def train(cfg: ExperimentConfig, meta: dict, ds: dict, env, device: torch.device
                     with stop.waiting():
                         batch = next(batches)
                 except StopWaiting as e:
-                    print(f"[ditscale.train] rank {env.rank}: {e} while waiting for data at step {step}: stopping "
-                          f"without a new checkpoint (resume from {last_checkpoint() or 'the start'}), "
-                          f"exit {EXIT_PREEMPTED}", flush=True)
+                    print(
+                        f"[ditscale.train] rank {env.rank}: {e} while waiting for data at step {step}: stopping "
+                        f"without a new checkpoint (resume from {last_checkpoint() or 'the start'}), "
+                        f"exit {EXIT_PREEMPTED}",
+                        flush=True,
+                    )
                     metrics.write_event(event="preempted", step=step, waiting_for_data=True)
                     return EXIT_PREEMPTED
                 data_wait += time.perf_counter() - t0
@@ -410,30 +493,43 @@ def train(cfg: ExperimentConfig, meta: dict, ds: dict, env, device: torch.device
 
             save_due = step % tc.ckpt_every == 0 or step == tc.max_steps
             if not skips_nonfinite and (bad := watch.check(saving=save_due, logging=metrics.due(step))):
-                return diverged(bad, f"{bad} non-finite values (losses or gradient norms) in steps DeepSpeed "
-                                     f"applied: the weights took them")
+                return diverged(
+                    bad,
+                    f"{bad} non-finite values (losses or gradient norms) in steps DeepSpeed "
+                    f"applied: the weights took them",
+                )
             record = metrics.log(step, engine.get_lr()[0], images_seen) if metrics.due(step) else None
             if nonfinite_run >= tc.max_nonfinite:
-                return diverged(nonfinite_run, f"{nonfinite_run} non-finite steps in a row "
-                                               f"(train.max_nonfinite={tc.max_nonfinite}), all skipped by DeepSpeed")
-            if save_due and nonfinite_run:           # no saves inside a run of skipped steps
+                return diverged(
+                    nonfinite_run,
+                    f"{nonfinite_run} non-finite steps in a row "
+                    f"(train.max_nonfinite={tc.max_nonfinite}), all skipped by DeepSpeed",
+                )
+            if save_due and nonfinite_run:  # no saves inside a run of skipped steps
                 if step == tc.max_steps:
-                    return diverged(nonfinite_run, f"train.max_steps reached, but the last {nonfinite_run} step(s) "
-                                                   f"were skipped by DeepSpeed (non-finite gradients): no checkpoint "
-                                                   f"of step {step} is written")
-                say(f"not saving at step {step}: the last {nonfinite_run} step(s) were skipped by DeepSpeed "
-                    f"(non-finite gradients); the next save follows an applied step")
+                    return diverged(
+                        nonfinite_run,
+                        f"train.max_steps reached, but the last {nonfinite_run} step(s) "
+                        f"were skipped by DeepSpeed (non-finite gradients): no checkpoint "
+                        f"of step {step} is written",
+                    )
+                say(
+                    f"not saving at step {step}: the last {nonfinite_run} step(s) were skipped by DeepSpeed "
+                    f"(non-finite gradients); the next save follows an applied step"
+                )
             elif save_due:
                 save(step)
             if cfg.sample.every and step % cfg.sample.every == 0:
                 with watchdog.paused("sample grid"):
                     sample_grid(cfg, meta, ema, step, device, metrics.tb)
-                    torch.distributed.barrier()     # the other ranks wait here, not in the next step
+                    torch.distributed.barrier()  # the other ranks wait here, not in the next step
             hooks.step_end(step, record)
             if not evaluated() or (stop.agreed(step) and step < tc.max_steps):
                 return preempted()
-        report_memory(engine, ema, metrics, step, rss_before_model)      # peak RSS of the whole run, saves included
-        skipped = f", {engine.skipped_steps} skipped by DeepSpeed (non-finite gradients)" if engine.skipped_steps else ""
+        report_memory(engine, ema, metrics, step, rss_before_model)  # peak RSS of the whole run, saves included
+        skipped = (
+            f", {engine.skipped_steps} skipped by DeepSpeed (non-finite gradients)" if engine.skipped_steps else ""
+        )
         say(f"done: {step} steps{skipped}, {images_seen} images; checkpoint {checkpoint.tag_for(step)} is complete")
         metrics.write_event(event="done", step=step)
         pause_for_test("done")
@@ -444,26 +540,28 @@ def train(cfg: ExperimentConfig, meta: dict, ds: dict, env, device: torch.device
 
 
 def main(argv=None) -> int:
-    catch_stop_signals()        # from here to the exit a stop signal is recorded, never fatal (engine/signals.py)
+    catch_stop_signals()  # from here to the exit a stop signal is recorded, never fatal (engine/signals.py)
     pause_for_test("start")
     from ditscale.engine import launch
 
     args = parse_args(argv)
     env = launch.detect()
-    world = env.world_size if env.launcher != "single" else env.job_tasks    # a batch shell plans for srun's
+    world = env.world_size if env.launcher != "single" else env.job_tasks  # a batch shell plans for srun's
     try:
         cfg, meta, ds = prepare(args, world)
     except ConfigError as e:
         print(f"[ditscale.train] error: {e}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
     if args.check:
-        say(f"config ok: {cfg.model.preset} on {cfg.data.root} ({meta['num_samples']} samples), "
-            f"{cfg.engine.ds_config}, {world} rank(s), run_dir {cfg.run_dir}")
+        say(
+            f"config ok: {cfg.model.preset} on {cfg.data.root} ({meta['num_samples']} samples), "
+            f"{cfg.engine.ds_config}, {world} rank(s), run_dir {cfg.run_dir}"
+        )
         return EXIT_OK
 
     logging.getLogger("DeepSpeed").setLevel(os.environ.get("DITSCALE_DS_LOG_LEVEL", "WARNING").upper())
     device = launch.pick_device(env, cfg.engine.device)
-    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:   # ranks sharing a host's cores
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:  # ranks sharing a host's cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.local_world_size))
     launch.init_distributed(env, device, cfg.engine.dist_timeout_min)
     from ditscale.data import DataError

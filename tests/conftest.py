@@ -5,6 +5,7 @@ Markers: tests/distributed → distributed, tests/slurm → slurm, tests/slow �
 carry them too). Timeouts (pytest-timeout): 600 s per test (pyproject.toml); 3600 s for tests marked slow,
 distributed or slurm, whose setup may train a reference run; a test's own @pytest.mark.timeout wins.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -32,6 +33,7 @@ def pytest_collection_modifyitems(config, items):
 # --------------------------------------------------------------------------------------------------
 # Shared fixtures
 # --------------------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def one_thread():

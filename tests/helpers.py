@@ -1,5 +1,6 @@
 """Plain helpers shared by test files (`from helpers import randomize`: tests/ is on sys.path through
 tests/conftest.py). Fixtures live in conftest.py."""
+
 from __future__ import annotations
 
 import torch

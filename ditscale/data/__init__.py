@@ -9,6 +9,7 @@
 Items carry one flip of the stored posterior, chosen by `flip.flip_of(seed, epoch, index)`; the latent
 itself is drawn on the trainer's device (`posterior.sample_latents`).
 """
+
 from __future__ import annotations
 
 import json
@@ -37,7 +38,8 @@ def read_metadata(path: str, split: str | None = None) -> dict:
     except FileNotFoundError:
         raise FileNotFoundError(
             f"{where} not found: not a data_prep dataset, or its slices were never merged "
-            f"(python -m data_prep merge {_root(path, split)})") from None
+            f"(python -m data_prep merge {_root(path, split)})"
+        ) from None
     try:
         meta = json.loads(raw)
     except json.JSONDecodeError as e:
@@ -45,11 +47,21 @@ def read_metadata(path: str, split: str | None = None) -> dict:
     return validate_metadata(meta, where)
 
 
-def build_dataset(path: str, *, batch_size: int, seed: int = 0, shuffle: bool = True,
-                  split: str | None = None, local: str | None = None, format: str | None = None,
-                  shuffle_buffer: int = 2000, hflip: bool = True, with_image: bool = False,
-                  remote_wait_s: float = 600.0,
-                  **streaming_kwargs: Any):
+def build_dataset(
+    path: str,
+    *,
+    batch_size: int,
+    seed: int = 0,
+    shuffle: bool = True,
+    split: str | None = None,
+    local: str | None = None,
+    format: str | None = None,
+    shuffle_buffer: int = 2000,
+    hflip: bool = True,
+    with_image: bool = False,
+    remote_wait_s: float = 600.0,
+    **streaming_kwargs: Any,
+):
     """A torch IterableDataset of reader items over the dataset at `path` (local or remote).
 
     batch_size: per-rank batch size, as given to the DataLoader (streaming partitions by it).
@@ -69,18 +81,30 @@ def build_dataset(path: str, *, batch_size: int, seed: int = 0, shuffle: bool = 
         raise ValueError(f"{root}: dataset.json says format '{meta['format']}', asked for '{format}'")
     image = image_column_of(meta, join(root, DATASET_JSON)) if with_image else None
     reader = data_format(meta["format"]).load("reader")
-    return reader(root, meta, batch_size=batch_size, seed=seed, shuffle=shuffle, hflip=hflip, local=local,
-                  shuffle_buffer=shuffle_buffer, image=image, remote_wait_s=remote_wait_s, **streaming_kwargs)
+    return reader(
+        root,
+        meta,
+        batch_size=batch_size,
+        seed=seed,
+        shuffle=shuffle,
+        hflip=hflip,
+        local=local,
+        shuffle_buffer=shuffle_buffer,
+        image=image,
+        remote_wait_s=remote_wait_s,
+        **streaming_kwargs,
+    )
 
 
-def build_dataloader(dataset, *, batch_size: int, num_workers: int = 2, drop_last: bool = True,
-                     pin_memory: bool = False, **kwargs: Any):
+def build_dataloader(
+    dataset, *, batch_size: int, num_workers: int = 2, drop_last: bool = True, pin_memory: bool = False, **kwargs: Any
+):
     """A LatentDataLoader (resumable via state_dict/load_state_dict) over a build_dataset dataset."""
     from ditscale.data.loader import LatentDataLoader
     from ditscale.data.wds import LatentWdsDataset
 
     if isinstance(dataset, LatentWdsDataset) and kwargs.get("persistent_workers"):
         raise ValueError("persistent_workers would freeze the webdataset reader's epoch; leave it off")
-    return LatentDataLoader(dataset, batch_size=batch_size, num_workers=num_workers, drop_last=drop_last,
-                            pin_memory=pin_memory, **kwargs)
-
+    return LatentDataLoader(
+        dataset, batch_size=batch_size, num_workers=num_workers, drop_last=drop_last, pin_memory=pin_memory, **kwargs
+    )

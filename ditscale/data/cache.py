@@ -8,6 +8,7 @@ removed and is filled again; the dataset's own index.json is copied in, so strea
 stale copy. The readers' per-shard hash check (ditscale.data.integrity) covers what is left: a cached
 shard that does not match its hash is fetched again once, then refused.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -71,7 +72,9 @@ def claim_cache(local: str, root: str, index: bytes) -> bool:
             return False
         stale = bool(_clear(local)) or have is not None
         if stale:
-            logging.getLogger(__name__).warning(f"data cache {local} held {have or 'unmarked files'}, not {want}: cleared, refilling")
+            logging.getLogger(__name__).warning(
+                f"data cache {local} held {have or 'unmarked files'}, not {want}: cleared, refilling"
+            )
         atomic_write(os.path.join(local, MDS_INDEX), index, durable=False)
         atomic_write(marker, json.dumps(want), durable=False)
     return stale
@@ -83,4 +86,3 @@ def _same_file(path: str, data: bytes) -> bool:
             return f.read() == data
     except OSError:
         return False
-

@@ -7,6 +7,7 @@ start): the index and every shard it lists, and that the data fills one global b
 - deep (`--check --deep`): also every recorded hash (sha1 and xxh64) of every shard file, i.e. the whole
   dataset is read once: about 1 s per GB at sha1 speed, the time is printed.
 """
+
 from __future__ import annotations
 
 import os
@@ -79,10 +80,14 @@ def check_fills_batch(meta: dict, *, global_batch: int, ranks: int, micro_batch:
     would give no batch at all, and the loop would wait forever)."""
     n, fmt = meta["num_samples"], meta["format"]
     if n < global_batch:
-        raise DataError(f"the dataset has {n} samples, fewer than one global batch (train.global_batch="
-                        f"{global_batch} = {ranks} rank(s) x micro-batch {micro_batch} x accumulation "
-                        f"{global_batch // (ranks * micro_batch)}): lower train.global_batch or add data")
+        raise DataError(
+            f"the dataset has {n} samples, fewer than one global batch (train.global_batch="
+            f"{global_batch} = {ranks} rank(s) x micro-batch {micro_batch} x accumulation "
+            f"{global_batch // (ranks * micro_batch)}): lower train.global_batch or add data"
+        )
     if batches_per_epoch(fmt, n, ranks=ranks, micro_batch=micro_batch, workers=workers) == 0:
-        raise DataError(f"the dataset's {n} samples give no micro-batch of {micro_batch} per rank on {ranks} "
-                        f"rank(s) with {workers} data.num_workers (each {fmt} worker batches its own "
-                        f"{n // ranks // max(1, workers)} samples): use fewer workers or a smaller batch")
+        raise DataError(
+            f"the dataset's {n} samples give no micro-batch of {micro_batch} per rank on {ranks} "
+            f"rank(s) with {workers} data.num_workers (each {fmt} worker batches its own "
+            f"{n // ranks // max(1, workers)} samples): use fewer workers or a smaller batch"
+        )

@@ -1,5 +1,6 @@
 """ADM's center crop, the one preprocessing shared by training data (data_prep) and FID reference images
 (ditscale.evaluate): the two must never drift apart."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -15,4 +16,4 @@ def center_crop_arr(image: Image.Image, size: int) -> np.ndarray:
     image = image.resize((round(image.width * scale), round(image.height * scale)), resample=Image.Resampling.BICUBIC)
     arr = np.asarray(image)
     top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
-    return arr[top:top + size, left:left + size]
+    return arr[top : top + size, left : left + size]

@@ -4,6 +4,7 @@ Readers call it per item, so a resumed run, another worker count or the other sh
 same flip for the same sample in the same epoch. splitmix64's finalizer makes neighbouring indices and
 epochs independent; Python ints keep it exact and it costs about a microsecond.
 """
+
 from __future__ import annotations
 
 _MASK = (1 << 64) - 1

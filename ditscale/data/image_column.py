@@ -9,6 +9,7 @@ as cropped: its mirror is implied by the record's flip index, exactly as for the
 PNG is lossless (pixel-exact round trip); JPEG is stored at the given quality without chroma
 subsampling (4:4:4), ~4× smaller at 256 px.
 """
+
 from __future__ import annotations
 
 import io
@@ -17,7 +18,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 CODECS = ("png", "jpeg")
-MDS_ENCODING = "bytes"              # variable-size column: the encoded file, decoded by `decode`
+MDS_ENCODING = "bytes"  # variable-size column: the encoded file, decoded by `decode`
 WDS_EXT = {"png": "image.png", "jpeg": "image.jpg"}
 
 
@@ -25,10 +26,10 @@ WDS_EXT = {"png": "image.png", "jpeg": "image.jpg"}
 class ImageColumn:
     """How the images of a dataset are stored (dataset.json's "image")."""
 
-    codec: str                      # png | jpeg
-    size: int                       # side of the square crop (the training resolution)
-    channels: int                   # 3 (RGB) or 1 (grey)
-    quality: int | None = None      # JPEG quality 1..100; None for PNG
+    codec: str  # png | jpeg
+    size: int  # side of the square crop (the training resolution)
+    channels: int  # 3 (RGB) or 1 (grey)
+    quality: int | None = None  # JPEG quality 1..100; None for PNG
 
     def __post_init__(self) -> None:
         if self.codec not in CODECS:
@@ -81,6 +82,8 @@ def image_column_of(meta: dict, where: str) -> ImageColumn:
     """The dataset's image column, or a ValueError saying how to make a dataset with one."""
     column = ImageColumn.from_json(meta.get("image"))
     if column is None:
-        raise ValueError(f"{where}: the dataset holds no images (dataset.json 'image' is absent); "
-                         f"re-encode it with `python -m data_prep encode --keep-image png|jpeg ...`")
+        raise ValueError(
+            f"{where}: the dataset holds no images (dataset.json 'image' is absent); "
+            f"re-encode it with `python -m data_prep encode --keep-image png|jpeg ...`"
+        )
     return column

@@ -13,6 +13,7 @@ raises `DataError` naming the dataset's file (not a cache copy); the trainer exi
 For a remote store (issue 17): `check_shard` is what a downloader calls on the fetched bytes, and
 `index_key` is the content key of a dataset's cache (ditscale.data.cache).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -50,8 +51,10 @@ def shard_problems(data, info: dict, what: str, algos: list[str] | None = None) 
     hashes = info.get("hashes") or {}
     for algo in sorted(hashes) if algos is None else algos:
         if algo not in hashes:
-            problems.append(f"{what}: the index records no {algo} hash (recorded: {sorted(hashes) or 'none'}); "
-                            f"write the dataset with data_prep, which records {SHARD_HASH}")
+            problems.append(
+                f"{what}: the index records no {algo} hash (recorded: {sorted(hashes) or 'none'}); "
+                f"write the dataset with data_prep, which records {SHARD_HASH}"
+            )
             continue
         got = digest(data, algo)
         if got != hashes[algo]:
@@ -63,8 +66,10 @@ def check_shard(data, info: dict, what: str) -> None:
     """Raise DataError unless `data` has the size and `SHARD_HASH` the index entry `info` records."""
     problems = shard_problems(data, info, what, [SHARD_HASH])
     if problems:
-        raise DataError(f"{problems[0]}: the shard is corrupt, truncated or was rewritten after the index "
-                        f"(`python -m data_prep verify` lists every damaged shard)")
+        raise DataError(
+            f"{problems[0]}: the shard is corrupt, truncated or was rewritten after the index "
+            f"(`python -m data_prep verify` lists every damaged shard)"
+        )
 
 
 def read_index(root: str, name: str) -> tuple[bytes, dict]:

@@ -1,4 +1,5 @@
 """A DataLoader that checkpoints either reader: StreamingDataLoader's sample counting, for MDS and wds."""
+
 from __future__ import annotations
 
 from typing import Any, Iterator

@@ -16,6 +16,7 @@ before iterating): the state counts samples handed to the trainer over all ranks
   repeated, but which rank sees which sample changes.
 - Flips are a function of (seed, epoch, index), so they survive either way; ε is the trainer's.
 """
+
 from __future__ import annotations
 
 import mmap
@@ -38,14 +39,23 @@ from ditscale.data.storage import classify, is_remote, join, local_path, patient
 # Attributes that belong to one process: StreamingDataset creates its locks, threads and events lazily,
 # and a DataLoader worker forked after the parent iterated would inherit dead threads and a FileLock
 # that refuses to work across fork. They are dropped on fork (and on pickling for spawn).
-_PER_PROCESS = ("_executor", "_event", "_iterator", "_cache_filelock", "_maps", "_pid", "_failure",
-                "_checked")
+_PER_PROCESS = ("_executor", "_event", "_iterator", "_cache_filelock", "_maps", "_pid", "_failure", "_checked")
 
 
-def open_dataset(root: str, meta: dict, *, batch_size: int, seed: int, shuffle: bool, hflip: bool,
-                 local: str | None, shuffle_buffer: int, image: ImageColumn | None = None,
-                 remote_wait_s: float = 600.0,
-                 **streaming_kwargs: Any) -> "LatentMDSDataset":
+def open_dataset(
+    root: str,
+    meta: dict,
+    *,
+    batch_size: int,
+    seed: int,
+    shuffle: bool,
+    hflip: bool,
+    local: str | None,
+    shuffle_buffer: int,
+    image: ImageColumn | None = None,
+    remote_wait_s: float = 600.0,
+    **streaming_kwargs: Any,
+) -> "LatentMDSDataset":
     """The "mds" format's reader (`ditscale.data.build_dataset`): shards cached under `local` (default:
     `content_cache_dir`, keyed by the index's content), read in place when `local` is the dataset root;
     a cache holding another index is cleared first (`claim_cache`). A fetch that cannot reach the store
@@ -58,13 +68,26 @@ def open_dataset(root: str, meta: dict, *, batch_size: int, seed: int, shuffle: 
     else:
         claim_cache(local, remote, index)
     stream_keys = ("download_retry", "download_timeout", "validate_hash", "keep_zip")
-    stream = PatientStream(remote=remote, local=local, remote_wait_s=remote_wait_s,
-                           **{k: streaming_kwargs.pop(k) for k in stream_keys if k in streaming_kwargs})
+    stream = PatientStream(
+        remote=remote,
+        local=local,
+        remote_wait_s=remote_wait_s,
+        **{k: streaming_kwargs.pop(k) for k in stream_keys if k in streaming_kwargs},
+    )
     try:
-        return LatentMDSDataset(metadata=meta, source=root, streams=[stream], shuffle=shuffle, shuffle_seed=seed,
-                                batch_size=batch_size, hflip=hflip, image=image, **streaming_kwargs)
+        return LatentMDSDataset(
+            metadata=meta,
+            source=root,
+            streams=[stream],
+            shuffle=shuffle,
+            shuffle_seed=seed,
+            batch_size=batch_size,
+            hflip=hflip,
+            image=image,
+            **streaming_kwargs,
+        )
     except ValueError as e:
-        if "cache limit" in str(e).lower():     # streaming wants room for 4 of the largest shards
+        if "cache limit" in str(e).lower():  # streaming wants room for 4 of the largest shards
             raise DataError(f"data.cache_limit: {e}") from None
         raise
 
@@ -100,13 +123,16 @@ def _say(message: str) -> None:
 class _Layout:
     """Byte offsets of mean / logvar / label inside one MDS sample of a shard."""
 
-    def __init__(self, names: list[str], encodings: list[str], sizes: list[int | None],
-                 expected: dict[str, str], where: str):
+    def __init__(
+        self, names: list[str], encodings: list[str], sizes: list[int | None], expected: dict[str, str], where: str
+    ):
         got = dict(zip(names, encodings))
         for name, enc in expected.items():
             if got.get(name) != enc:
-                raise ValueError(f"{where}: column '{name}' is {got.get(name)!r}, expected {enc!r} "
-                                 f"(does dataset.json match the shards?)")
+                raise ValueError(
+                    f"{where}: column '{name}' is {got.get(name)!r}, expected {enc!r} "
+                    f"(does dataset.json match the shards?)"
+                )
         self.num_var = sum(size is None for size in sizes)
         self.offsets: dict[str, tuple[int, list[int]]] = {}  # name -> (static bytes, variable columns before)
         static, var_before = 4 * self.num_var, []
@@ -139,13 +165,20 @@ class LatentMDSDataset(StreamingDataset):
     when it happened in streaming's download thread.
     """
 
-    def __init__(self, *, metadata: dict, source: str, hflip: bool = True, image: ImageColumn | None = None,
-                 **streaming_kwargs: Any):
+    def __init__(
+        self,
+        *,
+        metadata: dict,
+        source: str,
+        hflip: bool = True,
+        image: ImageColumn | None = None,
+        **streaming_kwargs: Any,
+    ):
         super().__init__(**streaming_kwargs)
         self.metadata, self.source, self.hflip, self.image = metadata, str(source), hflip, image
         c, s = metadata["latent_channels"], metadata["latent_size"]
         self._shape = (c, s, s)
-        self._plane = c * s * s                 # fp16 elements of one flip
+        self._plane = c * s * s  # fp16 elements of one flip
         self._columns = {k: v for k, v in mds_columns(c, s, image is not None).items() if k != "key"}
         self._layouts: dict[int, _Layout] = {}
         self._epoch = 0
@@ -165,12 +198,12 @@ class LatentMDSDataset(StreamingDataset):
             self._shared_barrier.__dict__.pop("lock", None)
             self._pid = os.getpid()
         yield from super().__iter__()
-        failure = self.__dict__.pop("_failure", None)    # streaming's threads stop quietly on an error
+        failure = self.__dict__.pop("_failure", None)  # streaming's threads stop quietly on an error
         if failure is not None:
             raise failure
 
     def _get_work(self, epoch: int, sample_in_epoch: int):
-        self._epoch = epoch     # the epoch this process is iterating, for the flip
+        self._epoch = epoch  # the epoch this process is iterating, for the flip
         return super()._get_work(epoch, sample_in_epoch)
 
     # --- reading ----------------------------------------------------------------------------------
@@ -179,8 +212,13 @@ class LatentMDSDataset(StreamingDataset):
         layout = self._layouts.get(shard_id)
         if layout is None:
             shard = self.shards[shard_id]
-            layout = _Layout(shard.column_names, shard.column_encodings, shard.column_sizes,
-                             self._columns, where=shard.raw_data.basename)
+            layout = _Layout(
+                shard.column_names,
+                shard.column_encodings,
+                shard.column_sizes,
+                self._columns,
+                where=shard.raw_data.basename,
+            )
             self._layouts[shard_id] = layout
         return layout
 
@@ -196,8 +234,13 @@ class LatentMDSDataset(StreamingDataset):
             super().prepare_shard(shard_id, blocking)
         except Exception as e:
             self._forget(shard_id)
-            failure = self.__dict__["_failure"] = e if isinstance(e, DataError) else DataError(
-                f"{self.dataset_file(shard_id)}: cannot be fetched or decompressed ({type(e).__name__}: {e})")
+            failure = self.__dict__["_failure"] = (
+                e
+                if isinstance(e, DataError)
+                else DataError(
+                    f"{self.dataset_file(shard_id)}: cannot be fetched or decompressed ({type(e).__name__}: {e})"
+                )
+            )
             raise failure from e
 
     def _forget(self, shard_id: int) -> None:
@@ -217,11 +260,11 @@ class LatentMDSDataset(StreamingDataset):
         what = self.dataset_file(shard_id) + (" (decompressed)" if shard.zip_data else "")
         for attempt in range(2):
             if not os.path.isfile(filename):
-                self.prepare_shard(shard_id)     # download / decompress into the local cache
+                self.prepare_shard(shard_id)  # download / decompress into the local cache
             try:
                 with open(filename, "rb") as f:
                     mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            except (FileNotFoundError, ValueError):   # absent, or empty (mmap refuses size 0)
+            except (FileNotFoundError, ValueError):  # absent, or empty (mmap refuses size 0)
                 mm = b""
             try:
                 check_shard(mm, info, what)
@@ -230,7 +273,7 @@ class LatentMDSDataset(StreamingDataset):
                 derived = self.streams[self.stream_per_shard[shard_id]].remote is not None or shard.zip_data
                 if attempt or not derived:
                     raise
-                self._drop_copy(shard_id, filename)   # a stale or damaged copy: fetch it again, once
+                self._drop_copy(shard_id, filename)  # a stale or damaged copy: fetch it again, once
         raise AssertionError("unreachable")
 
     def _drop_copy(self, shard_id: int, filename: str) -> None:
@@ -238,7 +281,7 @@ class LatentMDSDataset(StreamingDataset):
 
         shard, stream = self.shards[shard_id], self.streams[self.stream_per_shard[shard_id]]
         copies = [filename]
-        if shard.zip_data and stream.remote is not None:     # a cached compressed copy, never the dataset's
+        if shard.zip_data and stream.remote is not None:  # a cached compressed copy, never the dataset's
             copies.append(os.path.join(stream.local, stream.split or "", shard.zip_data.basename))
         for path in copies:
             if os.path.exists(path):
@@ -247,6 +290,7 @@ class LatentMDSDataset(StreamingDataset):
 
     def _check_cached(self, shard_id: int) -> None:
         """`_checked_map` once per version of the cached file (streaming may evict and fetch it again)."""
+
         def version():
             try:
                 st = os.stat(self._local_file(shard_id))
@@ -271,25 +315,26 @@ class LatentMDSDataset(StreamingDataset):
     def get_item(self, sample_id: int, retry: int = 7) -> dict[str, Any]:
         index = int(sample_id)
         flip = flip_of(self.shuffle_seed, self._epoch, index) if self.hflip else 0
-        if self.cache_limit:    # shards may be evicted under us: take streaming's guarded path
+        if self.cache_limit:  # shards may be evicted under us: take streaming's guarded path
             self._check_cached(self.spanner[index][0])
             rec = super().get_item(index, retry)
-            return self._item(rec["mean"][flip], rec["logvar"][flip], rec["label"], index,
-                              self._image(rec.get("image"), flip))
+            return self._item(
+                rec["mean"][flip], rec["logvar"][flip], rec["label"], index, self._image(rec.get("image"), flip)
+            )
         shard_id, j = self.spanner[index]
         layout, mm = self._layout(shard_id), self._map(shard_id)
-        begin, = struct.unpack_from("<I", mm, 4 + 4 * j)
+        (begin,) = struct.unpack_from("<I", mm, 4 + 4 * j)
         header = struct.unpack_from(f"<{layout.num_var}I", mm, begin) if layout.num_var else ()
         plane_bytes = 2 * self._plane
         out = []
         for name in ("mean", "logvar"):
             at = begin + layout.offset(name, header) + flip * plane_bytes
             out.append(np.frombuffer(mm, np.float16, self._plane, at).reshape(self._shape))
-        label, = struct.unpack_from("<q", mm, begin + layout.offset("label", header))
+        (label,) = struct.unpack_from("<q", mm, begin + layout.offset("label", header))
         image = None
         if self.image is not None:
             at, size = layout.variable_span("image", header)
-            image = self._image(mm[begin + at:begin + at + size], flip)
+            image = self._image(mm[begin + at : begin + at + size], flip)
         return self._item(out[0], out[1], label, index, image)
 
     def _image(self, data, flip: int) -> torch.Tensor | None:
@@ -299,10 +344,15 @@ class LatentMDSDataset(StreamingDataset):
         return torch.from_numpy(flipped(self.image.decode(data), flip))
 
     @staticmethod
-    def _item(mean: np.ndarray, logvar: np.ndarray, label: int, index: int,
-              image: torch.Tensor | None = None) -> dict[str, Any]:
-        item = {"mean": torch.from_numpy(np.array(mean)), "logvar": torch.from_numpy(np.array(logvar)),
-                "label": int(label), "index": index}
+    def _item(
+        mean: np.ndarray, logvar: np.ndarray, label: int, index: int, image: torch.Tensor | None = None
+    ) -> dict[str, Any]:
+        item = {
+            "mean": torch.from_numpy(np.array(mean)),
+            "logvar": torch.from_numpy(np.array(logvar)),
+            "label": int(label),
+            "index": index,
+        }
         return item if image is None else {**item, "image": image}
 
     def record(self, index: int) -> dict[str, Any]:

@@ -1,4 +1,5 @@
 """Drawing a latent from the stored posterior, on the trainer's device, per batch."""
+
 from __future__ import annotations
 
 import functools
@@ -26,17 +27,22 @@ def _cached_scale(values: tuple[float, ...], device: torch.device) -> torch.Tens
     return torch.tensor(values, dtype=torch.float32, device=device).view(1, len(values), 1, 1)
 
 
-def sample_latents(mean: torch.Tensor, logvar: torch.Tensor, scale_factor: float | Sequence[float],
-                   generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_latents(
+    mean: torch.Tensor,
+    logvar: torch.Tensor,
+    scale_factor: float | Sequence[float],
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """scale * (mean + exp(logvar / 2) * eps) in fp32, eps ~ N(0, I) drawn from `generator`.
 
     mean, logvar: (N, C, h, w), any float dtype (the shards hold fp16). Pixel-mode data stores
     logvar = -inf, so the result is exactly scale * mean. The generator must live on mean's device.
     """
     if mean.shape != logvar.shape or mean.dim() != 4:
-        raise ValueError(f"expected mean and logvar of one (N, C, h, w) shape, got "
-                         f"{tuple(mean.shape)} and {tuple(logvar.shape)}")
+        raise ValueError(
+            f"expected mean and logvar of one (N, C, h, w) shape, got {tuple(mean.shape)} and {tuple(logvar.shape)}"
+        )
     mean = mean.float()
-    std = torch.exp(0.5 * logvar.float())                                     # (N, C, h, w)
+    std = torch.exp(0.5 * logvar.float())  # (N, C, h, w)
     eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=torch.float32)
     return (mean + std * eps) * latent_scale(scale_factor, mean.shape[1], mean.device)

@@ -13,6 +13,7 @@ without touching the device.
 Resume: the batch held ahead was taken from the loader but not trained on; `state_dict()` counts it as
 unseen, so a checkpoint resumes at the first batch the trainer did not see.
 """
+
 from __future__ import annotations
 
 from typing import Iterator
@@ -30,16 +31,25 @@ def endless(loader) -> Iterator[dict]:
         for got, batch in enumerate(loader, 1):
             yield batch
         if not got:
-            raise DataError(f"an epoch of {loader.dataset.metadata['num_samples']} samples gave this rank no "
-                            f"batch of {loader.batch_size} (drop_last; {loader.num_workers} workers)")
+            raise DataError(
+                f"an epoch of {loader.dataset.metadata['num_samples']} samples gave this rank no "
+                f"batch of {loader.batch_size} (drop_last; {loader.num_workers} workers)"
+            )
 
 
 class DevicePrefetcher:
     """Batches of `loader` (dicts of tensors) on `device`. ahead: keep one batch in flight (default: on
     CUDA); stream: the side stream for the copies (default: a new one on CUDA, none elsewhere)."""
 
-    def __init__(self, loader, device: torch.device, *, ahead: bool | None = None, stream=None,
-                 host_keys: tuple[str, ...] = ("index",)):
+    def __init__(
+        self,
+        loader,
+        device: torch.device,
+        *,
+        ahead: bool | None = None,
+        stream=None,
+        host_keys: tuple[str, ...] = ("index",),
+    ):
         self.loader, self.device, self.host_keys = loader, torch.device(device), host_keys
         self.ahead = self.device.type == "cuda" if ahead is None else ahead
         if stream is None and self.ahead and self.device.type == "cuda":
@@ -78,7 +88,7 @@ class DevicePrefetcher:
         batch = self.held if self.held is not None else self._copy(next(self.batches))
         self.held = None
         batch = self._hand_out(batch)
-        self.held = self._copy(next(self.batches))      # overlaps the step that uses `batch`
+        self.held = self._copy(next(self.batches))  # overlaps the step that uses `batch`
         return batch
 
     def state_dict(self):

@@ -16,6 +16,7 @@ Formats are registered by name (`register_format`): what a format's index file i
 reader (ditscale.data), slice writer, merge and shard check (data_prep) live. Adding a format is one
 `register_format(DataFormat(...))`; everything that takes a format name looks it up with `data_format`.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -24,11 +25,11 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 DATASET_JSON = "dataset.json"
-SUMMARY_JSON = "summary.json"   # per slice; its presence marks the slice complete
+SUMMARY_JSON = "summary.json"  # per slice; its presence marks the slice complete
 REPORT_JSON = "report.json"
-MDS_INDEX = "index.json"        # streaming's fixed name
+MDS_INDEX = "index.json"  # streaming's fixed name
 WDS_INDEX = "wds_index.json"
-HASHES = ["sha1", "xxh64"]      # sorted, as MDSWriter requires
+HASHES = ["sha1", "xxh64"]  # sorted, as MDSWriter requires
 SLICE_RE = re.compile(r"^slice-(\d{5})-of-(\d{5})$")
 WDS_FIELDS = ("mean.npy", "logvar.npy", "cls")
 
@@ -36,6 +37,7 @@ WDS_FIELDS = ("mean.npy", "logvar.npy", "cls")
 # --------------------------------------------------------------------------------------------------
 # Formats
 # --------------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class DataFormat:
@@ -47,6 +49,7 @@ class DataFormat:
       (`write(mean, logvar, label, key, image)`, `finish() -> shard entries`) that leaves `index` in the slice;
     - merge(root, slice names) → None: the root's `index` over all slices;
     - verify(root, shard entry, meta, records, rng) → (problems, records decoded) for one shard."""
+
     name: str
     index: str
     reader: str
@@ -76,17 +79,32 @@ def data_format(name: str, what: str = "data format") -> DataFormat:
     return FORMATS[name]
 
 
-register_format(DataFormat("mds", MDS_INDEX, reader="ditscale.data.mds:open_dataset",
-                           writer="data_prep.writers:MdsSliceWriter", merge="data_prep.merge:merge_mds",
-                           verify="data_prep.verify:verify_mds_shard"))
-register_format(DataFormat("wds", WDS_INDEX, reader="ditscale.data.wds:open_dataset",
-                           writer="data_prep.writers:WdsSliceWriter", merge="data_prep.merge:merge_wds",
-                           verify="data_prep.verify:verify_wds_shard"))
+register_format(
+    DataFormat(
+        "mds",
+        MDS_INDEX,
+        reader="ditscale.data.mds:open_dataset",
+        writer="data_prep.writers:MdsSliceWriter",
+        merge="data_prep.merge:merge_mds",
+        verify="data_prep.verify:verify_mds_shard",
+    )
+)
+register_format(
+    DataFormat(
+        "wds",
+        WDS_INDEX,
+        reader="ditscale.data.wds:open_dataset",
+        writer="data_prep.writers:WdsSliceWriter",
+        merge="data_prep.merge:merge_wds",
+        verify="data_prep.verify:verify_wds_shard",
+    )
+)
 
 
 # --------------------------------------------------------------------------------------------------
 # Names and columns
 # --------------------------------------------------------------------------------------------------
+
 
 def slice_name(index: int, count: int) -> str:
     """`slice-00003-of-00008`: sorts in slice order and says how many slices to expect."""
@@ -101,8 +119,13 @@ def mds_columns(latent_channels: int, latent_size: int, image: bool = False) -> 
     from ditscale.data.image_column import MDS_ENCODING
 
     shape = f"2,{latent_channels},{latent_size},{latent_size}"
-    return {"mean": f"ndarray:float16:{shape}", "logvar": f"ndarray:float16:{shape}",
-            "label": "int", "key": "str", **({"image": MDS_ENCODING} if image else {})}
+    return {
+        "mean": f"ndarray:float16:{shape}",
+        "logvar": f"ndarray:float16:{shape}",
+        "label": "int",
+        "key": "str",
+        **({"image": MDS_ENCODING} if image else {}),
+    }
 
 
 def wds_key(source_id: str) -> str:
@@ -115,8 +138,15 @@ def source_id_of_wds_key(key: str) -> str:
 
 
 _REQUIRED: dict[str, type | tuple[type, ...]] = {
-    "format": str, "resolution": int, "latent_channels": int, "latent_size": int,
-    "scale_factor": (int, float, list), "vae": str, "classes": list, "num_samples": int, "slices": list,
+    "format": str,
+    "resolution": int,
+    "latent_channels": int,
+    "latent_size": int,
+    "scale_factor": (int, float, list),
+    "vae": str,
+    "classes": list,
+    "num_samples": int,
+    "slices": list,
 }
 
 
@@ -132,8 +162,9 @@ def validate_metadata(meta: Any, where: str) -> dict:
     data_format(meta["format"], f"{where}: 'format'")
     scale = meta["scale_factor"]
     if isinstance(scale, list) and len(scale) != meta["latent_channels"]:
-        raise ValueError(f"{where}: 'scale_factor' has {len(scale)} entries for "
-                         f"{meta['latent_channels']} latent channels")
+        raise ValueError(
+            f"{where}: 'scale_factor' has {len(scale)} entries for {meta['latent_channels']} latent channels"
+        )
     if meta["num_samples"] < 0 or meta["latent_size"] < 1 or meta["latent_channels"] < 1:
         raise ValueError(f"{where}: non-positive sizes in num_samples/latent_size/latent_channels")
     if meta.get("image") is not None:

@@ -8,6 +8,7 @@ streaming's own `clean_stale_shared_memory` removes every prefix, including thos
 on the node. `release_stale_loader_shm` removes a prefix only when no live process holds any of its
 segments open or mapped, and only segments owned by this user.
 """
+
 from __future__ import annotations
 
 import os
@@ -53,18 +54,19 @@ def _in_use(shm_root: Path) -> set[str]:
                 for line in f:
                     at = line.find(root)
                     if at >= 0:
-                        used.add(line[at + len(root):].split()[0])
+                        used.add(line[at + len(root) :].split()[0])
             for fd in os.listdir(f"/proc/{pid}/fd"):
                 target = os.readlink(f"/proc/{pid}/fd/{fd}")
                 if target.startswith(root):
-                    used.add(target[len(root):].split()[0])
-        except OSError:                     # gone meanwhile, or another user's process (not ours to free)
+                    used.add(target[len(root) :].split()[0])
+        except OSError:  # gone meanwhile, or another user's process (not ours to free)
             continue
     return used
 
 
-def release_stale_loader_shm(shm_root: str | Path = SHM_ROOT, lock_root: str | Path | None = None,
-                             log=None) -> list[str]:
+def release_stale_loader_shm(
+    shm_root: str | Path = SHM_ROOT, lock_root: str | Path | None = None, log=None
+) -> list[str]:
     """Remove the streaming shared memory (and its file locks) of dead processes: every segment of a
     prefix none of whose segments a live process holds. Safe while other jobs on the node read their own
     datasets (their segments are open). Call before building a dataset; returns the names removed."""
@@ -84,7 +86,7 @@ def release_stale_loader_shm(shm_root: str | Path = SHM_ROOT, lock_root: str | P
             try:
                 p.unlink()
                 removed.append(p.name)
-            except OSError:                 # removed by another rank meanwhile
+            except OSError:  # removed by another rank meanwhile
                 continue
     if removed and log is not None:
         log(f"released shared memory of a dead data loader: {', '.join(removed)}")

@@ -6,6 +6,7 @@ credentials). Errors say which: an absent object is a FileNotFoundError; refused
 bucket or an unreachable endpoint are a `RemoteError` naming the URL and the endpoint. `patiently`
 retries what may pass (endpoint down, time-outs, 5xx) for a stated time before giving up.
 """
+
 from __future__ import annotations
 
 import logging
@@ -19,12 +20,29 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 # S3 error codes by what the user must fix.
-_DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken",
-           "403", "AllAccessDisabled", "AccountProblem"}
+_DENIED = {
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "ExpiredToken",
+    "InvalidToken",
+    "403",
+    "AllAccessDisabled",
+    "AccountProblem",
+}
 _NO_BUCKET = {"NoSuchBucket"}
 _ABSENT = {"NoSuchKey", "404", "NotFound"}
-_TRANSIENT_CODES = {"500", "502", "503", "504", "SlowDown", "RequestTimeout", "InternalError",
-                    "ServiceUnavailable", "RequestTimeTooSkewed"}
+_TRANSIENT_CODES = {
+    "500",
+    "502",
+    "503",
+    "504",
+    "SlowDown",
+    "RequestTimeout",
+    "InternalError",
+    "ServiceUnavailable",
+    "RequestTimeTooSkewed",
+}
 
 
 class RemoteError(OSError):
@@ -76,17 +94,31 @@ def classify(url: str, exc: BaseException) -> Exception:
     name = type(exc).__name__
     bucket = urllib.parse.urlparse(str(url)).netloc
     if code in _DENIED:
-        return RemoteError(f"{url}: access denied by {where} ({code}): check the credentials "
-                           f"(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE or ~/.aws) and the bucket policy")
+        return RemoteError(
+            f"{url}: access denied by {where} ({code}): check the credentials "
+            f"(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE or ~/.aws) and the bucket policy"
+        )
     if code in _NO_BUCKET:
         return RemoteError(f"{url}: bucket '{bucket}' does not exist at {where}")
     if code in _ABSENT:
         return FileNotFoundError(f"{url}: no such object at {where}")
-    if code in _TRANSIENT_CODES or name in ("EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError",
-                                            "ConnectionClosedError", "ProxyConnectionError", "ResponseStreamingError",
-                                            "IncompleteReadError") or isinstance(exc, (ConnectionError, TimeoutError)):
-        return RemoteError(f"{url}: cannot reach {where} ({name}: {exc}): is the store up and S3_ENDPOINT_URL "
-                           f"right?", transient=True)
+    if (
+        code in _TRANSIENT_CODES
+        or name
+        in (
+            "EndpointConnectionError",
+            "ConnectTimeoutError",
+            "ReadTimeoutError",
+            "ConnectionClosedError",
+            "ProxyConnectionError",
+            "ResponseStreamingError",
+            "IncompleteReadError",
+        )
+        or isinstance(exc, (ConnectionError, TimeoutError))
+    ):
+        return RemoteError(
+            f"{url}: cannot reach {where} ({name}: {exc}): is the store up and S3_ENDPOINT_URL right?", transient=True
+        )
     if isinstance(exc, FileNotFoundError) or "not found" in str(exc).lower():
         return FileNotFoundError(f"{url}: no such object at {where}")
     return RemoteError(f"{url}: cannot be read from {where} ({name}: {exc})")
@@ -102,8 +134,9 @@ def _download(url: str, timeout: float) -> bytes:
         except Exception as e:  # each client raises its own kind of error: sort them once, here
             error = classify(url, e)
             if isinstance(error, FileNotFoundError) and _s3_bucket_missing(url):
-                error = RemoteError(f"{url}: bucket '{urllib.parse.urlparse(url).netloc}' does not exist at "
-                                    f"{endpoint(url)}")
+                error = RemoteError(
+                    f"{url}: bucket '{urllib.parse.urlparse(url).netloc}' does not exist at {endpoint(url)}"
+                )
             raise error from e
         if not os.path.exists(dest):
             raise FileNotFoundError(f"{url}: no such object at {endpoint(url)}")
@@ -164,8 +197,15 @@ def exists(path: str) -> bool:
         return False
 
 
-def patiently(fetch: Callable[[], T], what: str, patience_s: float, *, first_wait_s: float = 1.0,
-              max_wait_s: float = 30.0, say: Callable[[str], None] | None = None) -> T:
+def patiently(
+    fetch: Callable[[], T],
+    what: str,
+    patience_s: float,
+    *,
+    first_wait_s: float = 1.0,
+    max_wait_s: float = 30.0,
+    say: Callable[[str], None] | None = None,
+) -> T:
     """fetch(), retried with exponential back-off while it raises a transient RemoteError, for at most
     `patience_s` seconds from the first failure; then the last RemoteError, saying how long it waited.
     Permanent errors (denied, absent) are raised at once."""
@@ -180,8 +220,9 @@ def patiently(fetch: Callable[[], T], what: str, patience_s: float, *, first_wai
             now = time.monotonic()
             deadline = deadline if deadline is not None else now + patience_s
             if now >= deadline:
-                raise RemoteError(f"{e} (gave up on {what} after waiting {patience_s:.0f} s: "
-                                  f"data.remote_wait_s)") from e
+                raise RemoteError(
+                    f"{e} (gave up on {what} after waiting {patience_s:.0f} s: data.remote_wait_s)"
+                ) from e
             pause = min(wait, max_wait_s, deadline - now)
             say(f"{what}: {e}; retrying in {pause:.0f} s (giving up {deadline - now:.0f} s from now)")
             time.sleep(pause)

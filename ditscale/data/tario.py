@@ -5,6 +5,7 @@ webdataset reader spent more time in tar headers than in everything else. Here a
 checksum, a name and a size. Anything else tar can hold (links, directories, global headers) is
 skipped; a bad checksum or a short read raises, naming the byte offset.
 """
+
 from __future__ import annotations
 
 import os
@@ -15,7 +16,7 @@ _ZERO = bytes(_BLOCK)
 
 
 def _octal(field: bytes) -> int:
-    if field[0] & 0x80:                      # GNU base-256 for sizes ≥ 8 GiB
+    if field[0] & 0x80:  # GNU base-256 for sizes ≥ 8 GiB
         return int.from_bytes(field[1:], "big")
     field = field.rstrip(b"\0 ").lstrip(b" ")
     return int(field, 8) if field else 0
@@ -34,7 +35,7 @@ def _pax_path(data: bytes) -> str | None:
     while at < len(data):
         space = data.index(b" ", at)
         length = int(data[at:space])
-        key, _, value = data[space + 1:at + length - 1].partition(b"=")
+        key, _, value = data[space + 1 : at + length - 1].partition(b"=")
         if key == b"path":
             return value.decode()
         at += length

@@ -15,6 +15,7 @@ or workers the epoch is re-planned and resumes at the same fraction of it, so a 
 epoch may repeat or be missed. Remote shards are streamed by webdataset's gopen (http(s)://, gs://, pipe:)
 or fetched whole by streaming's clients (s3://, oci://, azure://, …).
 """
+
 from __future__ import annotations
 
 import io
@@ -36,16 +37,25 @@ from ditscale.data.tario import tar_samples
 
 # --- the plan of an epoch (pure functions) ---------------------------------------------------------
 
+
 def split_range(total: int, parts: int, part: int) -> tuple[int, int]:
     """The part-th of `parts` contiguous, near-equal pieces of range(total)."""
     return total * part // parts, total * (part + 1) // parts
 
 
-def plan_epoch(counts: Sequence[int], *, seed: int, epoch: int, shuffle: bool, num_ranks: int, rank: int,
-               num_workers: int, worker: int) -> list[tuple[int, int, int]]:
+def plan_epoch(
+    counts: Sequence[int],
+    *,
+    seed: int,
+    epoch: int,
+    shuffle: bool,
+    num_ranks: int,
+    rank: int,
+    num_workers: int,
+    worker: int,
+) -> list[tuple[int, int, int]]:
     """This worker's (shard, start, stop) sample ranges for the epoch, in reading order."""
-    order = np.random.default_rng([seed, epoch]).permutation(len(counts)) if shuffle \
-        else np.arange(len(counts))
+    order = np.random.default_rng([seed, epoch]).permutation(len(counts)) if shuffle else np.arange(len(counts))
     per_rank = sum(counts) // num_ranks
     lo, hi = split_range(per_rank, num_workers, worker)
     lo, hi = rank * per_rank + lo, rank * per_rank + hi
@@ -59,8 +69,9 @@ def plan_epoch(counts: Sequence[int], *, seed: int, epoch: int, shuffle: bool, n
     return ranges
 
 
-def consumed_per_worker(counts: Sequence[int], batch_size: int, drop_last: bool,
-                        consumed: int) -> tuple[list[int], int]:
+def consumed_per_worker(
+    counts: Sequence[int], batch_size: int, drop_last: bool, consumed: int
+) -> tuple[list[int], int]:
     """(samples each worker had produced, the worker whose batch comes next) once the DataLoader
     yielded `consumed` samples of this rank. DataLoader takes one batch from each worker in turn and
     passes over a worker with no batch left."""
@@ -80,6 +91,7 @@ def consumed_per_worker(counts: Sequence[int], batch_size: int, drop_last: bool,
 
 # --- the dataset ---------------------------------------------------------------------------------------
 
+
 def _world() -> tuple[int, int]:
     from streaming.base.world import World
 
@@ -94,9 +106,19 @@ class LatentWdsDataset(IterableDataset):
     parsing it (ditscale.data.integrity); a mismatch, a bad tar or a short shard raises DataError naming
     the shard's file."""
 
-    def __init__(self, root: str, metadata: dict, shards: list[dict], *, seed: int = 0, shuffle: bool = True,
-                 shuffle_buffer: int = 2000, hflip: bool = True, image: ImageColumn | None = None,
-                 remote_wait_s: float = 600.0):
+    def __init__(
+        self,
+        root: str,
+        metadata: dict,
+        shards: list[dict],
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        shuffle_buffer: int = 2000,
+        hflip: bool = True,
+        image: ImageColumn | None = None,
+        remote_wait_s: float = 600.0,
+    ):
         super().__init__()
         self.root, self.metadata, self.seed, self.shuffle = root, metadata, int(seed), shuffle
         self.shuffle_buffer, self.hflip, self.image, self.remote_wait_s = shuffle_buffer, hflip, image, remote_wait_s
@@ -108,7 +130,7 @@ class LatentWdsDataset(IterableDataset):
         self._shape, self._plane = (c, size, size), c * size * size
         self._npy_header = _npy_header((2, c, size, size))
         self.next_epoch = 0
-        self._resume: tuple[int, int] | None = None     # (epoch, samples consumed over all ranks)
+        self._resume: tuple[int, int] | None = None  # (epoch, samples consumed over all ranks)
         self._active: tuple[int, int, int, bool] | None = None  # (epoch, consumed, batch size, drop_last)
         self._current_epoch = 0
 
@@ -137,8 +159,12 @@ class LatentWdsDataset(IterableDataset):
     def state_dict(self, num_samples: int, from_beginning: bool) -> dict[str, Any]:
         """Like StreamingDataset.state_dict: num_samples counts samples yielded over all ranks."""
         start = 0 if from_beginning or self._active is None else self._active[1]
-        return {"format": "wds", "epoch": self._current_epoch, "sample_in_epoch": start + int(num_samples),
-                "seed": self.seed}
+        return {
+            "format": "wds",
+            "epoch": self._current_epoch,
+            "sample_in_epoch": start + int(num_samples),
+            "seed": self.seed,
+        }
 
     def load_state_dict(self, obj: dict[str, Any]) -> None:
         if obj.get("format") != "wds":
@@ -161,8 +187,16 @@ class LatentWdsDataset(IterableDataset):
         # DataLoader starts its round with worker 0: worker 0 plays the part whose batch is next
         worker = (physical + next_worker) % num_workers
         skip = taken[worker]
-        ranges = plan_epoch(self.counts, seed=self.seed, epoch=epoch, shuffle=self.shuffle,
-                            num_ranks=num_ranks, rank=rank, num_workers=num_workers, worker=worker)
+        ranges = plan_epoch(
+            self.counts,
+            seed=self.seed,
+            epoch=epoch,
+            shuffle=self.shuffle,
+            num_ranks=num_ranks,
+            rank=rank,
+            num_workers=num_workers,
+            worker=worker,
+        )
         stream = self._samples(ranges)
         if self.shuffle:
             rng = random.Random(f"{self.seed}/{epoch}/{rank}/{worker}")
@@ -196,7 +230,7 @@ class LatentWdsDataset(IterableDataset):
         for name in ("mean", "logvar"):
             data = sample[f"{name}.npy"]
             if data.startswith(self._npy_header) and len(data) == len(self._npy_header) + 4 * self._plane:
-                at = len(self._npy_header) + flip * 2 * self._plane      # straight to the chosen flip
+                at = len(self._npy_header) + flip * 2 * self._plane  # straight to the chosen flip
                 array = np.frombuffer(data, np.float16, self._plane, at).reshape(self._shape)
             else:  # written by another numpy: parse the header (never unpickling)
                 array = np.load(io.BytesIO(data), allow_pickle=False)[flip]
@@ -204,23 +238,44 @@ class LatentWdsDataset(IterableDataset):
         if self.image is not None:
             data = sample.get(self.image.wds_field)
             if data is None:
-                raise DataError(f"{self.root}: sample {index} has no {self.image.wds_field}, dataset.json says the "
-                                f"shards keep images")
+                raise DataError(
+                    f"{self.root}: sample {index} has no {self.image.wds_field}, dataset.json says the "
+                    f"shards keep images"
+                )
             out["image"] = torch.from_numpy(flipped(self.image.decode(data), flip))
         return {**out, "label": int(sample["cls"]), "index": index}
 
 
-def open_dataset(root: str, meta: dict, *, batch_size: int, seed: int, shuffle: bool, hflip: bool,
-                 local: str | None, shuffle_buffer: int, image: ImageColumn | None = None,
-                 remote_wait_s: float = 600.0,
-                 **streaming_kwargs: Any) -> LatentWdsDataset:
+def open_dataset(
+    root: str,
+    meta: dict,
+    *,
+    batch_size: int,
+    seed: int,
+    shuffle: bool,
+    hflip: bool,
+    local: str | None,
+    shuffle_buffer: int,
+    image: ImageColumn | None = None,
+    remote_wait_s: float = 600.0,
+    **streaming_kwargs: Any,
+) -> LatentWdsDataset:
     """The "wds" format's reader (`ditscale.data.build_dataset`): tars listed by the root's wds_index.json,
     read where they are (no cache: `local` is MDS's; the batch size is the DataLoader's)."""
     if streaming_kwargs:
         raise ValueError(f"webdataset reader takes no streaming options: {sorted(streaming_kwargs)}")
     _, index = read_index(root, WDS_INDEX)
-    return LatentWdsDataset(root, meta, index["shards"], seed=seed, shuffle=shuffle,
-                            shuffle_buffer=shuffle_buffer, hflip=hflip, image=image, remote_wait_s=remote_wait_s)
+    return LatentWdsDataset(
+        root,
+        meta,
+        index["shards"],
+        seed=seed,
+        shuffle=shuffle,
+        shuffle_buffer=shuffle_buffer,
+        hflip=hflip,
+        image=image,
+        remote_wait_s=remote_wait_s,
+    )
 
 
 def _fetch(url: str, remote_wait_s: float) -> bytes:
@@ -236,8 +291,12 @@ def _fetch(url: str, remote_wait_s: float) -> bytes:
         if url.split(":", 1)[0] in gopen_schemes:
             with gopen(url, "rb") as f:
                 return f.read()
-        return patiently(lambda: read_bytes(url), url, remote_wait_s,
-                         say=lambda m: print(f"[ditscale.data] {m}", file=sys.stderr, flush=True))
+        return patiently(
+            lambda: read_bytes(url),
+            url,
+            remote_wait_s,
+            say=lambda m: print(f"[ditscale.data] {m}", file=sys.stderr, flush=True),
+        )
     except OSError as e:
         raise DataError(f"{url}: cannot be read ({e})") from None
 

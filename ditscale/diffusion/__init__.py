@@ -1,4 +1,5 @@
 """The DiT paper's Gaussian diffusion: schedules, hybrid loss, respacing, DDPM / DDIM samplers, guidance."""
+
 from __future__ import annotations
 
 from .gaussian import GaussianDiffusion, LossType, ModelMeanType, ModelVarType

@@ -8,6 +8,7 @@ The schedule is computed once in float64 and cached per (device, dtype); every p
 gather from those tables, so the training loss and the sampling steps never synchronise with the host and
 trace under torch.compile without graph breaks.
 """
+
 from __future__ import annotations
 
 import enum
@@ -172,9 +173,10 @@ class GaussianDiffusion(Samplers):
         return mean, variance, log_variance
 
     def _predict_xstart_from_eps(self, x_t, t, eps):
-        return self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t - self._extract(
-            "sqrt_recipm1_alphas_cumprod", t, x_t
-        ) * eps
+        return (
+            self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t
+            - self._extract("sqrt_recipm1_alphas_cumprod", t, x_t) * eps
+        )
 
     def _predict_eps_from_xstart(self, x_t, t, pred_xstart):
         return (self._extract("sqrt_recip_alphas_cumprod", t, x_t) * x_t - pred_xstart) / self._extract(

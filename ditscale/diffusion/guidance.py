@@ -6,6 +6,7 @@ DiT paper guides 3 of the 4 latent channels by default); the other channels — 
 channels and the learned-variance channels — pass through from each half. Sample with the doubled
 noise, then keep the first half (`samples.chunk(2)[0]`).
 """
+
 from __future__ import annotations
 
 import torch

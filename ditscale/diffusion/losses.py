@@ -1,4 +1,5 @@
 """Terms of the variational bound: Gaussian KL and the discretised Gaussian log-likelihood of 8-bit data."""
+
 from __future__ import annotations
 
 import math
@@ -15,14 +16,10 @@ def mean_flat(x: torch.Tensor) -> torch.Tensor:
 
 def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
     """KL(N(mean1, e^logvar1) ‖ N(mean2, e^logvar2)) elementwise, in nats (arguments broadcast)."""
-    return 0.5 * (
-        -1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2)
-    )
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
 
 
-def discretized_gaussian_log_likelihood(
-    x: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor
-) -> torch.Tensor:
+def discretized_gaussian_log_likelihood(x: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor) -> torch.Tensor:
     """log P(bin of x) under N(means, e^(2·log_scales)), for x in [-1, 1] on the 256 levels of 8-bit data.
 
     Each level k (x = −1 + 2k/255) owns [x − 1/255, x + 1/255]; the two end bins extend to ±∞ so the 256

@@ -4,6 +4,7 @@ The respaced process keeps ᾱ at the kept steps s_0 < s_1 < …: its β_i = 1 �
 marginals q(x_i | x₀) are exactly those of the original process at step s_i. The model, trained on the
 original steps, is called with s_i rather than i.
 """
+
 from __future__ import annotations
 
 import torch
@@ -23,11 +24,9 @@ def space_timesteps(num_timesteps: int, section_counts) -> set[int]:
         spec = section_counts.strip()
         if spec.startswith("ddim"):
             try:
-                desired = int(spec[len("ddim"):])
+                desired = int(spec[len("ddim") :])
             except ValueError:
-                raise ValueError(
-                    f"timestep_respacing {section_counts!r}: expected 'ddimN' with N an integer"
-                ) from None
+                raise ValueError(f"timestep_respacing {section_counts!r}: expected 'ddimN' with N an integer") from None
             for stride in range(1, num_timesteps):
                 if len(range(0, num_timesteps, stride)) == desired:
                     return set(range(0, num_timesteps, stride))

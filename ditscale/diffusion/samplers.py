@@ -5,6 +5,7 @@ draw of the sample's shape per step (DDPM: every step, the last one's scaled by 
 η > 0, none when η = 0) — so a seeded generator reproduces the samples exactly. The loops make
 T = num_timesteps model calls, at t = T − 1 … 0.
 """
+
 from __future__ import annotations
 
 from typing import Iterator
@@ -43,7 +44,9 @@ def ddpm_update(out: dict, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
     return out["mean"] + _not_last(t, x) * torch.exp(0.5 * out["log_variance"]) * noise
 
 
-def ddim_update(diffusion, out: dict, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, eta: float) -> torch.Tensor:
+def ddim_update(
+    diffusion, out: dict, x: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, eta: float
+) -> torch.Tensor:
     """The DDIM step (Song et al. eq. 12) from p_mean_variance's `out`; `noise` is scaled by σ_η (0 at η = 0)."""
     eps = diffusion._predict_eps_from_xstart(x, t, out["pred_xstart"])
     ab, ab_prev = diffusion._extract("alphas_cumprod", t, x), diffusion._extract("alphas_cumprod_prev", t, x)
@@ -108,53 +111,119 @@ class Samplers:
             x = out["sample"]
 
     def p_sample_loop_progressive(
-        self, model, shape, noise=None, *, clip_denoised=False, denoised_fn=None, model_kwargs=None,
-        device=None, progress=False, generator=None,
+        self,
+        model,
+        shape,
+        noise=None,
+        *,
+        clip_denoised=False,
+        denoised_fn=None,
+        model_kwargs=None,
+        device=None,
+        progress=False,
+        generator=None,
     ) -> Iterator[dict]:
         """Yields p_sample's {"sample", "pred_xstart"} after each of the T steps."""
+
         def step(model, x, t):
             return self.p_sample(
-                model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-                model_kwargs=model_kwargs, generator=generator,
+                model,
+                x,
+                t,
+                clip_denoised=clip_denoised,
+                denoised_fn=denoised_fn,
+                model_kwargs=model_kwargs,
+                generator=generator,
             )
 
         return self._loop(step, model, shape, noise, device, progress, generator, "DDPM")
 
     def p_sample_loop(
-        self, model, shape, noise=None, *, clip_denoised=False, denoised_fn=None, model_kwargs=None,
-        device=None, progress=False, generator=None,
+        self,
+        model,
+        shape,
+        noise=None,
+        *,
+        clip_denoised=False,
+        denoised_fn=None,
+        model_kwargs=None,
+        device=None,
+        progress=False,
+        generator=None,
     ) -> torch.Tensor:
         """Ancestral sampling from x_T = noise (or a standard-normal draw) to x₀; returns x₀ (fp32)."""
         out = None
         for out in self.p_sample_loop_progressive(
-            model, shape, noise, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-            model_kwargs=model_kwargs, device=device, progress=progress, generator=generator,
+            model,
+            shape,
+            noise,
+            clip_denoised=clip_denoised,
+            denoised_fn=denoised_fn,
+            model_kwargs=model_kwargs,
+            device=device,
+            progress=progress,
+            generator=generator,
         ):
             pass
         return out["sample"]
 
     def ddim_sample_loop_progressive(
-        self, model, shape, noise=None, *, clip_denoised=False, denoised_fn=None, model_kwargs=None,
-        device=None, progress=False, eta=0.0, generator=None,
+        self,
+        model,
+        shape,
+        noise=None,
+        *,
+        clip_denoised=False,
+        denoised_fn=None,
+        model_kwargs=None,
+        device=None,
+        progress=False,
+        eta=0.0,
+        generator=None,
     ) -> Iterator[dict]:
         """Yields ddim_sample's {"sample", "pred_xstart"} after each of the T steps."""
+
         def step(model, x, t):
             return self.ddim_sample(
-                model, x, t, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-                model_kwargs=model_kwargs, eta=eta, generator=generator,
+                model,
+                x,
+                t,
+                clip_denoised=clip_denoised,
+                denoised_fn=denoised_fn,
+                model_kwargs=model_kwargs,
+                eta=eta,
+                generator=generator,
             )
 
         return self._loop(step, model, shape, noise, device, progress, generator, "DDIM")
 
     def ddim_sample_loop(
-        self, model, shape, noise=None, *, clip_denoised=False, denoised_fn=None, model_kwargs=None,
-        device=None, progress=False, eta=0.0, generator=None,
+        self,
+        model,
+        shape,
+        noise=None,
+        *,
+        clip_denoised=False,
+        denoised_fn=None,
+        model_kwargs=None,
+        device=None,
+        progress=False,
+        eta=0.0,
+        generator=None,
     ) -> torch.Tensor:
         """DDIM sampling from x_T to x₀ over this diffusion's T steps (respace it, e.g. "ddim50", for fewer)."""
         out = None
         for out in self.ddim_sample_loop_progressive(
-            model, shape, noise, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
-            model_kwargs=model_kwargs, device=device, progress=progress, eta=eta, generator=generator,
+            model,
+            shape,
+            noise,
+            clip_denoised=clip_denoised,
+            denoised_fn=denoised_fn,
+            model_kwargs=model_kwargs,
+            device=device,
+            progress=progress,
+            eta=eta,
+            generator=generator,
         ):
             pass
         return out["sample"]

@@ -4,6 +4,7 @@ linear: the DDPM / DiT schedule, β from 1e-4 to 2e-2 over 1000 steps; for other
 multiplied by 1000 / steps (as ADM does) so that the total noise added stays comparable.
 cosine: Improved DDPM's ᾱ(t) = cos²((t/T + s) / (1 + s) · π/2) with s = 0.008, β capped at 0.999.
 """
+
 from __future__ import annotations
 
 import math
@@ -19,14 +20,9 @@ def linear_betas(num_steps: int) -> torch.Tensor:
     return torch.linspace(scale * 1e-4, scale * 2e-2, num_steps, dtype=torch.float64)
 
 
-def betas_for_alpha_bar(
-    num_steps: int, alpha_bar: Callable[[float], float], max_beta: float = 0.999
-) -> torch.Tensor:
+def betas_for_alpha_bar(num_steps: int, alpha_bar: Callable[[float], float], max_beta: float = 0.999) -> torch.Tensor:
     """β_i = 1 − ᾱ((i+1)/T) / ᾱ(i/T), capped at max_beta, for a continuous ᾱ on [0, 1]."""
-    betas = [
-        min(1.0 - alpha_bar((i + 1) / num_steps) / alpha_bar(i / num_steps), max_beta)
-        for i in range(num_steps)
-    ]
+    betas = [min(1.0 - alpha_bar((i + 1) / num_steps) / alpha_bar(i / num_steps), max_beta) for i in range(num_steps)]
     return torch.tensor(betas, dtype=torch.float64)
 
 

@@ -9,6 +9,7 @@ bucket copies cost ~10 ms of a tiny model's ~60 ms step: bench/RESULTS.md). Keys
 the JSON must be "auto" (or absent, or equal to the YAML's value): a conflicting number there is an error
 naming the file and the key.
 """
+
 from __future__ import annotations
 
 import copy
@@ -34,8 +35,10 @@ def read_ds_config(path: str | Path) -> dict:
         raise ConfigError(f"engine.ds_config: {path} must hold a JSON object")
     stage = ds.get("zero_optimization", {}).get("stage")
     if stage not in (1, 2, 3):
-        raise ConfigError(f"{path}: zero_optimization.stage must be 1, 2 or 3 (the EMA reads ZeRO's fp32 "
-                          f"master weights), got {stage!r}")
+        raise ConfigError(
+            f"{path}: zero_optimization.stage must be 1, 2 or 3 (the EMA reads ZeRO's fp32 "
+            f"master weights), got {stage!r}"
+        )
     if ds.get("fp16", {}).get("enabled", False):
         raise ConfigError(f"{path}: fp16 is not supported: use bf16 (or fp32 on CPUs without bf16 units)")
     if not is_bf16(ds) and stage == 3:
@@ -64,8 +67,10 @@ def _fill(ds: dict, key: str, value, where: str) -> None:
         return
     current = ds.get(node, "auto")
     if current != "auto" and current != value:
-        raise ConfigError(f"{where}: '{key}' is {current!r} but the experiment config gives {value!r}; "
-                          f"set it to \"auto\" and choose it in the experiment YAML")
+        raise ConfigError(
+            f"{where}: '{key}' is {current!r} but the experiment config gives {value!r}; "
+            f'set it to "auto" and choose it in the experiment YAML'
+        )
     ds[node] = value
 
 
@@ -78,27 +83,39 @@ def complete_ds_config(ds: dict, cfg: ExperimentConfig, world_size: int, *, univ
     _fill(ds, "train_micro_batch_size_per_gpu", micro, where)
     _fill(ds, "gradient_accumulation_steps", accum, where)
     _fill(ds, "gradient_clipping", cfg.optim.grad_clip, where)
-    if "optimizer" in ds:                 # DeepSpeed's own (e.g. DeepSpeedCPUAdam for offload)
+    if "optimizer" in ds:  # DeepSpeed's own (e.g. DeepSpeedCPUAdam for offload)
         kind = ds["optimizer"].get("type", "")
         if kind.lower() not in ("adamw", "adam"):
             raise ConfigError(f"{where}: optimizer.type must be AdamW, got {kind!r}")
         params = ds["optimizer"].setdefault("params", {})
-        for key, value in (("lr", cfg.optim.lr), ("betas", list(cfg.optim.betas)), ("eps", cfg.optim.eps),
-                           ("weight_decay", cfg.optim.weight_decay)):
+        for key, value in (
+            ("lr", cfg.optim.lr),
+            ("betas", list(cfg.optim.betas)),
+            ("eps", cfg.optim.eps),
+            ("weight_decay", cfg.optim.weight_decay),
+        ):
             _fill(params, key, value, f"{where} optimizer.params")
         if kind.lower() == "adam":
             params["adam_w_mode"] = True
     if cfg.optim.warmup_steps:
         if "scheduler" in ds:
             raise ConfigError(f"{where}: has a scheduler section; use optim.warmup_steps instead")
-        ds["scheduler"] = {"type": "WarmupLR", "params": {
-            "warmup_min_lr": 0.0, "warmup_max_lr": cfg.optim.lr, "warmup_num_steps": cfg.optim.warmup_steps,
-            "warmup_type": "linear"}}
+        ds["scheduler"] = {
+            "type": "WarmupLR",
+            "params": {
+                "warmup_min_lr": 0.0,
+                "warmup_max_lr": cfg.optim.lr,
+                "warmup_num_steps": cfg.optim.warmup_steps,
+                "warmup_type": "linear",
+            },
+        }
     if cfg.engine.compile == "blocks" and zero_stage(ds) == 3:
-        raise ConfigError(f"engine.compile=blocks: {where} is ZeRO-3, whose per-module parameter gathers break "
-                          f"the compiled graphs; use engine.compile=off (or auto) with ZeRO-3, or ZeRO-1/2")
+        raise ConfigError(
+            f"engine.compile=blocks: {where} is ZeRO-3, whose per-module parameter gathers break "
+            f"the compiled graphs; use engine.compile=off (or auto) with ZeRO-3, or ZeRO-1/2"
+        )
     if cfg.engine.nonfinite_check == "async" and is_bf16(ds):
-        ds["bf16"]["check_grad_overflow"] = False       # ditscale.engine.nonfinite watches instead
+        ds["bf16"]["check_grad_overflow"] = False  # ditscale.engine.nonfinite watches instead
     ds.setdefault("steps_per_print", 2**62)
     ds.setdefault("wall_clock_breakdown", False)
     ds.setdefault("checkpoint", {})["load_universal"] = universal
@@ -125,8 +142,14 @@ def build_model(cfg: ExperimentConfig, ds: dict) -> torch.nn.Module:
 def build_optimizer(model: torch.nn.Module, cfg: ExperimentConfig, device: torch.device):
     """torch AdamW over the parameters: fused kernels on CUDA, foreach on CPU."""
     fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-                             weight_decay=cfg.optim.weight_decay, **fast)
+    return torch.optim.AdamW(
+        model.parameters(),
+        lr=cfg.optim.lr,
+        betas=tuple(cfg.optim.betas),
+        eps=cfg.optim.eps,
+        weight_decay=cfg.optim.weight_decay,
+        **fast,
+    )
 
 
 def compile_mode(cfg: ExperimentConfig, ds: dict, device: torch.device) -> str:
@@ -137,8 +160,10 @@ def compile_mode(cfg: ExperimentConfig, ds: dict, device: torch.device) -> str:
     if cfg.engine.compile == "auto":
         return "blocks" if device.type == "cuda" and zero_stage(ds) != 3 else "off"
     if cfg.engine.compile == "blocks" and device.type == "cpu" and not _cxx_compiler():
-        raise ConfigError("engine.compile=blocks on CPU: inductor needs a C++ compiler and none was found "
-                          "($CXX, g++, c++, clang++); install g++ (Debian: apt-get install g++) or use engine.compile=off")
+        raise ConfigError(
+            "engine.compile=blocks on CPU: inductor needs a C++ compiler and none was found "
+            "($CXX, g++, c++, clang++); install g++ (Debian: apt-get install g++) or use engine.compile=off"
+        )
     return cfg.engine.compile
 
 
@@ -161,8 +186,8 @@ def build_engine(cfg: ExperimentConfig, ds: dict, device: torch.device):
     optimizer = None if "optimizer" in ds else build_optimizer(model, cfg, device)
     from ditscale.engine.ema import zero_partition_padding
 
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                           model_parameters=None if optimizer else model.parameters(),
-                                           config=ds)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, model_parameters=None if optimizer else model.parameters(), config=ds
+    )
     zero_partition_padding(engine)
     return engine

@@ -20,6 +20,7 @@ reported on every rank, leaves `latest` alone and removes the partial checkpoint
 
     python -m ditscale.engine.checkpoint verify RUN_DIR|CKPT_DIR      # sizes and checksums, by hand
 """
+
 from __future__ import annotations
 
 import glob
@@ -89,6 +90,7 @@ def fsync_own_files(ckpt_dir: Path, rank: int, own: list[Path]) -> None:
 #                              Finding checkpoints                              #
 #################################################################################
 
+
 def read_meta(ckpt_dir: str | Path) -> dict:
     """meta.json of a checkpoint, with every listed file present at its size; CheckpointError names
     the file that is missing, truncated or unreadable."""
@@ -99,8 +101,9 @@ def read_meta(ckpt_dir: str | Path) -> dict:
     try:
         meta = json.loads(path.read_text())
     except FileNotFoundError:
-        raise CheckpointError(f"checkpoint {ckpt_dir} is incomplete: {path} is missing (a save that did "
-                              f"not finish on every rank)") from None
+        raise CheckpointError(
+            f"checkpoint {ckpt_dir} is incomplete: {path} is missing (a save that did not finish on every rank)"
+        ) from None
     except (OSError, ValueError) as e:
         raise CheckpointError(f"cannot read {path}: {e}") from None
     for rel, entry in meta.get("files", {}).items():
@@ -108,8 +111,9 @@ def read_meta(ckpt_dir: str | Path) -> dict:
         if not f.is_file():
             raise CheckpointError(f"checkpoint file {f} is missing")
         if f.stat().st_size != size:
-            raise CheckpointError(f"checkpoint file {f} has {f.stat().st_size} bytes, {size} were written "
-                                  f"(truncated or replaced)")
+            raise CheckpointError(
+                f"checkpoint file {f} has {f.stat().st_size} bytes, {size} were written (truncated or replaced)"
+            )
     return meta
 
 
@@ -147,7 +151,7 @@ def resolve_resume(run_dir: str | Path, resume: str, log=print, verify=None) -> 
     if resume == "auto":
         return newest_complete(root, log, verify)
     path = Path(resume)
-    if path.is_dir() and (path / POINTER).is_file():          # a ckpt/ root: follow its pointer
+    if path.is_dir() and (path / POINTER).is_file():  # a ckpt/ root: follow its pointer
         path = path / (path / POINTER).read_text().strip()
     meta = read_meta(path)
     if verify and (problem := verify(path, meta)):
@@ -175,8 +179,10 @@ def verify_across_ranks(ckpt_dir: str | Path, meta: dict, log=print) -> str | No
     if not any(isinstance(e, dict) for e in files.values()):
         log(f"checkpoint {ckpt_dir} records no checksums (written by an older version): sizes checked only")
     else:
-        log(f"verified checkpoint {ckpt_dir}: {len(files)} files, {checkpoint_bytes(meta) / 2**20:.1f} MiB, "
-            f"checksums match ({time.time() - t0:.1f} s)")
+        log(
+            f"verified checkpoint {ckpt_dir}: {len(files)} files, {checkpoint_bytes(meta) / 2**20:.1f} MiB, "
+            f"checksums match ({time.time() - t0:.1f} s)"
+        )
     return None
 
 
@@ -223,11 +229,14 @@ def abandon_newer(root: str | Path, step: int, log=print) -> None:
 #                              Per-rank client state                            #
 #################################################################################
 
+
 def rng_state() -> dict:
     np_state = np.random.get_state()
-    state = {"python": random.getstate(),
-             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-             "torch": torch.get_rng_state()}
+    state = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -251,6 +260,7 @@ def seed_everything(seed: int) -> None:
 #################################################################################
 #                                  Save / load                                  #
 #################################################################################
+
 
 def _all_ok(ok: bool) -> bool:
     """True on every rank iff `ok` on every rank (a rank that failed to write must not let the others
@@ -283,11 +293,14 @@ def check_space(root: Path, path: Path, log=print) -> None:
     short = [(r, f) for r, f in enumerate(free) if f < need]
     if short:
         ranks = ", ".join(f"rank {r}: {f}" for r, f in short[:4])
-        raise SaveError(f"not enough free space to save checkpoint {path}: it needs about {need} bytes (the "
-                        f"previous checkpoint {previous.name} took {size}, plus "
-                        f"{integrity.SPACE_MARGIN:.0%}), {min(f for _, f in short)} are free on {root} ({ranks}); "
-                        f"nothing was written and `latest` still names {previous.name}: free space (or move the "
-                        f"run dir) and start again to resume", no_space=True)
+        raise SaveError(
+            f"not enough free space to save checkpoint {path}: it needs about {need} bytes (the "
+            f"previous checkpoint {previous.name} took {size}, plus "
+            f"{integrity.SPACE_MARGIN:.0%}), {min(f for _, f in short)} are free on {root} ({ranks}); "
+            f"nothing was written and `latest` still names {previous.name}: free space (or move the "
+            f"run dir) and start again to resume",
+            no_space=True,
+        )
 
 
 class _Recording:
@@ -307,7 +320,7 @@ class _Recording:
             try:
                 writer(f)
                 self.records[str(f.relative_to(self.path))] = integrity.file_record(f)
-            except Exception as e:      # noqa: BLE001 (reported on every rank)
+            except Exception as e:  # noqa: BLE001 (reported on every rank)
                 self.error = (str(f), e)
 
 
@@ -339,18 +352,20 @@ def _fail(path: Path, failures: list[tuple[int, str, bool]], root: Path) -> Save
     import torch.distributed as dist
 
     if dist.get_rank() == 0:
-        shutil.rmtree(path, ignore_errors=True)            # give back what the partial save took
+        shutil.rmtree(path, ignore_errors=True)  # give back what the partial save took
     dist.barrier()
     pointer = root / POINTER
     latest = pointer.read_text().strip() if pointer.is_file() else "no checkpoint yet"
     lines = "; ".join(f"rank {r}: {msg}" for r, msg, _ in failures[:4])
     more = f" (and {len(failures) - 4} more ranks)" if len(failures) > 4 else ""
-    return SaveError(f"checkpoint {path} could not be written ({lines}{more}); the partial checkpoint was "
-                     f"removed and `latest` still names {latest}", no_space=any(ns for _, _, ns in failures))
+    return SaveError(
+        f"checkpoint {path} could not be written ({lines}{more}); the partial checkpoint was "
+        f"removed and `latest` still names {latest}",
+        no_space=any(ns for _, _, ns in failures),
+    )
 
 
-def save(engine, ema, run_dir: str | Path, step: int, *, client: dict, meta: dict, keep_last: int,
-         log=print) -> Path:
+def save(engine, ema, run_dir: str | Path, step: int, *, client: dict, meta: dict, keep_last: int, log=print) -> Path:
     """Write a complete checkpoint of `step` on every rank, then publish it (meta.json, pointer) and
     rotate. `client` is this rank's state (loader, counters); `meta` rank 0's run description.
     SaveError on every rank when the space is short or any rank's write failed."""
@@ -362,9 +377,9 @@ def save(engine, ema, run_dir: str | Path, step: int, *, client: dict, meta: dic
     path = root / tag
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
-        if path.exists():                        # an incomplete save of this step from a crashed run
+        if path.exists():  # an incomplete save of this step from a crashed run
             shutil.rmtree(path)
-    check_space(root, path, log)                 # (also the barrier after the removal)
+    check_space(root, path, log)  # (also the barrier after the removal)
     t0 = time.time()
     rec = _Recording(path)
     _deepspeed_save(engine, root, tag, rec)
@@ -390,12 +405,19 @@ def save(engine, ema, run_dir: str | Path, step: int, *, client: dict, meta: dic
     if rank == 0:
         try:
             files = {rel: r for _, records in everyone for rel, r in records.items()}
-            for p in sorted(path.rglob("*")):     # files no rank recorded (none expected): checksummed here
+            for p in sorted(path.rglob("*")):  # files no rank recorded (none expected): checksummed here
                 if p.is_file() and str(p.relative_to(path)) not in files:
                     files[str(p.relative_to(path))] = integrity.file_record(p)
-            meta = {**meta, "step": step, "tag": tag, "world_size": world,
-                    "zero_stage": engine.zero_optimization_stage(), "files": dict(sorted(files.items())),
-                    "checksum": integrity.CHECKSUM, "saved_at": time.time()}
+            meta = {
+                **meta,
+                "step": step,
+                "tag": tag,
+                "world_size": world,
+                "zero_stage": engine.zero_optimization_stage(),
+                "files": dict(sorted(files.items())),
+                "checksum": integrity.CHECKSUM,
+                "saved_at": time.time(),
+            }
             atomic_write(path / META, json.dumps(meta, indent=1, default=str).encode())
             atomic_write(root / POINTER, tag.encode())
         except Exception as e:  # noqa: BLE001
@@ -427,8 +449,19 @@ def make_universal(ckpt_dir: str | Path, run_dir: str | Path, log=print) -> Path
         shutil.rmtree(out, ignore_errors=True)
         out.parent.mkdir(parents=True, exist_ok=True)
         log(f"converting {ckpt_dir} to a universal checkpoint in {out}")
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ckpt_dir),
-               "--output_folder", str(out), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "deepspeed.checkpoint.ds_to_universal",
+            "--input_folder",
+            str(ckpt_dir),
+            "--output_folder",
+            str(out),
+            "--num_extract_workers",
+            "1",
+            "--num_merge_workers",
+            "1",
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             error = f"ds_to_universal failed on {ckpt_dir} (exit {proc.returncode}): {proc.stderr[-2000:]}"
@@ -448,15 +481,17 @@ def load(engine, ckpt_dir: str | Path, meta: dict, *, universal_dir: Path | None
     rank = dist.get_rank()
     load_from = universal_dir or ckpt_dir
     try:
-        got, _ = engine.load_checkpoint(str(load_from.parent), tag=load_from.name, load_optimizer_states=True,
-                                        load_lr_scheduler_states=True)
+        got, _ = engine.load_checkpoint(
+            str(load_from.parent), tag=load_from.name, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
     except Exception as e:
         where = traceback.extract_tb(e.__traceback__)[-1]
-        raise CheckpointError(f"cannot load the DeepSpeed state of {load_from}: {e!r} (at {where.filename}:"
-                              f"{where.lineno}: {where.line})") from e
+        raise CheckpointError(
+            f"cannot load the DeepSpeed state of {load_from}: {e!r} (at {where.filename}:{where.lineno}: {where.line})"
+        ) from e
     if got is None:
         raise CheckpointError(f"DeepSpeed found no checkpoint in {load_from}")
-    zero_partition_padding(engine)                # checkpoints written before it was zeroed
+    zero_partition_padding(engine)  # checkpoints written before it was zeroed
     same_rank = ckpt_dir / "client" / f"rank_{rank:05d}.pt"
     source = same_rank if universal_dir is None or same_rank.exists() else ckpt_dir / "client" / "rank_00000.pt"
     try:
@@ -477,8 +512,9 @@ def load_ema(ema, ckpt_dir: str | Path, meta: dict, *, same_layout: bool) -> Non
     ckpt_dir = Path(ckpt_dir)
     files = sorted(glob.glob(str(ckpt_dir / "ema" / "rank_*.safetensors")))
     if len(files) != meta["world_size"]:
-        raise CheckpointError(f"{ckpt_dir / 'ema'} holds {len(files)} EMA files, the checkpoint was "
-                              f"written by {meta['world_size']} ranks")
+        raise CheckpointError(
+            f"{ckpt_dir / 'ema'} holds {len(files)} EMA files, the checkpoint was written by {meta['world_size']} ranks"
+        )
     try:
         if same_layout:
             ema.load(ckpt_dir / "ema" / f"rank_{dist.get_rank():05d}.safetensors")
@@ -491,6 +527,7 @@ def load_ema(ema, ckpt_dir: str | Path, meta: dict, *, same_layout: bool) -> Non
 #################################################################################
 #                                Fault injection                                #
 #################################################################################
+
 
 def _fault_point(where: str, rank: int, step: int, path: Path) -> None:
     """For the crash tests: DITSCALE_TEST_HANG="save:RANK:STEP" makes that rank stop inside that save,
@@ -505,6 +542,7 @@ def _fault_point(where: str, rank: int, step: int, path: Path) -> None:
 #################################################################################
 #                         By hand: python -m ... verify                         #
 #################################################################################
+
 
 def _verify_here(ckpt_dir: Path, meta: dict) -> str | None:
     files = meta.get("files", {})
@@ -536,9 +574,12 @@ def verify_run(target: str | Path, out=print) -> int:
         problem = _verify_here(path, meta)
         bad += problem is not None
         checked = "checksums match" if meta.get("checksum") else "no checksums recorded (older version): sizes match"
-        out(f"{path}: BAD: {problem}" if problem else
-            f"{path}: ok: step {meta['step']}, {len(meta.get('files', {}))} files, "
-            f"{checkpoint_bytes(meta) / 2**20:.1f} MiB, {checked} ({time.time() - t0:.1f} s)")
+        out(
+            f"{path}: BAD: {problem}"
+            if problem
+            else f"{path}: ok: step {meta['step']}, {len(meta.get('files', {}))} files, "
+            f"{checkpoint_bytes(meta) / 2**20:.1f} MiB, {checked} ({time.time() - t0:.1f} s)"
+        )
     if len(found) > 1:
         usable = newest_complete(found[0].parent, log=lambda *_: None, verify=_verify_here)
         out(f"resume auto would start from: {usable or 'nothing (no intact checkpoint)'}")
@@ -548,11 +589,15 @@ def verify_run(target: str | Path, out=print) -> int:
 def main(argv=None) -> int:
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m ditscale.engine.checkpoint",
-                                 description="Inspect a run's checkpoints by hand.")
+    ap = argparse.ArgumentParser(
+        prog="python -m ditscale.engine.checkpoint", description="Inspect a run's checkpoints by hand."
+    )
     sub = ap.add_subparsers(dest="command", required=True)
-    v = sub.add_parser("verify", help="check every checkpoint: complete, sizes and checksums of all files "
-                                      "(exit 0 intact, 1 a checkpoint is damaged, 2 none found)")
+    v = sub.add_parser(
+        "verify",
+        help="check every checkpoint: complete, sizes and checksums of all files "
+        "(exit 0 intact, 1 a checkpoint is damaged, 2 none found)",
+    )
     v.add_argument("path", help="RUN_DIR, RUN_DIR/ckpt, or one RUN_DIR/ckpt/step_* directory")
     args = ap.parse_args(argv)
     return verify_run(args.path)

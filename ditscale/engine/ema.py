@@ -10,6 +10,7 @@ On disk a rank's EMA is a safetensors file of 1-D tensors named "<param>@<start>
 shapes in its metadata. Any set of such files, from any world size or ZeRO stage, can be re-cut for
 another layout (`load_resharded`) or assembled into full tensors (`assemble`) one parameter at a time.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,10 +25,10 @@ EMA_FORMAT = "ditscale-ema-shards-v1"
 
 @dataclass
 class Shard:
-    name: str                   # parameter name (official DiT layout)
-    start: int                  # offset in the flattened parameter
-    shape: tuple[int, ...]      # the full parameter's shape
-    master: torch.Tensor        # 1-D fp32 view into the optimizer's master weights, numel elements
+    name: str  # parameter name (official DiT layout)
+    start: int  # offset in the flattened parameter
+    shape: tuple[int, ...]  # the full parameter's shape
+    master: torch.Tensor  # 1-D fp32 view into the optimizer's master weights, numel elements
 
     @property
     def numel(self) -> int:
@@ -37,6 +38,7 @@ class Shard:
 #################################################################################
 #                       Where this rank's master weights are                    #
 #################################################################################
+
 
 def _followed(engine):
     """(name, parameter) pairs the EMA follows: trainable, and exported (a training module may keep
@@ -61,8 +63,11 @@ def _zero3_partitions(engine, params):
 
 def _zero3_shards(engine) -> list[Shard]:
     flats = engine.optimizer.fp32_partitioned_groups_flat
-    return [Shard(name, start, tuple(p.ds_shape), flats[group].narrow(0, offset, real))
-            for name, p, group, offset, part, start, real in _zero3_partitions(engine, _followed(engine)) if real]
+    return [
+        Shard(name, start, tuple(p.ds_shape), flats[group].narrow(0, offset, real))
+        for name, p, group, offset, part, start, real in _zero3_partitions(engine, _followed(engine))
+        if real
+    ]
 
 
 @torch.no_grad()
@@ -82,10 +87,11 @@ def zero_partition_padding(engine) -> int:
         padded += part - real
         p.ds_tensor.narrow(0, real, part - real).zero_()
         flat = opt.fp32_partitioned_groups_flat[group]
-        targets = [flat] + [s for s in opt.optimizer.state.get(flat, {}).values()
-                            if torch.is_tensor(s) and s.shape == flat.shape]
+        targets = [flat] + [
+            s for s in opt.optimizer.state.get(flat, {}).values() if torch.is_tensor(s) and s.shape == flat.shape
+        ]
         for t in targets:
-            if t.numel():                   # NVMe-swapped groups hold no memory here
+            if t.numel():  # NVMe-swapped groups hold no memory here
                 t.narrow(0, offset + real, part - real).zero_()
     return padded
 
@@ -95,7 +101,7 @@ def _hp_mapping_shards(engine) -> list[Shard]:
     for name, p in _followed(engine):
         mapping = getattr(p, "_hp_mapping", None)
         if mapping is None:
-            continue                                                     # no piece of p on this rank
+            continue  # no piece of p on this rank
         shards.append(Shard(name, mapping.lp_fragment_address.start, tuple(p.shape), mapping.get_hp_fragment()))
     return shards
 
@@ -106,8 +112,10 @@ def master_shards(engine) -> list[Shard]:
     if engine.zero_optimization_stage() == 3:
         return _zero3_shards(engine)
     if not any(hasattr(p, "_hp_mapping") for p in engine.module.parameters()):
-        raise RuntimeError(f"{type(engine.optimizer).__name__} keeps no fp32 master mapping: the EMA needs "
-                           f"bf16 with a ZeRO stage (ds_configs/zero*_bf16.json)")
+        raise RuntimeError(
+            f"{type(engine.optimizer).__name__} keeps no fp32 master mapping: the EMA needs "
+            f"bf16 with a ZeRO stage (ds_configs/zero*_bf16.json)"
+        )
     return _hp_mapping_shards(engine)
 
 
@@ -119,6 +127,7 @@ def module_shards(module: torch.nn.Module) -> list[Shard]:
 #################################################################################
 #                                     The EMA                                   #
 #################################################################################
+
 
 class ShardedEMA:
     """ema ← decay·ema + (1 − decay)·master over this rank's shards, in fp32."""
@@ -147,8 +156,9 @@ class ShardedEMA:
 
         shapes = {s.name: list(s.shape) for s in self.shards}
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_safetensors(tensors, path, metadata={"format": EMA_FORMAT, "decay": repr(self.decay),
-                                                  "shapes": json.dumps(shapes)})
+        save_safetensors(
+            tensors, path, metadata={"format": EMA_FORMAT, "decay": repr(self.decay), "shapes": json.dumps(shapes)}
+        )
 
     def load(self, path: str | Path) -> None:
         """Load a file saved by a rank with the same layout (same world size and ZeRO stage)."""
@@ -191,7 +201,7 @@ class ShardIndex:
             raise RuntimeError("no EMA shard files to read")
         self.files = [str(f) for f in files]
         self.shapes: dict[str, tuple[int, ...]] = {}
-        self.pieces: dict[str, list[tuple[int, int, str, str]]] = {}   # name -> [(start, numel, file, key)]
+        self.pieces: dict[str, list[tuple[int, int, str, str]]] = {}  # name -> [(start, numel, file, key)]
         for f in self.files:
             try:
                 with safe_open(f, framework="pt") as h:
@@ -228,11 +238,13 @@ class ShardIndex:
             if lo >= hi:
                 continue
             with safe_open(f, framework="pt") as h:
-                out[lo - start:hi - start] = h.get_slice(key)[lo - p_start:hi - p_start]
+                out[lo - start : hi - start] = h.get_slice(key)[lo - p_start : hi - p_start]
             filled += hi - lo
         if filled != numel:
-            raise RuntimeError(f"EMA files cover {filled} of elements [{start}, {start + numel}) of {name}: "
-                               f"files missing or of different runs")
+            raise RuntimeError(
+                f"EMA files cover {filled} of elements [{start}, {start + numel}) of {name}: "
+                f"files missing or of different runs"
+            )
         return out
 
     def full(self, name: str) -> torch.Tensor:
@@ -249,7 +261,7 @@ def gather_full(ema: ShardedEMA, all_ranks: bool = False) -> dict[str, torch.Ten
     whole model on each receiving rank."""
     import torch.distributed as dist
 
-    mine = ([(s.name, s.start, s.shape, e.detach().cpu()) for s, e in zip(ema.shards, ema.ema)])
+    mine = [(s.name, s.start, s.shape, e.detach().cpu()) for s, e in zip(ema.shards, ema.ema)]
     if not dist.is_initialized() or dist.get_world_size() == 1:
         everyone = [mine]
     elif all_ranks:
@@ -265,7 +277,7 @@ def gather_full(ema: ShardedEMA, all_ranks: bool = False) -> dict[str, torch.Ten
         for name, start, shape, values in pieces:
             if name not in full:
                 full[name] = torch.zeros(shape, dtype=torch.float32)
-            full[name].view(-1)[start:start + values.numel()] = values
+            full[name].view(-1)[start : start + values.numel()] = values
     return full
 
 

@@ -13,6 +13,7 @@ process holds more than one shard (raw weights of ZeRO-1/2: the fp32 model, whic
 whole; such models fit one GPU). A `<name>.json` beside the weights holds the DiT kwargs, the step
 and the dataset's vae / scale factor / classes (what `ditscale.sample` reads).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,8 +45,10 @@ def find_checkpoint(path: str | Path) -> Path:
         if (root / POINTER).is_file():
             return root / (root / POINTER).read_text().strip()
     if path.is_dir() and not (path / "meta.json").exists() and not path.name.startswith("step_"):
-        raise CheckpointError(f"no checkpoint in {path}: give a ckpt/step_* directory, a ckpt/ directory with a "
-                              f"'latest' file, or a run directory")
+        raise CheckpointError(
+            f"no checkpoint in {path}: give a ckpt/step_* directory, a ckpt/ directory with a "
+            f"'latest' file, or a run directory"
+        )
     return path
 
 
@@ -81,8 +84,9 @@ def weight_reader(ckpt: Path, meta: dict, weights: str) -> tuple[dict[str, tuple
 
         files = sorted((ckpt / "ema").glob("rank_*.safetensors"))
         if len(files) != meta["world_size"]:
-            raise CheckpointError(f"{ckpt / 'ema'} holds {len(files)} EMA files; the checkpoint has "
-                                  f"{meta['world_size']} ranks")
+            raise CheckpointError(
+                f"{ckpt / 'ema'} holds {len(files)} EMA files; the checkpoint has {meta['world_size']} ranks"
+            )
         index = ShardIndex(files)
         return {n: index.shapes[n] for n in index.names()}, lambda names: {n: index.full(n) for n in names}
     from ditscale.repa.model import is_training_only
@@ -100,18 +104,28 @@ def weight_reader(ckpt: Path, meta: dict, weights: str) -> tuple[dict[str, tuple
 
 
 def parse_size(text: str) -> int:
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    units = {
+        "": 1,
+        "B": 1,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+    }
     t = text.strip().upper()
     number = t.rstrip("KMGTIB")
     try:
-        return int(float(number) * units[t[len(number):]])
+        return int(float(number) * units[t[len(number) :]])
     except (ValueError, KeyError):
         raise ValueError(f"--max-shard-size {text!r}: expected a size such as 5GB or 500MB") from None
 
 
-def export(ckpt: str | Path, out: str | Path, weights: str = "ema", max_shard_bytes: int = 10 * 10**9,
-           log=print) -> list[Path]:
+def export(
+    ckpt: str | Path, out: str | Path, weights: str = "ema", max_shard_bytes: int = 10 * 10**9, log=print
+) -> list[Path]:
     """Write the weights of a checkpoint (`write_weights`) and the `<stem>.json` sidecar; returns the
     weights files written (weights, then the index if any)."""
     from ditscale.config import model_from_dict
@@ -126,8 +140,10 @@ def export(ckpt: str | Path, out: str | Path, weights: str = "ema", max_shard_by
     if shapes != expected:
         missing, extra = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
         wrong = sorted(k for k in set(expected) & set(shapes) if expected[k] != shapes[k])
-        raise CheckpointError(f"{ckpt}: {weights} weights do not fit the configured DiT (missing {missing[:5]}, "
-                              f"unexpected {extra[:5]}, other shapes {wrong[:5]})")
+        raise CheckpointError(
+            f"{ckpt}: {weights} weights do not fit the configured DiT (missing {missing[:5]}, "
+            f"unexpected {extra[:5]}, other shapes {wrong[:5]})"
+        )
 
     def tensors(names: list[str]) -> dict[str, torch.Tensor]:
         trained = read([n for n in names if n not in fixed])
@@ -135,8 +151,15 @@ def export(ckpt: str | Path, out: str | Path, weights: str = "ema", max_shard_by
 
     file_meta = {"format": "pt", "weights": weights, "step": str(meta["step"]), "layout": "official-dit"}
     files = write_weights(out, shapes, tensors, max_shard_bytes, file_meta, log)
-    side = {"model": dit_kwargs, "weights": weights, "step": meta["step"], "images_seen": meta.get("images_seen"),
-            "checkpoint": str(ckpt), "config_hash": meta.get("config_hash"), "dataset": meta.get("dataset", {})}
+    side = {
+        "model": dit_kwargs,
+        "weights": weights,
+        "step": meta["step"],
+        "images_seen": meta.get("images_seen"),
+        "checkpoint": str(ckpt),
+        "config_hash": meta.get("config_hash"),
+        "dataset": meta.get("dataset", {}),
+    }
     sidecar(out).write_text(json.dumps(side, indent=1))
     return files
 

@@ -10,6 +10,7 @@ error that says what happened.
 - Errors: `describe_write_error` turns what a failed write raised (an OSError, or the RuntimeError torch's
   zip writer makes of one) into a sentence naming the path, and tells "no space" (ENOSPC, EDQUOT) apart.
 """
+
 from __future__ import annotations
 
 import errno
@@ -41,6 +42,7 @@ def file_record(path: str | Path) -> dict:
 #                              Recording DeepSpeed's writes                     #
 #################################################################################
 
+
 class RecordingCheckpointEngine:
     """Wraps a DeepSpeed checkpoint engine for one save: every file it writes is checksummed right after
     writing, and a write that fails is recorded instead of raised, so this rank still takes part in the
@@ -49,7 +51,7 @@ class RecordingCheckpointEngine:
 
     def __init__(self, inner):
         self.inner = inner
-        self.records: dict[str, dict] = {}          # absolute path -> file_record
+        self.records: dict[str, dict] = {}  # absolute path -> file_record
         self.error: tuple[str, BaseException] | None = None
 
     def save(self, state_dict, path: str):
@@ -58,7 +60,7 @@ class RecordingCheckpointEngine:
         try:
             self.inner.save(state_dict, path)
             self.records[str(Path(path).resolve())] = file_record(path)
-        except Exception as e:      # noqa: BLE001 (reported by the caller, on every rank)
+        except Exception as e:  # noqa: BLE001 (reported by the caller, on every rank)
             self.error = (str(path), e)
 
     def __getattr__(self, name):
@@ -68,6 +70,7 @@ class RecordingCheckpointEngine:
 #################################################################################
 #                                  Verification                                 #
 #################################################################################
+
 
 def recorded_size(entry) -> int:
     """A meta.json file entry: {"bytes", "xxh3_64"}, or the bare size older checkpoints recorded."""
@@ -99,8 +102,10 @@ def verify_files(ckpt_dir: str | Path, files: dict[str, object], names: list[str
             problems.append(f"cannot read checkpoint file {path}: {e.strerror or e}")
             continue
         if got != entry[CHECKSUM]:
-            problems.append(f"checkpoint file {path} is corrupt: its {CHECKSUM} is {got}, {entry[CHECKSUM]} "
-                            f"was recorded when it was written")
+            problems.append(
+                f"checkpoint file {path} is corrupt: its {CHECKSUM} is {got}, {entry[CHECKSUM]} "
+                f"was recorded when it was written"
+            )
     return problems
 
 
@@ -108,7 +113,7 @@ def verify_files(ckpt_dir: str | Path, files: dict[str, object], names: list[str
 #                            Free space and write errors                        #
 #################################################################################
 
-SPACE_MARGIN = 0.05           # checkpoints grow a little (loader state, metadata) and the FS rounds up
+SPACE_MARGIN = 0.05  # checkpoints grow a little (loader state, metadata) and the FS rounds up
 SPACE_SLACK = 1 << 20
 
 
@@ -165,6 +170,9 @@ def describe_write_error(path: str | Path, e: BaseException) -> tuple[str, bool]
     if os_err is not None:
         no_space = os_err.errno in NO_SPACE
         what = os.strerror(os_err.errno).lower() if os_err.errno else str(os_err)
-        return (f"writing {path} failed: {what} (OSError errno {errno.errorcode.get(os_err.errno, os_err.errno)}); "
-                f"{free_bytes(path)} bytes free on its filesystem", no_space)
+        return (
+            f"writing {path} failed: {what} (OSError errno {errno.errorcode.get(os_err.errno, os_err.errno)}); "
+            f"{free_bytes(path)} bytes free on its filesystem",
+            no_space,
+        )
     return f"writing {path} failed: {type(e).__name__}: {e}", False

@@ -5,6 +5,7 @@ Rendezvous: deepspeed / torchrun export MASTER_ADDR/PORT; under srun the batch s
 (slurm/common.sh rendezvous_env); a single process takes a free local port. `init_distributed` exports the
 torch names (RANK, LOCAL_WORLD_SIZE, ...) so every library (DeepSpeed, mosaicml-streaming) sees the same world.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -25,8 +26,8 @@ class DistEnv:
     local_world_size: int
     master_addr: str
     master_port: int
-    launcher: str           # deepspeed | torchrun | slurm | single (runtime.LAUNCHERS)
-    job_tasks: int = 1      # a SLURM batch shell's task count (runtime.RankEnv.job_tasks)
+    launcher: str  # deepspeed | torchrun | slurm | single (runtime.LAUNCHERS)
+    job_tasks: int = 1  # a SLURM batch shell's task count (runtime.RankEnv.job_tasks)
 
 
 def free_port() -> int:
@@ -41,32 +42,55 @@ def detect(env=None) -> DistEnv:
     env = os.environ if env is None else env
     r = runtime.rank_env(env)
     if r.launcher == "slurm" and r.world_size > 1 and "MASTER_ADDR" not in env:
-        raise RuntimeError("srun task without MASTER_ADDR: export MASTER_ADDR/MASTER_PORT in the batch "
-                           "script (slurm/common.sh rendezvous_env does)")
+        raise RuntimeError(
+            "srun task without MASTER_ADDR: export MASTER_ADDR/MASTER_PORT in the batch "
+            "script (slurm/common.sh rendezvous_env does)"
+        )
     port = env.get("MASTER_PORT") or (free_port() if r.launcher == "single" else 29500)
-    return DistEnv(r.rank, r.local_rank, r.world_size, r.local_world_size, env.get("MASTER_ADDR", "127.0.0.1"),
-                   int(port), r.launcher, r.job_tasks)
+    return DistEnv(
+        r.rank,
+        r.local_rank,
+        r.world_size,
+        r.local_world_size,
+        env.get("MASTER_ADDR", "127.0.0.1"),
+        int(port),
+        r.launcher,
+        r.job_tasks,
+    )
 
 
 def pick_device(dist_env: DistEnv, want: str = "auto") -> torch.device:
     """`runtime.pick_device` for this rank: cuda:LOCAL_RANK when CUDA is available (or asked), else cpu;
     $DITSCALE_DEVICE overrides `want`."""
-    return runtime.pick_device(runtime.RankEnv(dist_env.rank, dist_env.world_size, dist_env.local_rank,
-                                               dist_env.local_world_size, dist_env.launcher), want)
+    return runtime.pick_device(
+        runtime.RankEnv(
+            dist_env.rank, dist_env.world_size, dist_env.local_rank, dist_env.local_world_size, dist_env.launcher
+        ),
+        want,
+    )
 
 
 def init_distributed(dist_env: DistEnv, device: torch.device, timeout_min: int = 30) -> None:
     """Export the torch launcher variables and start the process group (nccl on GPUs, gloo on CPU)."""
-    os.environ.update(RANK=str(dist_env.rank), LOCAL_RANK=str(dist_env.local_rank),
-                      WORLD_SIZE=str(dist_env.world_size), LOCAL_WORLD_SIZE=str(dist_env.local_world_size),
-                      MASTER_ADDR=dist_env.master_addr, MASTER_PORT=str(dist_env.master_port))
+    os.environ.update(
+        RANK=str(dist_env.rank),
+        LOCAL_RANK=str(dist_env.local_rank),
+        WORLD_SIZE=str(dist_env.world_size),
+        LOCAL_WORLD_SIZE=str(dist_env.local_world_size),
+        MASTER_ADDR=dist_env.master_addr,
+        MASTER_PORT=str(dist_env.master_port),
+    )
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False,
-                               timeout=datetime.timedelta(minutes=timeout_min), rank=dist_env.rank,
-                               world_size=dist_env.world_size)
+    deepspeed.init_distributed(
+        dist_backend="nccl" if device.type == "cuda" else "gloo",
+        auto_mpi_discovery=False,
+        timeout=datetime.timedelta(minutes=timeout_min),
+        rank=dist_env.rank,
+        world_size=dist_env.world_size,
+    )
     if device.type == "cpu":
         _unlink_shm_buffer(dist_env)
 
@@ -76,8 +100,10 @@ def _unlink_shm_buffer(dist_env: DistEnv) -> None:
     CPU run, and every killed one, leaks them into RAM-backed /dev/shm. Once every rank has mapped every
     buffer (init returned on all ranks: barrier), the names can go; the mappings live on."""
     torch.distributed.barrier()
-    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{dist_env.master_addr}_"
-            f"{dist_env.master_port}_{dist_env.rank}")
+    name = (
+        f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{dist_env.master_addr}_"
+        f"{dist_env.master_port}_{dist_env.rank}"
+    )
     try:
         os.unlink(name)
     except FileNotFoundError:

@@ -15,6 +15,7 @@ The trainer measures after the first step (Adam's moments exist from then on) an
 (the peak RSS then covers every step and save), writes every rank's record into metrics.jsonl (event
 "memory") and logs it: what ZeRO-3 saves, measured.
 """
+
 from __future__ import annotations
 
 import resource
@@ -68,11 +69,16 @@ def rank_state(engine, ema, rss_before_model_gib: float | None = None) -> dict:
     grads = [p.grad for p in params] + [m.grad for m in master]
     if zero3:
         grads.append(getattr(opt, "grad_partitions_flat_buffer", None))
-    rec = {"rank": torch.distributed.get_rank() if torch.distributed.is_initialized() else 0,
-           "model_numel": sum(p.ds_numel if zero3 else p.numel() for p in params),
-           "params": _held(held_params), "grads": _held(grads),
-           "optimizer": _held(master + opt_state), "ema": _held(ema.ema), **process_memory(),
-           "rss_before_model_gib": rss_before_model_gib}
+    rec = {
+        "rank": torch.distributed.get_rank() if torch.distributed.is_initialized() else 0,
+        "model_numel": sum(p.ds_numel if zero3 else p.numel() for p in params),
+        "params": _held(held_params),
+        "grads": _held(grads),
+        "optimizer": _held(master + opt_state),
+        "ema": _held(ema.ema),
+        **process_memory(),
+        "rss_before_model_gib": rss_before_model_gib,
+    }
     device = next(iter(params)).device if params else torch.device("cpu")
     if device.type == "cuda":
         rec["device_gib"] = torch.cuda.memory_allocated(device) / 2**30
@@ -108,12 +114,19 @@ def describe(rec: dict) -> str:
     for kind in ("params", "grads", "optimizer", "ema"):
         held = rec[kind]
         share = held["numel"] / rec["model_numel"] if kind in ("params", "grads") else held["bytes"] / full_fp32
-        parts.append(f"{kind} {_size(held['bytes'])} ({share:.0%})" if held["bytes"] or kind != "grads" else
-                     "grads freed after the step")
+        parts.append(
+            f"{kind} {_size(held['bytes'])} ({share:.0%})"
+            if held["bytes"] or kind != "grads"
+            else "grads freed after the step"
+        )
     rss = "?" if rec["rss_gib"] is None else f"{rec['rss_gib']:.2f}"
     before = rec.get("rss_before_model_gib")
-    line = (f"rank {rec['rank']}: " + ", ".join(parts) + f"; RSS {rss} GiB (peak {rec['peak_rss_gib']:.2f}" +
-            (f", {before:.2f} before the model)" if before is not None else ")"))
+    line = (
+        f"rank {rec['rank']}: "
+        + ", ".join(parts)
+        + f"; RSS {rss} GiB (peak {rec['peak_rss_gib']:.2f}"
+        + (f", {before:.2f} before the model)" if before is not None else ")")
+    )
     if "device_gib" in rec:
         line += f"; device {rec['device_gib']:.2f} GiB (peak {rec['device_peak_gib']:.2f})"
     return line

@@ -12,6 +12,7 @@
   no such step (a blocking read precedes every save). Use it where bad steps are rare (the fp32 master
   weights and bf16 activations of DiT training) and throughput matters.
 """
+
 from __future__ import annotations
 
 import torch
@@ -29,7 +30,7 @@ class NonfiniteWatch:
         self.counter, self.world, self.every_step = counter, world_size, every_step
         cuda = counter.device.type == "cuda"
         self.host = torch.zeros(2, dtype=torch.int64, pin_memory=cuda)
-        self.host_view = self.host.numpy()             # reads that go through numpy: no tensor op, no sync
+        self.host_view = self.host.numpy()  # reads that go through numpy: no tensor op, no sync
         self.events = [torch.cuda.Event() if cuda else None for _ in range(2)]
         self.turn = 0
         self.pending = False
@@ -39,7 +40,7 @@ class NonfiniteWatch:
 
         total = self.counter.clone()
         if self.world > 1 and dist.is_initialized():
-            dist.all_reduce(total)                     # queued on the device's stream (NCCL): no host wait
+            dist.all_reduce(total)  # queued on the device's stream (NCCL): no host wait
         return total
 
     def check(self, *, saving: bool, logging: bool) -> int:
@@ -60,7 +61,7 @@ class NonfiniteWatch:
             self.pending = True
             return 0
         if self.events[previous] is not None:
-            self.events[previous].synchronize()       # the previous step's copy: long done on the device
+            self.events[previous].synchronize()  # the previous step's copy: long done on the device
         return int(self.host_view[previous])
 
     def drain(self) -> int:

@@ -12,6 +12,7 @@ data still stops (without a new checkpoint).
 
 This module imports nothing heavy (no torch at import time): the trainer imports it before torch.
 """
+
 from __future__ import annotations
 
 import os
@@ -22,8 +23,8 @@ from contextlib import contextmanager
 EXIT_PREEMPTED = 85
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
-_received: int | None = None       # the first stop signal this process got (a process-wide latch)
-_waiting_pid: int | None = None    # the process inside StopRequest.waiting() (not forked loader workers)
+_received: int | None = None  # the first stop signal this process got (a process-wide latch)
+_waiting_pid: int | None = None  # the process inside StopRequest.waiting() (not forked loader workers)
 
 
 class StopWaiting(Exception):
@@ -136,6 +137,7 @@ class StopRequest:
 #                           Test hook: a known moment                           #
 #################################################################################
 
+
 def pause_for_test(point: str, timeout_s: float = 600.0) -> None:
     """For the SLURM tests only: DITSCALE_TEST_PAUSE="R:POINT,..." makes allocation R (SLURM_RESTART_COUNT,
     0 outside SLURM) wait at POINT (start, loop, step:N, save:N, done) until a stop signal has arrived, so a
@@ -157,5 +159,8 @@ def pause_for_test(point: str, timeout_s: float = 600.0) -> None:
     deadline = time.monotonic() + timeout_s
     while _received is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    print(f"[ditscale.train] rank {rank}: test pause at {point}: "
-          f"{signal_name(_received) if _received else 'no signal'}, going on", flush=True)
+    print(
+        f"[ditscale.train] rank {rank}: test pause at {point}: "
+        f"{signal_name(_received) if _received else 'no signal'}, going on",
+        flush=True,
+    )

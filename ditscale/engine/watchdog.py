@@ -11,6 +11,7 @@ Not watched, because they may legitimately take longer than a step: start-up up 
 step (engine build, resume, compilation, warm-up) and whatever runs inside `paused(what)` (checkpoint
 saves, sample grids, evaluation); there the collective timeout is the limit.
 """
+
 from __future__ import annotations
 
 import faulthandler
@@ -30,7 +31,7 @@ class StepWatchdog:
         self.timeout_s = timeout_min * 60.0
         self.rank = rank
         self._exit = exit
-        self._last: float | None = None          # monotonic time of the last completed step (None: unarmed)
+        self._last: float | None = None  # monotonic time of the last completed step (None: unarmed)
         self._step: int | None = None
         self._paused: str | None = None
         self._closed = threading.Event()
@@ -67,9 +68,13 @@ class StepWatchdog:
                 return
 
     def _fire(self, idle: float) -> None:
-        print(f"[ditscale.train] rank {self.rank}: error: no training step completed for {idle / 60:.1f} min "
-              f"(last: step {self._step}; train.hang_timeout_min={self.timeout_s / 60:g}): this rank or another "
-              f"is hung; its stacks follow; exiting with {EXIT_HUNG}", file=sys.stderr, flush=True)
+        print(
+            f"[ditscale.train] rank {self.rank}: error: no training step completed for {idle / 60:.1f} min "
+            f"(last: step {self._step}; train.hang_timeout_min={self.timeout_s / 60:g}): this rank or another "
+            f"is hung; its stacks follow; exiting with {EXIT_HUNG}",
+            file=sys.stderr,
+            flush=True,
+        )
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
         sys.stderr.flush()
         sys.stdout.flush()

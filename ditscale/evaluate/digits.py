@@ -8,6 +8,7 @@ digits in a few seconds on a CPU, with the FID Inception's output contract.
 Its FID measures distance to the digits in the features of a digit classifier; like the Inception's, the
 numbers compare models evaluated with the same weights file only.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,11 +34,11 @@ class DigitsFeatureNet(nn.Module):
         self.fc3 = nn.Linear(64, 10)
 
     def forward(self, images):
-        x = images.float().mean(1, keepdim=True) / 127.5 - 1                   # (N, 1, H, W) in [-1, 1]
+        x = images.float().mean(1, keepdim=True) / 127.5 - 1  # (N, 1, H, W) in [-1, 1]
         if x.shape[-2:] != (8, 8):
             x = F.adaptive_avg_pool2d(x, 8)
-        hidden = F.relu(self.fc1(x.flatten(1)))                                 # (N, 128)
-        pool = F.relu(self.fc2(hidden))                                         # (N, 64)
+        hidden = F.relu(self.fc1(x.flatten(1)))  # (N, 128)
+        pool = F.relu(self.fc2(hidden))  # (N, 64)
         return {"pool": pool, "spatial": hidden[:, :32], "logits": self.fc3(pool)}
 
 
@@ -83,8 +84,10 @@ def load_digits_net(path, device="cpu") -> DigitsFeatureNet:
 
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"digits feature network weights not found: {path} "
-                                f"(write them with: python -m ditscale.evaluate.digits --out {path})")
+        raise FileNotFoundError(
+            f"digits feature network weights not found: {path} "
+            f"(write them with: python -m ditscale.evaluate.digits --out {path})"
+        )
     net = DigitsFeatureNet()
     try:
         net.load_state_dict(load_file(str(path)))

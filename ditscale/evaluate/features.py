@@ -4,6 +4,7 @@ A feature network is any nn.Module mapping uint8 images (N, 3, H, W) to a dict o
 least "pool" (FID features) and optionally "spatial" (sFID) and "logits" (IS); FIDInceptionV3 is the real
 one, tests plug in a tiny random one. Image batches everywhere here are the ADM layout: (N, H, W, 3) uint8.
 """
+
 import zipfile
 from pathlib import Path
 
@@ -21,6 +22,7 @@ IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 #                              ADM .npz streaming                               #
 #################################################################################
 
+
 def _open_npy(zf, path, key):
     """Open member `key` of an open .npz and read its header → (file object, shape, dtype)."""
     name = f"{key}.npy"
@@ -29,8 +31,9 @@ def _open_npy(zf, path, key):
         raise ValueError(f"{path}: no array {key!r} (arrays: {keys})")
     f = zf.open(name)
     version = np.lib.format.read_magic(f)
-    read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                   (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+    read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(
+        version
+    )
     if read_header is None:
         raise ValueError(f"{path}: {key} uses .npy format {version}, unsupported")
     shape, fortran, dtype = read_header(f)
@@ -77,6 +80,7 @@ def iter_npz_batches(path, key="arr_0", batch_size=200):
 #                              Folder of images                                 #
 #################################################################################
 
+
 def list_images(root):
     root = Path(root)
     if not root.is_dir():
@@ -114,6 +118,7 @@ def iter_folder_batches(root, resolution, batch_size=200, workers=4):
 #                                  Extraction                                   #
 #################################################################################
 
+
 def device_of(net):
     """Device of a network's parameters (CPU for a network without any)."""
     p = next(net.parameters(), None)
@@ -147,8 +152,9 @@ def npz_features(net, path, batch_size=200, progress=True):
     """Features of the images `arr_0` of an ADM .npz."""
     shape, dtype = npz_array_info(path)
     check_image_array(shape, dtype, f"{path}: arr_0")
-    return extract_features(net, iter_npz_batches(path, "arr_0", batch_size), total=shape[0],
-                            desc=Path(path).name, progress=progress)
+    return extract_features(
+        net, iter_npz_batches(path, "arr_0", batch_size), total=shape[0], desc=Path(path).name, progress=progress
+    )
 
 
 def folder_features(net, root, resolution, batch_size=200, workers=4, progress=True):

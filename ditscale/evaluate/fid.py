@@ -4,6 +4,7 @@ d² = |μ1 - μ2|² + tr(Σ1) + tr(Σ2) - 2 tr((Σ1 Σ2)^½), with the matrix sq
 fallbacks as the TTUR / ADM evaluators (a small ridge when sqrtm is not finite, drop a negligible
 imaginary part).
 """
+
 import warnings
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ from scipy import linalg
 @dataclass(frozen=True)
 class FIDStats:
     """Mean (D,) and covariance (D, D) of a feature set, float64."""
+
     mu: np.ndarray
     sigma: np.ndarray
 

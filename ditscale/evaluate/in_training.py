@@ -12,11 +12,13 @@ noise and label come from (eval.seed, i) alone. Between rounds of chunks the ran
 a preempted evaluation returns None, the trainer checkpoints and exits 85, and the resumed run (the EMA of
 the same step: restored, or recomputed bit-exactly) finishes only the missing chunks.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import time
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -43,8 +45,10 @@ def load_feature_network(name: str, weights, device, resize: str = "tf1"):
     """The FID Inception ("inception") or the digits classifier ("digits") from a local weights file."""
     if name == "digits":
         from ditscale.evaluate.digits import load_digits_net
+
         return load_digits_net(weights, device)
     from ditscale.evaluate.inception import load_inception
+
     return load_inception(weights, device=device, resize=resize)
 
 
@@ -63,7 +67,11 @@ def ema_model(cfg, ema, all_ranks: bool = False):
     return model
 
 
-def _collective(fn: Callable[[], None]) -> None:
+def _savez(f, arrays: dict) -> None:
+    np.savez(f, **arrays)
+
+
+def _collective(fn: Callable[[], object]) -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -82,20 +90,34 @@ class TrainingEval:
             self.net = load_feature_network(self.ec.network, self.ec.weights, device, self.ec.resize)
         except (OSError, ValueError) as e:
             from ditscale.config import ConfigError
+
             raise ConfigError(f"eval.weights: {e}") from None
         self.vae, self.scale = vae_and_scale(cfg.sample.vae or meta["vae"], meta["scale_factor"], device)
-        self.reference = None                                     # rank 0, loaded at the first evaluation
-        self.settings = {k: getattr(self.ec, k) for k in ("num_samples", "sampler", "steps", "cfg_scale",
-                                                          "labels", "seed", "batch_size", "network", "resize")}
-        self.settings.update(weights=str(Path(self.ec.weights).resolve()), model_weights="ema",
-                             guide_channels=self.guide_channels)
+        self.reference = None  # rank 0, loaded at the first evaluation
+        self.settings = {
+            k: getattr(self.ec, k)
+            for k in (
+                "num_samples",
+                "sampler",
+                "steps",
+                "cfg_scale",
+                "labels",
+                "seed",
+                "batch_size",
+                "network",
+                "resize",
+            )
+        }
+        self.settings.update(
+            weights=str(Path(self.ec.weights).resolve()), model_weights="ema", guide_channels=self.guide_channels
+        )
         tag = hashlib.sha256(json.dumps(self.settings, sort_keys=True).encode()).hexdigest()[:8]
         self.tag, self.root = tag, Path(cfg.run_dir) / "eval"
-        self.since = time.perf_counter()                          # wall time of training between evaluations
+        self.since = time.perf_counter()  # wall time of training between evaluations
 
     @property
     def guide_channels(self):
-        return 3 if self.cfg.model.dit_kwargs()["in_channels"] == 4 else "all"   # the official quirk
+        return 3 if self.cfg.model.dit_kwargs()["in_channels"] == 4 else "all"  # the official quirk
 
     def step_dir(self, step: int) -> Path:
         return self.root / f"step_{step:08d}-{self.tag}"
@@ -114,19 +136,31 @@ class TrainingEval:
 
         model = ema_model(self.cfg, ema, all_ranks=True).to(self.device).eval()
         dc = self.cfg.diffusion
-        diffusion = sampling_diffusion(self.ec.sampler, self.ec.steps, learn_sigma=model.learn_sigma,
-                                       noise_schedule=dc.noise_schedule, diffusion_steps=dc.diffusion_steps)
-        return GuidedSampler(model, diffusion, self.ec.sampler, self.ec.cfg_scale, self.guide_channels,
-                             autocast=torch.bfloat16 if self.device.type == "cuda" else None)
+        diffusion = sampling_diffusion(
+            self.ec.sampler,
+            self.ec.steps,
+            learn_sigma=model.learn_sigma,
+            noise_schedule=dc.noise_schedule,
+            diffusion_steps=dc.diffusion_steps,
+        )
+        return GuidedSampler(
+            model,
+            diffusion,
+            self.ec.sampler,
+            self.ec.cfg_scale,
+            self.guide_channels,
+            autocast=torch.bfloat16 if self.device.type == "cuda" else None,
+        )
 
     def _chunk(self, sampler, indices: range) -> dict[str, np.ndarray]:
         from ditscale.sampling.core import decode, index_labels, index_seeds, seeded_noise, to_uint8
 
         labels = index_labels(self.ec.seed, indices, sampler.model.num_classes, self.ec.labels)
-        noise = seeded_noise(index_seeds(self.ec.seed, indices), sampler.latent_shape(len(indices)),
-                             sampler.num_draws, self.device)
-        latents = sampler(noise, torch.from_numpy(labels))                        # (n, C, h, w)
-        images = to_uint8(decode(latents, self.vae, self.scale))                  # (n, H, W, 3)
+        noise = seeded_noise(
+            index_seeds(self.ec.seed, indices), sampler.latent_shape(len(indices)), sampler.num_draws, self.device
+        )
+        latents = sampler(noise, torch.from_numpy(labels))  # (n, C, h, w)
+        images = to_uint8(decode(latents, self.vae, self.scale))  # (n, H, W, 3)
         feats = extract_features(self.net, [images], progress=False)
         return {**feats, "labels": labels, "indices": np.asarray(list(indices), np.int64)}
 
@@ -138,13 +172,13 @@ class TrainingEval:
         chunk = prepare_dir(root, self.settings, self.ec.batch_size)
         ranges = chunk_ranges(self.ec.num_samples, chunk)
         if all(chunk_path(root, j).is_file() for j in range(len(ranges))):
-            return True                                   # the same answer on every rank: none writes yet
-        sampler = self._sampler(ema)                      # a collective: every rank, before any chunk
+            return True  # the same answer on every rank: none writes yet
+        sampler = self._sampler(ema)  # a collective: every rank, before any chunk
         for first in range(0, len(ranges), self.world):
             j = first + self.rank
             if j < len(ranges) and not chunk_path(root, j).is_file():
                 arrays = self._chunk(sampler, ranges[j])
-                atomic_write(chunk_path(root, j), lambda f, a=arrays: np.savez(f, **a))
+                atomic_write(chunk_path(root, j), partial(_savez, arrays=arrays))
             if should_stop():
                 return False
         del sampler
@@ -160,18 +194,31 @@ class TrainingEval:
         root = self.step_dir(step)
         settings = MetricSettings(metrics=tuple(self.ec.metrics))
         if self.reference is None:
-            self.reference = load_reference(self.ec.ref, self.net, with_features="pr" in settings.metrics,
-                                            resolution=self.meta["resolution"], progress=False)
+            self.reference = load_reference(
+                self.ec.ref,
+                self.net,
+                with_features="pr" in settings.metrics,
+                resolution=self.meta["resolution"],
+                progress=False,
+            )
             self.reference_sha256 = reference_sha256(self.ec.ref)
         files = sorted((root / "chunks").glob("*.npz"))
         parts = [dict(np.load(f)) for f in files]
         feats = {k: np.concatenate([p[k] for p in parts]) for k in parts[0] if k not in ("labels", "indices")}
         if sum(len(p["indices"]) for p in parts) != self.ec.num_samples:
-            raise RuntimeError(f"{root}: chunks hold {sum(len(p['indices']) for p in parts)} samples, "
-                               f"expected {self.ec.num_samples}")
+            raise RuntimeError(
+                f"{root}: chunks hold {sum(len(p['indices']) for p in parts)} samples, expected {self.ec.num_samples}"
+            )
         out = compute_metrics(feats, self.reference, settings, device=self.device)
-        return {**out, "settings": {**self.settings, **settings.record(), "ref": self.ec.ref,
-                                    "reference_sha256": self.reference_sha256}}
+        return {
+            **out,
+            "settings": {
+                **self.settings,
+                **settings.record(),
+                "ref": self.ec.ref,
+                "reference_sha256": self.reference_sha256,
+            },
+        }
 
     def run(self, step: int, ema, should_stop: Callable[[], bool]) -> dict | None:
         """Evaluate the EMA at `step` (a collective: every rank calls it). Returns the result on rank 0 ({} on
@@ -186,8 +233,9 @@ class TrainingEval:
         if self.rank == 0:
             result = self._metrics(step)
             end = time.perf_counter()
-            result.update(sampling_s=round(sampled - t0, 2), metrics_s=round(end - sampled, 2),
-                          seconds=round(end - t0, 2))
+            result.update(
+                sampling_s=round(sampled - t0, 2), metrics_s=round(end - sampled, 2), seconds=round(end - t0, 2)
+            )
             (self.step_dir(step) / "result.json").write_text(json.dumps({"step": step, **result}, indent=2) + "\n")
             self._report(step, result, train_s)
         _collective(lambda: torch.distributed.barrier())
@@ -196,15 +244,27 @@ class TrainingEval:
 
     def _report(self, step: int, result: dict, train_s: float) -> None:
         numbers = {k: result[k] for k in NUMBERS if k in result}
-        self.metrics.write_event(event="eval", step=step, num_samples=result["num_samples"], **numbers,
-                                 seconds=result["seconds"], sampling_s=result["sampling_s"],
-                                 metrics_s=result["metrics_s"], settings=result["settings"])
+        self.metrics.write_event(
+            event="eval",
+            step=step,
+            num_samples=result["num_samples"],
+            **numbers,
+            seconds=result["seconds"],
+            sampling_s=result["sampling_s"],
+            metrics_s=result["metrics_s"],
+            settings=result["settings"],
+        )
         if self.metrics.tb is not None:
             for k, v in numbers.items():
                 self.metrics.tb.add_scalar(f"eval/{k}", v, step)
             self.metrics.tb.flush()
         shown = " | ".join(f"{k} {v:.4g}" for k, v in numbers.items())
-        share = f", {result['seconds'] / train_s:.1%} of the {train_s:.0f} s trained since the last one" \
-            if train_s > 0 else ""
-        self.log(f"eval at step {step}: {shown} | cost {result['seconds']:.1f} s for {result['num_samples']} "
-                 f"samples (sampling {result['sampling_s']:.1f} s, metrics {result['metrics_s']:.1f} s{share})")
+        share = (
+            f", {result['seconds'] / train_s:.1%} of the {train_s:.0f} s trained since the last one"
+            if train_s > 0
+            else ""
+        )
+        self.log(
+            f"eval at step {step}: {shown} | cost {result['seconds']:.1f} s for {result['num_samples']} "
+            f"samples (sampling {result['sampling_s']:.1f} s, metrics {result['metrics_s']:.1f} s{share})"
+        )

@@ -12,6 +12,7 @@ Outputs, per image (what the metrics consume):
                       TF (h, w, c) order, the sFID features of the ADM evaluator
   logits   (N, 1008)  pool_3 @ W of the softmax layer, without its bias, as the original IS code does
 """
+
 import hashlib
 from pathlib import Path
 
@@ -34,6 +35,7 @@ RESIZE_MODES = ("torch", "tf1")
 #################################################################################
 #                                  Blocks                                       #
 #################################################################################
+
 
 class BasicConv2d(nn.Module):
     """conv (no bias) → batch norm → ReLU; `conv`/`bn` names match the checkpoint."""
@@ -87,11 +89,14 @@ class InceptionB(nn.Module):
         self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, stride=2)
 
     def forward(self, x):
-        return torch.cat([
-            self.branch3x3(x),
-            self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-            F.max_pool2d(x, 3, stride=2),
-        ], 1)
+        return torch.cat(
+            [
+                self.branch3x3(x),
+                self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+                F.max_pool2d(x, 3, stride=2),
+            ],
+            1,
+        )
 
 
 class InceptionC(nn.Module):
@@ -138,11 +143,14 @@ class InceptionD(nn.Module):
 
     def forward(self, x):
         b7 = self.branch7x7x3_2(self.branch7x7x3_1(x))
-        return torch.cat([
-            self.branch3x3_2(self.branch3x3_1(x)),
-            self.branch7x7x3_4(self.branch7x7x3_3(b7)),
-            F.max_pool2d(x, 3, stride=2),
-        ], 1)
+        return torch.cat(
+            [
+                self.branch3x3_2(self.branch3x3_1(x)),
+                self.branch7x7x3_4(self.branch7x7x3_3(b7)),
+                F.max_pool2d(x, 3, stride=2),
+            ],
+            1,
+        )
 
 
 class InceptionE(nn.Module):
@@ -166,21 +174,28 @@ class InceptionE(nn.Module):
         b3 = self.branch3x3_1(x)
         dbl = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
         pooled = _avg_pool(x) if self.pool == "avg" else F.max_pool2d(x, 3, stride=1, padding=1)
-        return torch.cat([
-            self.branch1x1(x),
-            self.branch3x3_2a(b3), self.branch3x3_2b(b3),
-            self.branch3x3dbl_3a(dbl), self.branch3x3dbl_3b(dbl),
-            self.branch_pool(pooled),
-        ], 1)
+        return torch.cat(
+            [
+                self.branch1x1(x),
+                self.branch3x3_2a(b3),
+                self.branch3x3_2b(b3),
+                self.branch3x3dbl_3a(dbl),
+                self.branch3x3dbl_3b(dbl),
+                self.branch_pool(pooled),
+            ],
+            1,
+        )
 
 
 #################################################################################
 #                                  Network                                      #
 #################################################################################
 
+
 def resize_tf1(x, size):
     """Bilinear resize as TF1's ResizeBilinear (align_corners=False, no half-pixel centres): source
     coordinate = output index × in/out. This is what the TF graph inside the ADM evaluator does."""
+
     def weights(n_in):  # (size, n_in) interpolation matrix
         src = torch.arange(size, dtype=torch.float64) * (n_in / size)
         lo = src.floor().long().clamp(max=n_in - 1)
@@ -232,24 +247,25 @@ class FIDInceptionV3(nn.Module):
         return x / 127.5 - 1.0
 
     def forward(self, images):
-        x = self.preprocess(images)                                    # (N, 3, 299, 299)
+        x = self.preprocess(images)  # (N, 3, 299, 299)
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
-        x = F.max_pool2d(x, 3, stride=2)                               # (N, 64, 73, 73)
+        x = F.max_pool2d(x, 3, stride=2)  # (N, 64, 73, 73)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
-        x = F.max_pool2d(x, 3, stride=2)                               # (N, 192, 35, 35)
-        x = self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x)))             # (N, 288, 35, 35)
-        x = self.Mixed_6c(self.Mixed_6b(self.Mixed_6a(x)))             # (N, 768, 17, 17)
+        x = F.max_pool2d(x, 3, stride=2)  # (N, 192, 35, 35)
+        x = self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x)))  # (N, 288, 35, 35)
+        x = self.Mixed_6c(self.Mixed_6b(self.Mixed_6a(x)))  # (N, 768, 17, 17)
         branches = self.Mixed_6d.branches(x)
-        spatial = branches[0][:, :7].permute(0, 2, 3, 1).flatten(1)    # (N, 17*17*7) in TF's h, w, c order
+        spatial = branches[0][:, :7].permute(0, 2, 3, 1).flatten(1)  # (N, 17*17*7) in TF's h, w, c order
         x = self.Mixed_6e(torch.cat(branches, 1))
-        x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(x)))             # (N, 2048, 8, 8)
-        pool = x.mean((2, 3))                                          # (N, 2048)
+        x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(x)))  # (N, 2048, 8, 8)
+        pool = x.mean((2, 3))  # (N, 2048)
         return {"pool": pool, "spatial": spatial, "logits": pool @ self.fc.weight.T}
 
 
 #################################################################################
 #                                  Loading                                      #
 #################################################################################
+
 
 def check_state_dict(state, model, source="state dict"):
     """Raise a ValueError listing a few missing / unexpected / misshapen keys. BatchNorm's
@@ -258,14 +274,18 @@ def check_state_dict(state, model, source="state dict"):
     optional = {k for k in expected if k.endswith("num_batches_tracked")}
     missing = sorted(set(expected) - set(state) - optional)
     unexpected = sorted(set(state) - set(expected))
-    shapes = sorted(f"{k}: file {tuple(state[k].shape)} vs network {tuple(expected[k])}"
-                    for k in set(state) & set(expected) if state[k].shape != expected[k])
-    problems = [f"{len(v)} {name} (e.g. {', '.join(v[:4])})"
-                for name, v in (("missing keys", missing), ("unexpected keys", unexpected),
-                                ("shape mismatches", shapes)) if v]
+    shapes = sorted(
+        f"{k}: file {tuple(state[k].shape)} vs network {tuple(expected[k])}"
+        for k in set(state) & set(expected)
+        if state[k].shape != expected[k]
+    )
+    problems = [
+        f"{len(v)} {name} (e.g. {', '.join(v[:4])})"
+        for name, v in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes))
+        if v
+    ]
     if problems:
-        raise ValueError(f"{source} is not the FID Inception ({WEIGHTS_FILENAME} layout): "
-                         + "; ".join(problems))
+        raise ValueError(f"{source} is not the FID Inception ({WEIGHTS_FILENAME} layout): " + "; ".join(problems))
 
 
 def file_sha256(path):
@@ -287,8 +307,7 @@ def load_inception(path, device=None, resize="torch"):
     state = read_tensors(path)
     check_state_dict(state, model, source=str(path))
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-    counters = {k: torch.zeros((), dtype=torch.long)
-                for k in model.state_dict() if k.endswith("num_batches_tracked")}
+    counters = {k: torch.zeros((), dtype=torch.long) for k in model.state_dict() if k.endswith("num_batches_tracked")}
     model.load_state_dict({**counters, **state}, assign=True)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     return model.eval().requires_grad_(False).to(device)

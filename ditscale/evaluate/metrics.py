@@ -13,6 +13,7 @@ published DiT number went through; `MetricSettings` names the other choices:
   fp16) and falls back to fp32 for a block with a non-finite value: `pr_distances="fp16"` does the same,
   "fp32" keeps every distance in fp32.
 """
+
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -32,10 +33,10 @@ class MetricSettings:
     """Every choice of the metrics that changes a number; the defaults are ADM's."""
 
     metrics: tuple = METRICS
-    is_chunk_size: int | None = ADM_IS_CHUNK    # IS over consecutive chunks of this many images (ADM)
-    is_splits: int | None = None                # or over this many equal splits (replaces the chunks)
-    pr_distances: str = "fp16"                  # fp16 (ADM) | fp32
-    pr_k: int = 3                               # neighbourhood size of the manifolds
+    is_chunk_size: int | None = ADM_IS_CHUNK  # IS over consecutive chunks of this many images (ADM)
+    is_splits: int | None = None  # or over this many equal splits (replaces the chunks)
+    pr_distances: str = "fp16"  # fp16 (ADM) | fp32
+    pr_k: int = 3  # neighbourhood size of the manifolds
 
     def __post_init__(self):
         object.__setattr__(self, "metrics", tuple(self.metrics))
@@ -59,14 +60,18 @@ class MetricSettings:
 
     def record(self) -> dict:
         """The settings as JSON-ready values, with how the IS was split spelled out."""
-        split = (f"consecutive chunks of {self.is_chunk_size} images" if self.is_splits is None
-                 else f"{self.is_splits} equal splits")
+        split = (
+            f"consecutive chunks of {self.is_chunk_size} images"
+            if self.is_splits is None
+            else f"{self.is_splits} equal splits"
+        )
         return {**asdict(self), "metrics": list(self.metrics), "is_parts": split}
 
 
 #################################################################################
 #                                Inception Score                                #
 #################################################################################
+
 
 def inception_score(logits, chunk_size=ADM_IS_CHUNK, splits=None):
     """(mean, std) of the Inception Score of class logits (N, K) over consecutive chunks of `chunk_size`
@@ -81,11 +86,11 @@ def inception_score(logits, chunk_size=ADM_IS_CHUNK, splits=None):
         if logits.ndim != 2 or n == 0:
             raise ValueError(f"need logits (N ≥ 1, K), got shape {tuple(logits.shape)}")
         bounds = [(s, min(s + chunk_size, n)) for s in range(0, n, chunk_size)]
-    log_p = torch.log_softmax(logits, dim=1)                       # (N, K)
+    log_p = torch.log_softmax(logits, dim=1)  # (N, K)
     scores = []
     for lo, hi in bounds:
         part = log_p[lo:hi]
-        log_py = torch.logsumexp(part, 0) - np.log(len(part))      # log of the part's marginal p(y)
+        log_py = torch.logsumexp(part, 0) - np.log(len(part))  # log of the part's marginal p(y)
         kl = (part.exp() * (part - log_py)).sum(1).mean()
         scores.append(kl.exp().item())
     return float(np.mean(scores)), float(np.std(scores))
@@ -94,6 +99,7 @@ def inception_score(logits, chunk_size=ADM_IS_CHUNK, splits=None):
 #################################################################################
 #                              Precision / recall                               #
 #################################################################################
+
 
 def _sq_dists_fp32(a, b):
     """Squared Euclidean distances (n, m) between rows of a (n, D) and b (m, D)."""
@@ -109,8 +115,8 @@ def _sq_dists_fp16(a, b):
     """ADM's block distances: fp16 inputs; norms, product and each sum rounded to fp16 (accumulated in
     fp32, as GPU kernels do); the fp32 distances instead when any value of the block is not finite."""
     a16, b16 = _fp16(a), _fp16(b)
-    na = _fp16(a16.square().sum(1, keepdim=True))                  # (n, 1)
-    nb = _fp16(b16.square().sum(1))                                # (m,)
+    na = _fp16(a16.square().sum(1, keepdim=True))  # (n, 1)
+    nb = _fp16(b16.square().sum(1))  # (m,)
     d = _fp16(_fp16(na - _fp16(2 * _fp16(a16 @ b16.T))) + nb).clamp_min_(0)
     return d if torch.isfinite(d).all() else _sq_dists_fp32(a, b)
 
@@ -125,13 +131,13 @@ def manifold_radii(features, k=3, batch_size=ADM_PR_BLOCK, distances="fp16"):
         raise ValueError(f"need more than k={k} points for k-NN radii, got {n}")
     radii = torch.empty(n, dtype=features.dtype, device=features.device)
     for r in range(0, n, batch_size):
-        rows = features[r:r + batch_size]
-        nearest = None                                             # (rows, k + 1) smallest so far
+        rows = features[r : r + batch_size]
+        nearest = None  # (rows, k + 1) smallest so far
         for c in range(0, n, batch_size):
-            d = dist(rows, features[c:c + batch_size])
+            d = dist(rows, features[c : c + batch_size])
             d = d if nearest is None else torch.cat([nearest, d], 1)
             nearest = d.topk(min(k + 1, d.shape[1]), dim=1, largest=False).values
-        radii[r:r + batch_size] = nearest[:, k]
+        radii[r : r + batch_size] = nearest[:, k]
     return radii
 
 
@@ -144,9 +150,9 @@ def mutual_coverage(ref, fake, ref_radii, fake_radii, batch_size=ADM_PR_BLOCK, d
     ref_in = torch.zeros(len(ref), dtype=torch.bool, device=ref.device)
     for r in range(0, len(ref), batch_size):
         for f in range(0, len(fake), batch_size):
-            d = dist(ref[r:r + batch_size], fake[f:f + batch_size])             # (ref rows, sample cols)
-            ref_in[r:r + batch_size] |= (d <= fake_radii[f:f + batch_size]).any(1)
-            fake_in[f:f + batch_size] |= (d <= ref_radii[r:r + batch_size, None]).any(0)
+            d = dist(ref[r : r + batch_size], fake[f : f + batch_size])  # (ref rows, sample cols)
+            ref_in[r : r + batch_size] |= (d <= fake_radii[f : f + batch_size]).any(1)
+            fake_in[f : f + batch_size] |= (d <= ref_radii[r : r + batch_size, None]).any(0)
     return fake_in, ref_in
 
 
@@ -160,14 +166,16 @@ def precision_recall(ref_features, sample_features, k=3, batch_size=ADM_PR_BLOCK
     if ref.ndim != 2 or fake.ndim != 2 or ref.shape[1] != fake.shape[1]:
         raise ValueError(f"need features (N, D) and (M, D), got {tuple(ref.shape)} and {tuple(fake.shape)}")
     opts = dict(batch_size=batch_size, distances=distances)
-    fake_in, ref_in = mutual_coverage(ref, fake, manifold_radii(ref, k, **opts), manifold_radii(fake, k, **opts),
-                                      **opts)
+    fake_in, ref_in = mutual_coverage(
+        ref, fake, manifold_radii(ref, k, **opts), manifold_radii(fake, k, **opts), **opts
+    )
     return fake_in.double().mean().item(), ref_in.double().mean().item()
 
 
 #################################################################################
 #                               All metrics                                     #
 #################################################################################
+
 
 def compute_metrics(features, reference, settings=MetricSettings(), device=None):
     """Metrics of sample features {"pool", "spatial"?, "logits"?} against a Reference. Returns a dict of
@@ -179,7 +187,8 @@ def compute_metrics(features, reference, settings=MetricSettings(), device=None)
     if "sfid" in s.metrics:
         if reference.spatial is None or features.get("spatial") is None:
             skipped["sfid"] = "no spatial statistics in the " + (
-                "reference (mu_s/sigma_s)" if reference.spatial is None else "feature network's output")
+                "reference (mu_s/sigma_s)" if reference.spatial is None else "feature network's output"
+            )
         else:
             out["sfid"] = frechet_distance(feature_stats(features["spatial"]), reference.spatial)
     if "is" in s.metrics:
@@ -187,13 +196,15 @@ def compute_metrics(features, reference, settings=MetricSettings(), device=None)
             skipped["is"] = "the feature network gives no logits"
         else:
             out["inception_score"], out["inception_score_std"] = inception_score(
-                features["logits"], s.is_chunk_size, s.is_splits)
+                features["logits"], s.is_chunk_size, s.is_splits
+            )
     if "pr" in s.metrics:
         if reference.pool_features is None:
             skipped["pr"] = "the reference has no images or pool features (only statistics)"
         else:
             out["precision"], out["recall"] = precision_recall(
-                reference.pool_features, features["pool"], k=s.pr_k, device=device, distances=s.pr_distances)
+                reference.pool_features, features["pool"], k=s.pr_k, device=device, distances=s.pr_distances
+            )
     if skipped:
         out["skipped"] = skipped
     return out

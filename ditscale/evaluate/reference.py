@@ -7,6 +7,7 @@ the whole training set); arr_0 is run through the network only for precision / r
 statistics when the file has none. A folder of real images is centre-cropped to a resolution and reduced
 to the same statistics; `save_reference` writes them (plus the pool features) for reuse.
 """
+
 import hashlib
 import json
 from dataclasses import dataclass
@@ -21,19 +22,23 @@ from ditscale.evaluate.inception import file_sha256
 
 @dataclass
 class Reference:
-    pool: FIDStats                            # FID statistics
-    spatial: FIDStats | None = None           # sFID statistics
-    pool_features: np.ndarray | None = None   # (N, D) float32, for precision / recall
-    num_images: int | None = None             # images behind pool_features (None: statistics only)
+    pool: FIDStats  # FID statistics
+    spatial: FIDStats | None = None  # sFID statistics
+    pool_features: np.ndarray | None = None  # (N, D) float32, for precision / recall
+    num_images: int | None = None  # images behind pool_features (None: statistics only)
     source: str = ""
 
 
 def reference_from_features(features, source=""):
     """Reference of a feature dict {"pool", "spatial"?} (e.g. from real images)."""
     spatial = features.get("spatial")
-    return Reference(pool=feature_stats(features["pool"]),
-                     spatial=None if spatial is None else feature_stats(spatial),
-                     pool_features=features["pool"], num_images=len(features["pool"]), source=str(source))
+    return Reference(
+        pool=feature_stats(features["pool"]),
+        spatial=None if spatial is None else feature_stats(spatial),
+        pool_features=features["pool"],
+        num_images=len(features["pool"]),
+        source=str(source),
+    )
 
 
 def _stats(data, mu_key, sigma_key, path):
@@ -47,8 +52,7 @@ def _stats(data, mu_key, sigma_key, path):
         raise ValueError(f"{path}: {mu_key}/{sigma_key}: {e}") from e
 
 
-def load_reference(path, net=None, with_features=True, resolution=None, batch_size=200, workers=4,
-                   progress=True):
+def load_reference(path, net=None, with_features=True, resolution=None, batch_size=200, workers=4, progress=True):
     """Reference from an .npz (ADM reference batch or save_reference output) or a folder of images.
     `net` computes what the file does not hold: statistics of arr_0 / the folder, and with_features=True
     also the pool features of arr_0 for precision / recall. `resolution` is for folders only."""
@@ -57,7 +61,8 @@ def load_reference(path, net=None, with_features=True, resolution=None, batch_si
         if net is None or resolution is None:
             raise ValueError(f"{path}: a folder of images needs the feature network and a resolution")
         return reference_from_features(
-            folder_features(net, path, resolution, batch_size, workers, progress), source=path)
+            folder_features(net, path, resolution, batch_size, workers, progress), source=path
+        )
     if not path.is_file():
         raise FileNotFoundError(f"reference not found: {path} (an ADM reference .npz or a folder of images)")
     try:
@@ -79,8 +84,13 @@ def load_reference(path, net=None, with_features=True, resolution=None, batch_si
         pool = computed.pool if pool is None else pool
         spatial = computed.spatial if spatial is None else spatial
         feats = computed.pool_features
-    return Reference(pool=pool, spatial=spatial, pool_features=feats,
-                     num_images=None if feats is None else len(feats), source=str(path))
+    return Reference(
+        pool=pool,
+        spatial=spatial,
+        pool_features=feats,
+        num_images=None if feats is None else len(feats),
+        source=str(path),
+    )
 
 
 def save_reference(ref, path, meta=None):

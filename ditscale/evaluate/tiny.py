@@ -1,6 +1,7 @@
 """A tiny random feature network with the FID Inception's output contract, for tests and smoke runs of
 the evaluation pipeline (training code, samplers) where the real weights are not at hand. Its numbers
 measure nothing and must never be reported as FID."""
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -19,9 +20,8 @@ class TinyFeatureNet(nn.Module):
             self.fc = nn.Linear(32, 10)
 
     def forward(self, images):
-        x = F.interpolate(images.float() / 127.5 - 1, size=(self.size, self.size), mode="bilinear",
-                          align_corners=False)
-        x = torch.tanh(self.conv2(torch.tanh(self.conv1(x))))      # (N, 32, size/4, size/4)
-        pool = x.mean((2, 3))                                      # (N, 32)
-        spatial = x[:, :1].flatten(1)                              # (N, (size/4)²)
+        x = F.interpolate(images.float() / 127.5 - 1, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        x = torch.tanh(self.conv2(torch.tanh(self.conv1(x))))  # (N, 32, size/4, size/4)
+        pool = x.mean((2, 3))  # (N, 32)
+        spatial = x[:, :1].flatten(1)  # (N, (size/4)²)
         return {"pool": pool, "spatial": spatial, "logits": self.fc(pool) * 10}

@@ -26,18 +26,28 @@ What an export to diffusers changes:
 Only the adaLN-Zero block with mlp_ratio 4 and no q/k normalisation exists in diffusers. The adaLN
 chunk order is the same on both sides (shift, scale, gate for attention, then for the MLP).
 """
+
 from __future__ import annotations
 
 import torch
 
 from ditscale.models.dit import dit_config, get_2d_sincos_pos_embed
 
-_TOP = {"x_embedder.proj": "pos_embed.proj", "final_layer.adaLN_modulation.1": "proj_out_1",
-        "final_layer.linear": "proj_out_2"}
-_BLOCK = {"attn.proj": "attn1.to_out.0", "mlp.fc1": "ff.net.0.proj", "mlp.fc2": "ff.net.2",
-          "adaLN_modulation.1": "norm1.linear"}
-_EMB = {"t_embedder.mlp.0": "norm1.emb.timestep_embedder.linear_1",
-        "t_embedder.mlp.2": "norm1.emb.timestep_embedder.linear_2"}
+_TOP = {
+    "x_embedder.proj": "pos_embed.proj",
+    "final_layer.adaLN_modulation.1": "proj_out_1",
+    "final_layer.linear": "proj_out_2",
+}
+_BLOCK = {
+    "attn.proj": "attn1.to_out.0",
+    "mlp.fc1": "ff.net.0.proj",
+    "mlp.fc2": "ff.net.2",
+    "adaLN_modulation.1": "norm1.linear",
+}
+_EMB = {
+    "t_embedder.mlp.0": "norm1.emb.timestep_embedder.linear_1",
+    "t_embedder.mlp.2": "norm1.emb.timestep_embedder.linear_2",
+}
 _LABELS = ("y_embedder.embedding_table.weight", "norm1.emb.class_embedder.embedding_table.weight")
 _QKV = ("attn1.to_q", "attn1.to_k", "attn1.to_v")
 _WB = ("weight", "bias")
@@ -46,17 +56,29 @@ _WB = ("weight", "bias")
 def diffusers_config_for(preset_or_kwargs, image_size=256, latent_channels=4, vae_factor=8):
     """DiTTransformer2DModel kwargs for a DiT preset name or DiT kwargs (e.g. `model.config`)."""
     cfg = dit_config(preset_or_kwargs, image_size, latent_channels, vae_factor)
-    for key, ok, why in (("block", "adaln_zero", "diffusers has only the adaLN-Zero block"),
-                         ("mlp_ratio", 4.0, "diffusers' FeedForward is 4 × hidden"),
-                         ("qk_norm", None, "diffusers' DiT has no q/k normalisation")):
+    for key, ok, why in (
+        ("block", "adaln_zero", "diffusers has only the adaLN-Zero block"),
+        ("mlp_ratio", 4.0, "diffusers' FeedForward is 4 × hidden"),
+        ("qk_norm", None, "diffusers' DiT has no q/k normalisation"),
+    ):
         if cfg[key] != ok:
             raise ValueError(f"cannot export {key}={cfg[key]!r} to diffusers: {why}")
     return dict(
-        num_attention_heads=cfg["num_heads"], attention_head_dim=cfg["hidden_size"] // cfg["num_heads"],
-        in_channels=cfg["in_channels"], out_channels=cfg["in_channels"] * (2 if cfg["learn_sigma"] else 1),
-        num_layers=cfg["depth"], sample_size=cfg["input_size"], patch_size=cfg["patch_size"],
-        num_embeds_ada_norm=cfg["num_classes"], norm_eps=1e-6, dropout=0.0, attention_bias=True,
-        activation_fn="gelu-approximate", norm_type="ada_norm_zero", norm_elementwise_affine=False)
+        num_attention_heads=cfg["num_heads"],
+        attention_head_dim=cfg["hidden_size"] // cfg["num_heads"],
+        in_channels=cfg["in_channels"],
+        out_channels=cfg["in_channels"] * (2 if cfg["learn_sigma"] else 1),
+        num_layers=cfg["depth"],
+        sample_size=cfg["input_size"],
+        patch_size=cfg["patch_size"],
+        num_embeds_ada_norm=cfg["num_classes"],
+        norm_eps=1e-6,
+        dropout=0.0,
+        attention_bias=True,
+        activation_fn="gelu-approximate",
+        norm_type="ada_norm_zero",
+        norm_elementwise_affine=False,
+    )
 
 
 def match_dit_timesteps(model):
@@ -70,16 +92,19 @@ def _cfg(config, key):
     try:
         return config[key]
     except KeyError:
-        raise ValueError(f"config lacks {key!r}: pass DiTTransformer2DModel kwargs "
-                         "(diffusers_config_for(...) or model.config)") from None
+        raise ValueError(
+            f"config lacks {key!r}: pass DiTTransformer2DModel kwargs (diffusers_config_for(...) or model.config)"
+        ) from None
 
 
 def _check_keys(sd, expected, what):
     missing, unexpected = sorted(set(expected) - set(sd)), sorted(set(sd) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"not a {what} state dict of this config: missing {missing[:6]}"
-                         f"{' …' if len(missing) > 6 else ''}, unexpected {unexpected[:6]}"
-                         f"{' …' if len(unexpected) > 6 else ''}")
+        raise ValueError(
+            f"not a {what} state dict of this config: missing {missing[:6]}"
+            f"{' …' if len(missing) > 6 else ''}, unexpected {unexpected[:6]}"
+            f"{' …' if len(unexpected) > 6 else ''}"
+        )
 
 
 def _official_keys(depth):
@@ -91,8 +116,11 @@ def _official_keys(depth):
 def _diffusers_keys(depth):
     keys = [f"{k}.{wb}" for k in _TOP.values() for wb in _WB]
     per_block = [*_BLOCK.values(), *_EMB.values(), *_QKV]
-    return keys + [f"transformer_blocks.{i}.{k}" for i in range(depth)
-                   for k in [f"{m}.{wb}" for m in per_block for wb in _WB] + [_LABELS[1]]]
+    return keys + [
+        f"transformer_blocks.{i}.{k}"
+        for i in range(depth)
+        for k in [f"{m}.{wb}" for m in per_block for wb in _WB] + [_LABELS[1]]
+    ]
 
 
 def official_to_diffusers(sd, config):
@@ -103,8 +131,10 @@ def official_to_diffusers(sd, config):
     if table.shape[0] == num_classes:
         table = torch.cat([table, table.new_zeros(1, table.shape[1])])
     elif table.shape[0] != num_classes + 1:
-        raise ValueError(f"{_LABELS[0]} has {table.shape[0]} rows; config num_embeds_ada_norm={num_classes} "
-                         f"expects {num_classes + 1} (classes + null)")
+        raise ValueError(
+            f"{_LABELS[0]} has {table.shape[0]} rows; config num_embeds_ada_norm={num_classes} "
+            f"expects {num_classes + 1} (classes + null)"
+        )
     out = {f"{new}.{wb}": sd[f"{old}.{wb}"] for old, new in _TOP.items() for wb in _WB}
     for i in range(depth):
         src, dst = f"blocks.{i}.", f"transformer_blocks.{i}."
@@ -126,8 +156,10 @@ def diffusers_to_official(sd, config):
     for i in range(1, depth):
         for key in shared:
             if not torch.equal(sd[f"transformer_blocks.{i}.{key}"], sd[f"transformer_blocks.0.{key}"]):
-                raise ValueError(f"transformer_blocks.{i}.{key} differs from block 0's: DiT shares one timestep "
-                                 "and label embedder, so per-block embedders cannot be converted")
+                raise ValueError(
+                    f"transformer_blocks.{i}.{key} differs from block 0's: DiT shares one timestep "
+                    "and label embedder, so per-block embedders cannot be converted"
+                )
     out = {f"{old}.{wb}": sd[f"{new}.{wb}"] for old, new in _TOP.items() for wb in _WB}
     out.update({f"{old}.{wb}": sd[f"transformer_blocks.0.{new}.{wb}"] for old, new in _EMB.items() for wb in _WB})
     out[_LABELS[0]] = sd["transformer_blocks.0." + _LABELS[1]]

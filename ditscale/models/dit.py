@@ -12,6 +12,7 @@ adaLN-Zero block. Beyond the release:
 Forward has no host syncs and compiles without graph breaks. Classifier-free guidance lives in
 `ditscale.diffusion`; the null class id is `num_classes`.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -42,6 +43,7 @@ def _linear(d_in, d_out, init="xavier"):
 #               Embedding Layers for Timesteps and Class Labels                 #
 #################################################################################
 
+
 class TimestepEmbedder(nn.Module):
     """Scalar timesteps → (N, D): 256 sinusoidal frequencies exp(-ln(10000)·i/128), then Linear-SiLU-Linear."""
 
@@ -65,7 +67,7 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t):
         t_freq = self.timestep_embedding(t, self.frequency_embedding_size)
-        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))                   # (N, D)
+        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))  # (N, D)
 
 
 class LabelEmbedder(nn.Module):
@@ -108,6 +110,7 @@ class PatchEmbed(nn.Module):
 #                                 Core DiT Model                                #
 #################################################################################
 
+
 class Attention(nn.Module):
     """Multi-head attention through SDPA. Self-attention (fused `qkv`, as timm) or, with cross=True,
     cross-attention from x to a context sequence (`q`, `kv`). Optional per-head q/k normalisation."""
@@ -127,12 +130,12 @@ class Attention(nn.Module):
 
     def forward(self, x, context=None):
         if context is None:
-            q, k, v = self.qkv(x).chunk(3, dim=-1)                               # (N, T, D) each
+            q, k, v = self.qkv(x).chunk(3, dim=-1)  # (N, T, D) each
         else:
-            q, (k, v) = self.q(x), self.kv(context).chunk(2, dim=-1)           # (N, T, D), (N, S, D)
+            q, (k, v) = self.q(x), self.kv(context).chunk(2, dim=-1)  # (N, T, D), (N, S, D)
         q, k, v = (z.unflatten(-1, (self.num_heads, -1)).transpose(1, 2) for z in (q, k, v))  # (N, h, T, d)
         x = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)
-        return self.proj(x.transpose(1, 2).flatten(2))                          # (N, T, D)
+        return self.proj(x.transpose(1, 2).flatten(2))  # (N, T, D)
 
 
 class Mlp(nn.Module):
@@ -159,7 +162,8 @@ class DiTBlock(nn.Module):
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         n_mod = 6 if gated else 4
         self.adaLN_modulation = nn.Sequential(
-            nn.SiLU(), _linear(hidden_size, n_mod * hidden_size, "zeros" if gated else "xavier"))
+            nn.SiLU(), _linear(hidden_size, n_mod * hidden_size, "zeros" if gated else "xavier")
+        )
 
     def forward(self, x, c):
         if self.gated:
@@ -189,7 +193,7 @@ class ViTBlock(nn.Module):
     def forward(self, x, c):
         x = x + self.attn(self.norm1(x))
         if self.cross_attention:
-            x = x + self.cross_attn(self.norm_cross(x), c)                      # c: (N, 2, D)
+            x = x + self.cross_attn(self.norm_cross(x), c)  # c: (N, 2, D)
         return x + self.mlp(self.norm2(x))
 
 
@@ -208,6 +212,7 @@ class BlockType:
       adds the residual gates, zero-initialised with the final modulation (adaLN-Zero);
     - "context": c = [t, y] (N, 2, D) for cross-attention, plain final layer;
     - "tokens": [t, y] prepended to the sequence (N, T+2, D), c = None, plain final layer."""
+
     make: Callable[[int, int, float, str | None], nn.Module]
     conditioning: str
     gated: bool = False
@@ -235,8 +240,7 @@ def block_type(name: str) -> BlockType:
 
 register_block("adaln_zero", BlockType(lambda d, h, r, q: DiTBlock(d, h, r, q, gated=True), "adaln", gated=True))
 register_block("adaln", BlockType(lambda d, h, r, q: DiTBlock(d, h, r, q, gated=False), "adaln"))
-register_block("cross_attention", BlockType(lambda d, h, r, q: ViTBlock(d, h, r, q, cross_attention=True),
-                                            "context"))
+register_block("cross_attention", BlockType(lambda d, h, r, q: ViTBlock(d, h, r, q, cross_attention=True), "context"))
 register_block("in_context", BlockType(lambda d, h, r, q: ViTBlock(d, h, r, q, cross_attention=False), "tokens"))
 
 
@@ -250,7 +254,8 @@ class FinalLayer(nn.Module):
         self.linear = _linear(hidden_size, patch_size * patch_size * out_channels, "zeros")
         if adaptive:
             self.adaLN_modulation = nn.Sequential(
-                nn.SiLU(), _linear(hidden_size, 2 * hidden_size, "zeros" if zero_modulation else "xavier"))
+                nn.SiLU(), _linear(hidden_size, 2 * hidden_size, "zeros" if zero_modulation else "xavier")
+            )
         self.adaptive = adaptive
 
     def forward(self, x, c):
@@ -258,7 +263,7 @@ class FinalLayer(nn.Module):
         if self.adaptive:
             shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
             x = modulate(x, shift, scale)
-        return self.linear(x)                                                   # (N, T, p*p*out)
+        return self.linear(x)  # (N, T, p*p*out)
 
 
 def _init_module(module):
@@ -278,7 +283,7 @@ def _init_module(module):
     elif isinstance(module, nn.Conv2d):
         fan_in = module.weight[0].numel()
         nn.init.xavier_uniform_(module.weight.view(module.weight.shape[0], -1))
-        nn.init.uniform_(module.bias, -fan_in ** -0.5, fan_in ** -0.5)         # PyTorch's default, kept by official
+        nn.init.uniform_(module.bias, -(fan_in**-0.5), fan_in**-0.5)  # PyTorch's default, kept by official
     elif isinstance(module, nn.Embedding):
         nn.init.normal_(module.weight, std=0.02)
     elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)) and module.weight is not None:
@@ -307,9 +312,19 @@ class DiT(nn.Module):
     ):
         super().__init__()
         self.config = dict(
-            input_size=input_size, patch_size=patch_size, in_channels=in_channels, hidden_size=hidden_size,
-            depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, class_dropout_prob=class_dropout_prob,
-            num_classes=num_classes, learn_sigma=learn_sigma, block=block, qk_norm=qk_norm)
+            input_size=input_size,
+            patch_size=patch_size,
+            in_channels=in_channels,
+            hidden_size=hidden_size,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            class_dropout_prob=class_dropout_prob,
+            num_classes=num_classes,
+            learn_sigma=learn_sigma,
+            block=block,
+            qk_norm=qk_norm,
+        )
         validate_config(self.config)
         self.input_size, self.patch_size, self.block = input_size, patch_size, block
         self.in_channels = in_channels
@@ -325,8 +340,13 @@ class DiT(nn.Module):
         kind = block_type(block)
         self.conditioning = kind.conditioning
         self.blocks = nn.ModuleList([kind.make(hidden_size, num_heads, mlp_ratio, qk_norm) for _ in range(depth)])
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels,
-                                      adaptive=kind.conditioning == "adaln", zero_modulation=kind.gated)
+        self.final_layer = FinalLayer(
+            hidden_size,
+            patch_size,
+            self.out_channels,
+            adaptive=kind.conditioning == "adaln",
+            zero_modulation=kind.gated,
+        )
         self.set_checkpointing(checkpoint_every)
         self.initialize_weights()
 
@@ -354,11 +374,14 @@ class DiT(nn.Module):
             raise ValueError(f"DiT expects x of shape (N, C, H, W), got {tuple(x.shape)}")
         n, c, h, w = x.shape
         if c != self.in_channels:
-            raise ValueError(f"DiT expects x with in_channels={self.in_channels} channels, got {c} "
-                             f"(x of shape {tuple(x.shape)})")
+            raise ValueError(
+                f"DiT expects x with in_channels={self.in_channels} channels, got {c} (x of shape {tuple(x.shape)})"
+            )
         if h != self.input_size or w != self.input_size:
-            raise ValueError(f"DiT was built for input_size={self.input_size} ({self.input_size}x{self.input_size}), "
-                             f"got x of {h}x{w}")
+            raise ValueError(
+                f"DiT was built for input_size={self.input_size} ({self.input_size}x{self.input_size}), "
+                f"got x of {h}x{w}"
+            )
         if t.shape != (n,) or y.shape != (n,):
             raise ValueError(f"DiT expects t and y of shape ({n},), got t {tuple(t.shape)}, y {tuple(y.shape)}")
         if y.dtype.is_floating_point or y.dtype == torch.bool:
@@ -393,25 +416,26 @@ class DiT(nn.Module):
         self._check_inputs(x, t, y)
         if hidden_block is not None and not 1 <= hidden_block <= len(self.blocks):
             raise ValueError(f"DiT: hidden_block={hidden_block} outside 1..depth={len(self.blocks)}")
-        x = self.x_embedder(x.to(self.dtype)) + self.pos_embed                   # (N, T, D), T = H*W/p**2
-        t = self.t_embedder(t)                                                   # (N, D)
-        y = self.y_embedder(y, self.training, force_drop_ids)                    # (N, D)
+        x = self.x_embedder(x.to(self.dtype)) + self.pos_embed  # (N, T, D), T = H*W/p**2
+        t = self.t_embedder(t)  # (N, D)
+        y = self.y_embedder(y, self.training, force_drop_ids)  # (N, D)
         if self.conditioning == "tokens":
-            x = torch.cat([t.unsqueeze(1), y.unsqueeze(1), x], dim=1)            # (N, T+2, D)
+            x = torch.cat([t.unsqueeze(1), y.unsqueeze(1), x], dim=1)  # (N, T+2, D)
             c, skip = None, 2
         elif self.conditioning == "context":
-            c, skip = torch.stack([t, y], dim=1), 0                              # context (N, 2, D)
+            c, skip = torch.stack([t, y], dim=1), 0  # context (N, 2, D)
         else:
-            c, skip = t + y, 0                                                   # (N, D)
+            c, skip = t + y, 0  # (N, D)
         x, hidden = self._run_blocks(x, c, hidden_block)
         x = self.final_layer(x[:, skip:], c if self.conditioning == "adaln" else None)  # (N, T, p*p*out)
-        x = self.unpatchify(x)                                                   # (N, out, H, W)
+        x = self.unpatchify(x)  # (N, out, H, W)
         return x if hidden_block is None else (x, hidden[:, skip:])
 
 
 #################################################################################
 #                   Sine/Cosine Positional Embedding Functions                  #
 #################################################################################
+
 
 def get_1d_sincos_pos_embed(embed_dim, pos):
     """(M,) positions → (M, embed_dim) float64 [sin | cos], frequencies 1/10000^(2i/embed_dim)."""
@@ -425,8 +449,9 @@ def get_2d_sincos_pos_embed(embed_dim, grid_size):
     first half encodes the column index and the second half the row index."""
     coords = torch.arange(grid_size, dtype=torch.float64)
     cols, rows = coords.repeat(grid_size), coords.repeat_interleave(grid_size)
-    return torch.cat([get_1d_sincos_pos_embed(embed_dim // 2, cols),
-                      get_1d_sincos_pos_embed(embed_dim // 2, rows)], dim=1)
+    return torch.cat(
+        [get_1d_sincos_pos_embed(embed_dim // 2, cols), get_1d_sincos_pos_embed(embed_dim // 2, rows)], dim=1
+    )
 
 
 #################################################################################
@@ -435,17 +460,18 @@ def get_2d_sincos_pos_embed(embed_dim, grid_size):
 
 # name: (depth, hidden_size, num_heads); parameters at patch 2, 256×256 (input 32, 4 channels, 1000 classes).
 _SIZES = {
-    "S": (12, 384, 6),        # 33M   (Table 1)
-    "B": (12, 768, 12),       # 130M
-    "L": (24, 1024, 16),      # 458M
-    "XL": (28, 1152, 16),     # 675M
-    "1B": (32, 1280, 16),     # 0.95B  ViT-H shape (width 1280, 32 layers, head dim 80)
-    "3B": (40, 2048, 16),     # 3.0B   head dim 128
-    "7B": (40, 3072, 24),     # 6.8B   width/heads of FLUX-class DiTs (head dim 128)
+    "S": (12, 384, 6),  # 33M   (Table 1)
+    "B": (12, 768, 12),  # 130M
+    "L": (24, 1024, 16),  # 458M
+    "XL": (28, 1152, 16),  # 675M
+    "1B": (32, 1280, 16),  # 0.95B  ViT-H shape (width 1280, 32 layers, head dim 80)
+    "3B": (40, 2048, 16),  # 3.0B   head dim 128
+    "7B": (40, 3072, 24),  # 6.8B   width/heads of FLUX-class DiTs (head dim 128)
 }
 DIT_PRESETS = {
     f"DiT-{size}/{p}": dict(depth=d, hidden_size=h, patch_size=p, num_heads=n)
-    for size, (d, h, n) in _SIZES.items() for p in (2, 4, 8)
+    for size, (d, h, n) in _SIZES.items()
+    for p in (2, 4, 8)
 }
 
 

@@ -7,6 +7,7 @@ sin-cos `pos_embed` is a buffer and not counted (the official code counts its T�
 
     python -m ditscale.models.flops            # table of every preset at 256 and 512
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,7 +35,7 @@ def dit_params(preset_or_kwargs, image_size=256, latent_channels=4, vae_factor=8
         block += linear(d, (6 if kind.gated else 4) * d)
         final = linear(d, 2 * d)
     else:
-        block += 2 * 2 * d                                                        # affine LayerNorms
+        block += 2 * 2 * d  # affine LayerNorms
         if kind.conditioning == "context":
             block += 2 * d + linear(d, d) + linear(d, 2 * d) + linear(d, d) + qk
         final = 2 * d
@@ -48,13 +49,13 @@ def dit_gflops(preset_or_kwargs, image_size=256, latent_channels=4, vae_factor=8
     cfg, d, m, p, out, t = _shape(preset_or_kwargs, image_size, latent_channels, vae_factor)
     kind = block_type(cfg["block"])
     seq = t + 2 if kind.conditioning == "tokens" else t
-    block = seq * (4 * d * d + 2 * d * m) + 2 * seq * seq * d                    # qkv+proj, MLP, QKᵀ and AV
+    block = seq * (4 * d * d + 2 * d * m) + 2 * seq * seq * d  # qkv+proj, MLP, QKᵀ and AV
     final = t * d * p * p * out
     if kind.conditioning == "adaln":
         block += (6 if kind.gated else 4) * d * d
         final += 2 * d * d
     elif kind.conditioning == "context":
-        block += 2 * t * d * d + 2 * 2 * d * d + 2 * t * 2 * d                  # q, proj; kv of 2 tokens; attention
+        block += 2 * t * d * d + 2 * 2 * d * d + 2 * t * 2 * d  # q, proj; kv of 2 tokens; attention
     embed = t * p * p * cfg["in_channels"] * d + 256 * d + d * d
     return (embed + cfg["depth"] * block + final) / 1e9
 

@@ -14,13 +14,15 @@ embedders, the final layer and unpatchify stay eager: a handful of small kernels
 - dynamic=False: one static graph per input shape (batch, resolution), the fastest kernels; each new
   shape compiles once more.
 """
+
 from __future__ import annotations
 
 import torch
 
 
-def compile_blocks(model: torch.nn.Module, *, dynamic: bool = False, fullgraph: bool = True,
-                   **compile_kwargs) -> torch.nn.Module:
+def compile_blocks(
+    model: torch.nn.Module, *, dynamic: bool = False, fullgraph: bool = True, **compile_kwargs
+) -> torch.nn.Module:
     """Compile every block of `model.blocks` in place (nn.Module.compile); returns `model`.
     compile_kwargs go to torch.compile (mode, backend, options)."""
     blocks = getattr(model, "blocks", None)
@@ -28,7 +30,9 @@ def compile_blocks(model: torch.nn.Module, *, dynamic: bool = False, fullgraph: 
         raise ValueError(f"compile_blocks: {type(model).__name__} has no `blocks` ModuleList to compile")
     for block in blocks:
         if fullgraph and any(hasattr(p, "ds_id") for p in block.parameters(recurse=True)):
-            raise ValueError("compile_blocks: parameters are ZeRO-3 partitioned (their gather hooks break the "
-                             "graph); compile under ZeRO-1/2, or pass fullgraph=False")
+            raise ValueError(
+                "compile_blocks: parameters are ZeRO-3 partitioned (their gather hooks break the "
+                "graph); compile under ZeRO-1/2, or pass fullgraph=False"
+            )
         block.compile(dynamic=dynamic, fullgraph=fullgraph, **compile_kwargs)
     return model

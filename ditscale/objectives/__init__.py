@@ -8,6 +8,7 @@ Adding an objective: a module here with an `Objective` subclass (kind, samplers,
 from_config, from_record), one line in OBJECTIVES, its config keys as a section under `objective` in
 ditscale/config.py, and its sampler steps in ditscale/sampling/registry.py. Flow matching was added so.
 """
+
 from __future__ import annotations
 
 from .base import AuxLoss, CapturingModel, Objective, ObjectiveMismatch, conditioning
@@ -47,10 +48,26 @@ def check_record(record: dict | None, expected_kind: str | None, where: str) -> 
             f"{where} was trained with objective {record.get('kind')!r} ({record.get('prediction')} prediction, "
             f"{record.get('time', 'its own time')}), not {expected_kind!r}: it cannot be sampled as a "
             f"{expected_kind} model; use a {record.get('kind')} sampler "
-            f"({', '.join(objective_class(record.get('kind')).samplers) if record.get('kind') in OBJECTIVES else '?'})")
+            f"({', '.join(OBJECTIVES[record['kind']].samplers) if record.get('kind') in OBJECTIVES else '?'})"
+        )
     return record
 
 
-__all__ = ["AuxLoss", "CapturingModel", "DDPMObjective", "FlowObjective", "LEGACY_RECORD", "OBJECTIVES", "Objective",
-           "ObjectiveMismatch", "TIMESTEP_SAMPLINGS", "TimestepSampling", "build_objective", "check_record",
-           "conditioning", "objective_class", "objective_from_record", "shift_noise_fraction"]
+__all__ = [
+    "AuxLoss",
+    "CapturingModel",
+    "DDPMObjective",
+    "FlowObjective",
+    "LEGACY_RECORD",
+    "OBJECTIVES",
+    "Objective",
+    "ObjectiveMismatch",
+    "TIMESTEP_SAMPLINGS",
+    "TimestepSampling",
+    "build_objective",
+    "check_record",
+    "conditioning",
+    "objective_class",
+    "objective_from_record",
+    "shift_noise_fraction",
+]

@@ -15,6 +15,7 @@ model may return `(prediction, extras)` with `extras` a dict (e.g. hidden states
 `model_kwargs`), and each `AuxLoss` in `aux` maps (extras, x0, labels) to a weighted (N,) term that is
 added to "loss" and reported under its own name.
 """
+
 from __future__ import annotations
 
 from typing import Protocol
@@ -71,13 +72,32 @@ class Objective:
     """Base of the objectives registered in ditscale.objectives (see there for how to add one)."""
 
     kind: str = ""
-    samplers: tuple[str, ...] = ()      # sampler names (ditscale.sampling.registry) that fit this objective
+    samplers: tuple[str, ...] = ()  # sampler names (ditscale.sampling.registry) that fit this objective
     default_sampler: str = ""
 
-    def loss(self, model, x0: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None, *,
-             drop_prob: float = 0.0, model_kwargs: dict | None = None, aux=()) -> dict[str, torch.Tensor]:
+    def loss(
+        self,
+        model,
+        x0: torch.Tensor,
+        labels: torch.Tensor,
+        generator: torch.Generator | None,
+        *,
+        drop_prob: float = 0.0,
+        model_kwargs: dict | None = None,
+        aux=(),
+    ) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
     def record(self) -> dict:
         """JSON-able identity: {"kind", "prediction", "time", …}; equal records mean interchangeable models."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_config(cls, cfg) -> Objective:
+        """The objective of a resolved experiment config."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_record(cls, rec: dict) -> Objective:
+        """The objective a checkpoint / export records (`record()`)."""
         raise NotImplementedError

@@ -4,6 +4,7 @@ Draw order from the generator (what exact resume relies on): t (N,), then ε (N,
 dropout (N,). Uniform times are `randint(0, T)` as in the paper; other timestep samplings draw noise
 fractions u and take step ⌊u·T⌋.
 """
+
 from __future__ import annotations
 
 import torch
@@ -19,21 +20,43 @@ class DDPMObjective(Objective):
     samplers = ("ddpm", "ddim")
     default_sampler = "ddpm"
 
-    def __init__(self, *, noise_schedule="linear", diffusion_steps=1000, predict_xstart=False, use_kl=False,
-                 rescale_learned_sigmas=False, sigma_small=False, learn_sigma=True,
-                 timesteps: TimestepSampling = TimestepSampling()):
-        self.settings = dict(noise_schedule=noise_schedule, diffusion_steps=diffusion_steps,
-                             predict_xstart=predict_xstart, use_kl=use_kl, sigma_small=sigma_small,
-                             rescale_learned_sigmas=rescale_learned_sigmas, learn_sigma=learn_sigma)
+    def __init__(
+        self,
+        *,
+        noise_schedule="linear",
+        diffusion_steps=1000,
+        predict_xstart=False,
+        use_kl=False,
+        rescale_learned_sigmas=False,
+        sigma_small=False,
+        learn_sigma=True,
+        timesteps: TimestepSampling = TimestepSampling(),
+    ):
+        self.settings = dict(
+            noise_schedule=noise_schedule,
+            diffusion_steps=diffusion_steps,
+            predict_xstart=predict_xstart,
+            use_kl=use_kl,
+            sigma_small=sigma_small,
+            rescale_learned_sigmas=rescale_learned_sigmas,
+            learn_sigma=learn_sigma,
+        )
         self.diffusion = create_diffusion("", **self.settings)
         self.timesteps = timesteps
 
     @classmethod
     def from_config(cls, cfg) -> DDPMObjective:
         d = cfg.diffusion
-        return cls(noise_schedule=d.noise_schedule, diffusion_steps=d.diffusion_steps, predict_xstart=d.predict_xstart,
-                   use_kl=d.use_kl, rescale_learned_sigmas=d.rescale_learned_sigmas, sigma_small=d.sigma_small,
-                   learn_sigma=cfg.model.learn_sigma, timesteps=cfg.objective.timestep_sampling())
+        return cls(
+            noise_schedule=d.noise_schedule,
+            diffusion_steps=d.diffusion_steps,
+            predict_xstart=d.predict_xstart,
+            use_kl=d.use_kl,
+            rescale_learned_sigmas=d.rescale_learned_sigmas,
+            sigma_small=d.sigma_small,
+            learn_sigma=cfg.model.learn_sigma,
+            timesteps=cfg.objective.timestep_sampling(),
+        )
 
     def draw_timesteps(self, n: int, generator, device) -> torch.Tensor:
         """(n,) int64 training steps in [0, T)."""
@@ -53,11 +76,20 @@ class DDPMObjective(Objective):
 
     def record(self) -> dict:
         s = self.settings
-        return {"kind": self.kind, "prediction": "x0" if s["predict_xstart"] else "epsilon",
-                "time": "discrete steps 0..T-1, noise at T-1", "noise_schedule": s["noise_schedule"],
-                "diffusion_steps": s["diffusion_steps"], "learn_sigma": s["learn_sigma"]}
+        return {
+            "kind": self.kind,
+            "prediction": "x0" if s["predict_xstart"] else "epsilon",
+            "time": "discrete steps 0..T-1, noise at T-1",
+            "noise_schedule": s["noise_schedule"],
+            "diffusion_steps": s["diffusion_steps"],
+            "learn_sigma": s["learn_sigma"],
+        }
 
     @classmethod
     def from_record(cls, rec: dict) -> DDPMObjective:
-        return cls(noise_schedule=rec.get("noise_schedule", "linear"), diffusion_steps=rec.get("diffusion_steps", 1000),
-                   predict_xstart=rec.get("prediction") == "x0", learn_sigma=rec.get("learn_sigma", True))
+        return cls(
+            noise_schedule=rec.get("noise_schedule", "linear"),
+            diffusion_steps=rec.get("diffusion_steps", 1000),
+            predict_xstart=rec.get("prediction") == "x0",
+            learn_sigma=rec.get("learn_sigma", True),
+        )

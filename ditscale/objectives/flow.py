@@ -14,6 +14,7 @@ with w = 1 (none), (b/σ)² (velocity), b/σ² (likelihood). Times are drawn in 
 velocity use [0, 1]; other predictions [ε, 1 − ε]; vp [0, 1 − ε]; ε = train_eps (SiT's defaults: vp
 1e-5, non-velocity 1e-3) while training, sample_eps (1e-3; 0 for linear/gvp velocity) while sampling.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,6 +40,7 @@ def _bcast(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 #                                     Paths                                     #
 #################################################################################
 
+
 def path_coefficients(path: str, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """(α, α', σ, σ') at times t (any shape)."""
     if path == "linear":
@@ -49,9 +51,9 @@ def path_coefficients(path: str, t: torch.Tensor) -> tuple[torch.Tensor, ...]:
     if path == "vp":
         span = VP_BETA_MAX - VP_BETA_MIN
         alpha = torch.exp(-0.25 * (1 - t) ** 2 * span - 0.5 * (1 - t) * VP_BETA_MIN)
-        d_log_alpha = 0.5 * (1 - t) * span + 0.5 * VP_BETA_MIN                  # = β(t)/2
+        d_log_alpha = 0.5 * (1 - t) * span + 0.5 * VP_BETA_MIN  # = β(t)/2
         sigma = torch.sqrt(1 - alpha**2)
-        return alpha, alpha * d_log_alpha, sigma, -alpha**2 * d_log_alpha / sigma
+        return alpha, alpha * d_log_alpha, sigma, -(alpha**2) * d_log_alpha / sigma
     raise ValueError(f"unknown flow path {path!r}; choose one of {', '.join(PATHS)}")
 
 
@@ -78,15 +80,27 @@ def default_eps(path: str, prediction: str) -> tuple[float, float]:
 #                                   Objective                                   #
 #################################################################################
 
+
 class FlowObjective(Objective):
     kind = "flow"
     samplers = ("euler", "heun", "dopri5", "euler_maruyama")
     default_sampler = "heun"
 
-    def __init__(self, *, path="linear", prediction="velocity", loss_weight="none", train_eps=None, sample_eps=None,
-                 timesteps: TimestepSampling = TimestepSampling()):
-        for value, name, choices in ((path, "path", PATHS), (prediction, "prediction", PREDICTIONS),
-                                     (loss_weight, "loss_weight", LOSS_WEIGHTS)):
+    def __init__(
+        self,
+        *,
+        path="linear",
+        prediction="velocity",
+        loss_weight="none",
+        train_eps=None,
+        sample_eps=None,
+        timesteps: TimestepSampling = TimestepSampling(),
+    ):
+        for value, name, choices in (
+            (path, "path", PATHS),
+            (prediction, "prediction", PREDICTIONS),
+            (loss_weight, "loss_weight", LOSS_WEIGHTS),
+        ):
             if value not in choices:
                 raise ValueError(f"unknown flow {name} {value!r}; choose one of {', '.join(choices)}")
         d_train, d_sample = default_eps(path, prediction)
@@ -98,18 +112,35 @@ class FlowObjective(Objective):
     @classmethod
     def from_config(cls, cfg) -> FlowObjective:
         f = cfg.objective.flow
-        return cls(path=f.path, prediction=f.prediction, loss_weight=f.loss_weight, train_eps=f.train_eps,
-                   sample_eps=f.sample_eps, timesteps=cfg.objective.timestep_sampling())
+        return cls(
+            path=f.path,
+            prediction=f.prediction,
+            loss_weight=f.loss_weight,
+            train_eps=f.train_eps,
+            sample_eps=f.sample_eps,
+            timesteps=cfg.objective.timestep_sampling(),
+        )
 
     @classmethod
     def from_record(cls, rec: dict) -> FlowObjective:
-        return cls(path=rec["path"], prediction=rec["prediction"], loss_weight=rec.get("loss_weight", "none"),
-                   train_eps=rec.get("train_eps"), sample_eps=rec.get("sample_eps"))
+        return cls(
+            path=rec["path"],
+            prediction=rec["prediction"],
+            loss_weight=rec.get("loss_weight", "none"),
+            train_eps=rec.get("train_eps"),
+            sample_eps=rec.get("sample_eps"),
+        )
 
     def record(self) -> dict:
-        return {"kind": self.kind, "prediction": self.prediction, "path": self.path,
-                "time": "continuous t in [0, 1], noise at t=0, data at t=1 (SiT)",
-                "loss_weight": self.loss_weight, "train_eps": self.train_eps, "sample_eps": self.sample_eps}
+        return {
+            "kind": self.kind,
+            "prediction": self.prediction,
+            "path": self.path,
+            "time": "continuous t in [0, 1], noise at t=0, data at t=1 (SiT)",
+            "loss_weight": self.loss_weight,
+            "train_eps": self.train_eps,
+            "sample_eps": self.sample_eps,
+        }
 
     # ---------------------------------------------------------------------------------------------
     # Time intervals
@@ -138,8 +169,8 @@ class FlowObjective(Objective):
     def loss(self, model, x0, labels, generator, *, drop_prob=0.0, model_kwargs=None, aux=()):
         """x0 is the clean data (SiT's x₁)."""
         x1 = x0.float()
-        t = self.draw_times(x1.shape[0], generator, x1.device)                   # (N,)
-        noise = torch.randn(x1.shape, device=x1.device, generator=generator)    # (N, C, H, W)
+        t = self.draw_times(x1.shape[0], generator, x1.device)  # (N,)
+        noise = torch.randn(x1.shape, device=x1.device, generator=generator)  # (N, C, H, W)
         kwargs = conditioning(labels, generator, drop_prob, model_kwargs)
         alpha, d_alpha, sigma, d_sigma = (_bcast(c, x1) for c in path_coefficients(self.path, t))
         xt = alpha * x1 + sigma * noise

@@ -5,6 +5,7 @@ each objective maps u to its own time (DDPM: step ⌊u·T⌋; flow in SiT's dire
 t = 0). Logit-normal: u = sigmoid(m + s·n), n ~ N(0, 1). Shift s: u' = s·u / (1 + (s − 1)·u), which moves
 the draws toward noise for s > 1 (larger images keep more signal at a given noise level).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -22,13 +23,15 @@ def shift_noise_fraction(u: torch.Tensor, shift: float) -> torch.Tensor:
 @dataclass(frozen=True)
 class TimestepSampling:
     sampling: str = "uniform"
-    mean: float = 0.0                   # logit-normal m
-    std: float = 1.0                    # logit-normal s
+    mean: float = 0.0  # logit-normal m
+    std: float = 1.0  # logit-normal s
     shift: float = 1.0
 
     def __post_init__(self):
         if self.sampling not in TIMESTEP_SAMPLINGS:
-            raise ValueError(f"unknown timestep sampling {self.sampling!r}; choose one of {', '.join(TIMESTEP_SAMPLINGS)}")
+            raise ValueError(
+                f"unknown timestep sampling {self.sampling!r}; choose one of {', '.join(TIMESTEP_SAMPLINGS)}"
+            )
         if not self.std > 0 or not self.shift > 0:
             raise ValueError(f"std and shift must be > 0, got std={self.std}, shift={self.shift}")
 

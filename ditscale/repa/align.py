@@ -1,9 +1,10 @@
 """REPA's alignment term as pure functions: the projector, the token-grid match, the per-sample loss.
 
-    projector = build_projector(hidden_size=1152, encoder_dim=768)     # Linear-SiLU-Linear-SiLU-Linear, 2048
-    target = match_tokens(encoder_tokens, num_tokens=256)              # (N, 256, 768): interpolated if needed
-    per_sample = alignment_loss(projector(hidden), target)             # (N,) mean negative cosine, in [-1, 1]
+projector = build_projector(hidden_size=1152, encoder_dim=768)     # Linear-SiLU-Linear-SiLU-Linear, 2048
+target = match_tokens(encoder_tokens, num_tokens=256)              # (N, 256, 768): interpolated if needed
+per_sample = alignment_loss(projector(hidden), target)             # (N,) mean negative cosine, in [-1, 1]
 """
+
 from __future__ import annotations
 
 import math
@@ -17,8 +18,9 @@ PROJECTOR_WIDTH = 2048
 
 def build_projector(hidden_size: int, encoder_dim: int, width: int = PROJECTOR_WIDTH) -> nn.Sequential:
     """REPA's 3-layer MLP with SiLU, DiT tokens (N, T, hidden_size) → (N, T, encoder_dim)."""
-    return nn.Sequential(nn.Linear(hidden_size, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(),
-                         nn.Linear(width, encoder_dim))
+    return nn.Sequential(
+        nn.Linear(hidden_size, width), nn.SiLU(), nn.Linear(width, width), nn.SiLU(), nn.Linear(width, encoder_dim)
+    )
 
 
 def grid_side(num_tokens: int, what: str) -> int:
@@ -35,12 +37,12 @@ def match_tokens(target: torch.Tensor, num_tokens: int) -> torch.Tensor:
     if s == num_tokens:
         return target
     src, dst = grid_side(s, "encoder patch tokens"), grid_side(num_tokens, "DiT tokens")
-    grid = target.transpose(1, 2).reshape(n, d, src, src)                       # (N, D, √S, √S)
+    grid = target.transpose(1, 2).reshape(n, d, src, src)  # (N, D, √S, √S)
     if dst < src:
-        grid = F.adaptive_avg_pool2d(grid, dst)                                 # area: means over covered patches
+        grid = F.adaptive_avg_pool2d(grid, dst)  # area: means over covered patches
     else:
         grid = F.interpolate(grid, size=(dst, dst), mode="bilinear", align_corners=False)
-    return grid.flatten(2).transpose(1, 2)                                      # (N, T, D)
+    return grid.flatten(2).transpose(1, 2)  # (N, T, D)
 
 
 def alignment_loss(projected: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

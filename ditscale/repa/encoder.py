@@ -10,6 +10,7 @@ own filter, then loaded strictly, so a file of another architecture is refused n
 mode, no gradients, bf16 on a GPU (fp32 on a CPU). Input as REPA prepares it: [0, 1], ImageNet mean/std,
 bicubic resize (256 → 224; the positional table is interpolated to the grid, as DINOv2 does).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -62,8 +63,9 @@ def build_vit(name: str) -> nn.Module:
 
     arch = _arch(name)
     extra = dict(mlp_layer=SwiGLUPacked, act_layer=nn.SiLU) if arch.pop("swiglu", False) else {}
-    return VisionTransformer(img_size=518, patch_size=PATCH, init_values=1e-5, num_classes=0,
-                             dynamic_img_size=True, **arch, **extra)
+    return VisionTransformer(
+        img_size=518, patch_size=PATCH, init_values=1e-5, num_classes=0, dynamic_img_size=True, **arch, **extra
+    )
 
 
 def read_encoder_weights(path: str | Path) -> dict[str, torch.Tensor]:
@@ -71,8 +73,9 @@ def read_encoder_weights(path: str | Path) -> dict[str, torch.Tensor]:
     that wrap the state dict under "model", "state_dict" or "teacher"."""
     path = Path(path)
     if not path.is_file():
-        raise EncoderError(f"repa.encoder_weights: {path} does not exist (download the encoder's weights once; "
-                           f"see README 'REPA')")
+        raise EncoderError(
+            f"repa.encoder_weights: {path} does not exist (download the encoder's weights once; see README 'REPA')"
+        )
     try:
         return read_tensors(path, unwrap=("model", "state_dict", "teacher"))
     except ValueError as e:
@@ -93,7 +96,7 @@ class FrozenEncoder(nn.Module):
         return self.vit.embed_dim
 
     def train(self, mode: bool = True) -> FrozenEncoder:
-        return super().train(False)                      # always in eval mode
+        return super().train(False)  # always in eval mode
 
     def preprocess(self, images: torch.Tensor, size: int) -> torch.Tensor:
         """uint8 (N, C, H, W) → (N, 3, size, size) fp32: [0, 1], ImageNet-normalised, bicubic resize."""
@@ -108,8 +111,8 @@ class FrozenEncoder(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor, size: int) -> torch.Tensor:
         dtype = next(self.vit.parameters()).dtype
-        tokens = self.vit.forward_features(self.preprocess(images, size).to(dtype))   # (N, prefix + T, D)
-        return tokens[:, self.vit.num_prefix_tokens:].float()                       # (N, T, D)
+        tokens = self.vit.forward_features(self.preprocess(images, size).to(dtype))  # (N, prefix + T, D)
+        return tokens[:, self.vit.num_prefix_tokens :].float()  # (N, T, D)
 
 
 def load_encoder(name: str, path: str | Path, device: torch.device, dtype: torch.dtype | None = None) -> FrozenEncoder:
@@ -121,15 +124,18 @@ def load_encoder(name: str, path: str | Path, device: torch.device, dtype: torch
     state = read_encoder_weights(path)
     patch = state.get("patch_embed.proj.weight")
     if patch is None or tuple(patch.shape) != tuple(vit.patch_embed.proj.weight.shape):
-        raise EncoderError(f"repa.encoder_weights: {path} does not fit repa.encoder={name} (patch embedding "
-                           f"{None if patch is None else tuple(patch.shape)}, expected "
-                           f"{tuple(vit.patch_embed.proj.weight.shape)})")
+        raise EncoderError(
+            f"repa.encoder_weights: {path} does not fit repa.encoder={name} (patch embedding "
+            f"{None if patch is None else tuple(patch.shape)}, expected "
+            f"{tuple(vit.patch_embed.proj.weight.shape)})"
+        )
     try:
-        state = checkpoint_filter_fn(state, vit)            # Meta's DINOv2 layout → timm's; resized positions
+        state = checkpoint_filter_fn(state, vit)  # Meta's DINOv2 layout → timm's; resized positions
         vit.load_state_dict(state, strict=True)
     except (RuntimeError, KeyError, ValueError) as e:
         first = str(e).strip().splitlines()
-        raise EncoderError(f"repa.encoder_weights: {path} does not fit repa.encoder={name} "
-                           f"({' '.join(first[:3])[:400]})") from None
+        raise EncoderError(
+            f"repa.encoder_weights: {path} does not fit repa.encoder={name} ({' '.join(first[:3])[:400]})"
+        ) from None
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    return FrozenEncoder(vit.to(device=device, dtype=dtype), name).to(device)      # normalisation stays fp32
+    return FrozenEncoder(vit.to(device=device, dtype=dtype), name).to(device)  # normalisation stays fp32

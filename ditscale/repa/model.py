@@ -4,6 +4,7 @@ The DiT's parameters keep their official names; the projector's are under `repa_
 1/2/3, activation checkpointing (the DiT's blocks), the optimizer and the checkpoints cover both, while
 the EMA and every export leave the projector out (`is_training_only`): what comes out is a plain DiT.
 """
+
 from __future__ import annotations
 
 from ditscale.models.dit import DiT
@@ -27,7 +28,7 @@ class DiTWithProjector(DiT):
             raise ValueError(f"repa.block={align_block} is outside the DiT's blocks 1..{len(self.blocks)}")
         self.align_block = align_block
         self.repa_projector = build_projector(self.config["hidden_size"], encoder_dim, projector_width)
-        self.initialize_weights()                          # the projector too: xavier-uniform, zero bias
+        self.initialize_weights()  # the projector too: xavier-uniform, zero bias
 
     @staticmethod
     def exports_parameter(name: str) -> bool:
@@ -37,5 +38,5 @@ class DiTWithProjector(DiT):
     def forward(self, x, t, y, force_drop_ids=None, align=False):
         if not align:
             return super().forward(x, t, y, force_drop_ids)
-        out, hidden = super().forward(x, t, y, force_drop_ids, hidden_block=self.align_block)   # (N, T, D)
-        return out, {"repa_tokens": self.repa_projector(hidden)}                                 # (N, T, E)
+        out, hidden = super().forward(x, t, y, force_drop_ids, hidden_block=self.align_block)  # (N, T, D)
+        return out, {"repa_tokens": self.repa_projector(hidden)}  # (N, T, E)

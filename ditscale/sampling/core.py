@@ -10,6 +10,7 @@ Noise comes from one of two sources:
 Guidance runs the model on the doubled batch [x; x] with labels [y; null] (ditscale.diffusion.guidance)
 and keeps the first half, so the sampler's state and arithmetic stay at batch N.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,6 +30,7 @@ COMPILE_MODES = (False, True, "blocks", "step", "step-cudagraphs")
 # Schedules, seeds, labels
 # --------------------------------------------------------------------------------------------------
 
+
 def respacing_for(sampler: str, steps: int, diffusion_steps: int = 1000) -> str:
     """The timestep_respacing spec of `steps` sampling steps: DDIM takes every k-th step ("ddimN", as
     diffusers' DDIMScheduler with "leading" spacing) when some stride gives exactly N, otherwise, like
@@ -43,20 +45,23 @@ def respacing_for(sampler: str, steps: int, diffusion_steps: int = 1000) -> str:
     return str(steps)
 
 
-def sampling_diffusion(sampler="ddpm", steps=250, *, respacing=None, learn_sigma=True, noise_schedule="linear",
-                       diffusion_steps=1000):
+def sampling_diffusion(
+    sampler="ddpm", steps=250, *, respacing=None, learn_sigma=True, noise_schedule="linear", diffusion_steps=1000
+):
     """The respaced diffusion a sampler walks (the paper's linear schedule over 1000 steps by default)."""
     spec = respacing if respacing else respacing_for(sampler, steps, diffusion_steps)
-    return create_diffusion(spec, noise_schedule=noise_schedule, learn_sigma=learn_sigma,
-                            diffusion_steps=diffusion_steps)
+    return create_diffusion(
+        spec, noise_schedule=noise_schedule, learn_sigma=learn_sigma, diffusion_steps=diffusion_steps
+    )
 
 
 def _index_states(seed: int, indices) -> np.ndarray:
     """(len(indices), 2) uint64 words from SeedSequence((seed, i)): [noise seed, label word]."""
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
-    return np.array([np.random.SeedSequence((int(seed), int(i))).generate_state(2, np.uint64) for i in indices],
-                    dtype=np.uint64).reshape(-1, 2)
+    return np.array(
+        [np.random.SeedSequence((int(seed), int(i))).generate_state(2, np.uint64) for i in indices], dtype=np.uint64
+    ).reshape(-1, 2)
 
 
 def index_seeds(seed: int, indices) -> list[int]:
@@ -79,6 +84,7 @@ def index_labels(seed: int, indices, num_classes: int, mode: str = "balanced") -
 # Noise sources: noise(k) is x_T for k = 0, else the noise of the k-th noisy step
 # --------------------------------------------------------------------------------------------------
 
+
 def generator_noise(shape, generator=None, device=None) -> Callable[[int], torch.Tensor]:
     """Draws from `generator` (the global RNG if None) on its device, lazily, in call order."""
     device = generator.device if generator is not None else torch.device(device or "cpu")
@@ -90,14 +96,16 @@ def seeded_noise(seeds, shape, num_draws: int, device=None) -> Callable[[int], t
     (num_draws, C, H, W) draw, moved to `device`. Memory: N · num_draws · C·H·W floats."""
     if len(seeds) != shape[0]:
         raise ValueError(f"{len(seeds)} seeds for a batch of {shape[0]}")
-    table = torch.stack([torch.randn(num_draws, *shape[1:], generator=torch.Generator().manual_seed(s))
-                         for s in seeds], dim=1).to(device or "cpu")               # (K, N, C, H, W)
+    table = torch.stack(
+        [torch.randn(num_draws, *shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds], dim=1
+    ).to(device or "cpu")  # (K, N, C, H, W)
     return lambda k: table[k]
 
 
 # --------------------------------------------------------------------------------------------------
 # The sampler
 # --------------------------------------------------------------------------------------------------
+
 
 def sampling_process(objective, sampler: str, steps: int = 250, respacing: str | None = None):
     """What `sampler` walks for a model trained with `objective` (an Objective, a record dict, or None for
@@ -111,8 +119,14 @@ def sampling_process(objective, sampler: str, steps: int = 250, respacing: str |
     if objective.kind == "flow":
         return objective
     s = objective.settings
-    return sampling_diffusion(sampler, steps, respacing=respacing, learn_sigma=s["learn_sigma"],
-                              noise_schedule=s["noise_schedule"], diffusion_steps=s["diffusion_steps"])
+    return sampling_diffusion(
+        sampler,
+        steps,
+        respacing=respacing,
+        learn_sigma=s["learn_sigma"],
+        noise_schedule=s["noise_schedule"],
+        diffusion_steps=s["diffusion_steps"],
+    )
 
 
 @dataclass
@@ -150,15 +164,19 @@ class GuidedSampler:
         if not self.cfg_scale >= 0:
             raise ValueError(f"cfg_scale must be >= 0 (1 = no guidance), got {self.cfg_scale}")
         if not 0 <= self.eta <= 1 or (self.eta and self.sampler != "ddim"):
-            raise ValueError(f"eta must be in [0, 1] and is only for the ddim sampler, got eta={self.eta} "
-                             f"with sampler={self.sampler!r}; not both")
+            raise ValueError(
+                f"eta must be in [0, 1] and is only for the ddim sampler, got eta={self.eta} "
+                f"with sampler={self.sampler!r}; not both"
+            )
         if self.cfg_interval is not None:
             lo, hi = self.cfg_interval
             if not 0 <= lo <= hi <= 1:
                 raise ValueError(f"cfg_interval must be (lo, hi) with 0 <= lo <= hi <= 1, got {self.cfg_interval}")
         if self.guided and getattr(getattr(self.model, "y_embedder", None), "dropout_prob", 1) == 0:
-            raise ValueError("the model has no null class (trained with class_dropout_prob=0): classifier-free "
-                             "guidance needs one; use cfg_scale=1")
+            raise ValueError(
+                "the model has no null class (trained with class_dropout_prob=0): classifier-free "
+                "guidance needs one; use cfg_scale=1"
+            )
         self.plan = make_plan(self.sampler, self.process, self.steps, eta=self.eta, options=self.options)
         if self.guided:
             self._cfg = cfg_wrapper(self.model, self.cfg_scale, self.guide_channels)
@@ -170,8 +188,11 @@ class GuidedSampler:
             for block in self.model.blocks:
                 block.compile()
         mode = "reduce-overhead" if self.compile == "step-cudagraphs" else None
-        wrap = (lambda f: torch.compile(f, mode=mode, dynamic=False)) if self.compile in ("step", "step-cudagraphs") \
+        wrap = (
+            (lambda f: torch.compile(f, mode=mode, dynamic=False))
+            if self.compile in ("step", "step-cudagraphs")
             else (lambda f: f)
+        )
         self._steps = {"step": wrap(self._bind(self.plan.step))}
         if self.plan.final is not None:
             self._steps["final"] = wrap(self._bind(self.plan.final))
@@ -210,13 +231,14 @@ class GuidedSampler:
         with amp:
             if not guide:
                 return self.model(x, t, y=y)
-            x2, y2 = prepare_cfg_inputs(x, y, self.model.num_classes)              # (2N, …), (2N,)
+            x2, y2 = prepare_cfg_inputs(x, y, self.model.num_classes)  # (2N, …), (2N,)
             return self._cfg(x2, torch.cat([t, t]), y=y2)[: x.shape[0]]
 
     def _bind(self, step):
         """step(model_fn, x, t, t_next, noise) → f(x, t, t_next, noise, y, guide)."""
-        return lambda x, t, t_next, noise, y, guide: step(lambda x_, t_: self._model(x_, t_, y, guide), x, t,
-                                                          t_next, noise)
+        return lambda x, t, t_next, noise, y, guide: step(
+            lambda x_, t_: self._model(x_, t_, y, guide), x, t, t_next, noise
+        )
 
     def _prime(self, x, labels):
         """Let a diffusion fill its per-device tables eagerly (a dummy model call), so that a compiled step
@@ -241,6 +263,7 @@ class GuidedSampler:
         steps = range(plan.num_steps)
         if progress:
             from tqdm.auto import tqdm
+
             steps = tqdm(steps, desc=self.sampler.upper(), unit="step", leave=False)
         for k in steps:
             t = torch.full((n,), plan.times[k], device=device, dtype=plan.time_dtype)
@@ -254,15 +277,32 @@ class GuidedSampler:
             step = self._steps["final" if plan.final is not None and k == plan.num_steps - 1 else "step"]
             if self.compile == "step-cudagraphs":
                 torch.compiler.cudagraph_mark_step_begin()
-                x = step(x, t, t_next, z, labels, guide).clone()                   # outlive the graph's buffer
+                x = step(x, t, t_next, z, labels, guide).clone()  # outlive the graph's buffer
             else:
                 x = step(x, t, t_next, z, labels, guide)
         return x
 
 
-def sample_latents(model, process=None, labels=None, *, cfg_scale=4.0, guide_channels=3, sampler="ddpm",
-                   steps=None, eta=0.0, generator=None, seeds=None, device=None, autocast=None, compile=False,
-                   progress=False, objective=None, cfg_interval=None, options=None) -> torch.Tensor:
+def sample_latents(
+    model,
+    process=None,
+    labels=None,
+    *,
+    cfg_scale=4.0,
+    guide_channels=3,
+    sampler="ddpm",
+    steps=None,
+    eta=0.0,
+    generator=None,
+    seeds=None,
+    device=None,
+    autocast=None,
+    compile=False,
+    progress=False,
+    objective=None,
+    cfg_interval=None,
+    options=None,
+) -> torch.Tensor:
     """Latents (N, C, H, W) fp32 for class `labels` (N,) from `model` (a DiT, in eval mode).
 
     process: what to walk (`sampling_process`), or None to build it from `objective` (an Objective or a
@@ -284,8 +324,19 @@ def sample_latents(model, process=None, labels=None, *, cfg_scale=4.0, guide_cha
         raise ValueError("pass seeds= or generator=, not both")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1).to(device)
-    run = GuidedSampler(model, process, sampler, cfg_scale, guide_channels, eta, autocast, compile,
-                        steps=(steps or 50) if flow else None, cfg_interval=cfg_interval, options=options)
+    run = GuidedSampler(
+        model,
+        process,
+        sampler,
+        cfg_scale,
+        guide_channels,
+        eta,
+        autocast,
+        compile,
+        steps=(steps or 50) if flow else None,
+        cfg_interval=cfg_interval,
+        options=options,
+    )
     shape = run.latent_shape(len(labels))
     if seeds is not None:
         noise = seeded_noise(list(seeds), shape, run.num_draws, device)
@@ -300,6 +351,7 @@ def sample_latents(model, process=None, labels=None, *, cfg_scale=4.0, guide_cha
 # Decoding
 # --------------------------------------------------------------------------------------------------
 
+
 def load_vae(path, device="cpu"):
     """A diffusers AutoencoderKL from a local directory (save_pretrained layout); never downloads."""
     from pathlib import Path
@@ -307,8 +359,10 @@ def load_vae(path, device="cpu"):
     from diffusers import AutoencoderKL
 
     if not Path(path).is_dir():
-        raise ValueError(f"VAE {path!r} is not a local directory: give a diffusers AutoencoderKL saved with "
-                         "save_pretrained (nothing is downloaded), or 'none' for pixel-space models")
+        raise ValueError(
+            f"VAE {path!r} is not a local directory: give a diffusers AutoencoderKL saved with "
+            "save_pretrained (nothing is downloaded), or 'none' for pixel-space models"
+        )
     try:
         vae = AutoencoderKL.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as e:
@@ -331,8 +385,9 @@ def decode(latents, vae=None, scale_factor=1.0, batch_size=16) -> torch.Tensor:
     x = latents.float() / _scale_tensor(scale_factor, latents.shape[1], latents)
     if vae is None:
         if x.shape[1] not in (1, 3):
-            raise ValueError(f"pixel-mode latents must have 1 or 3 channels, got {x.shape[1]} "
-                             "(latent-space models need a VAE)")
+            raise ValueError(
+                f"pixel-mode latents must have 1 or 3 channels, got {x.shape[1]} (latent-space models need a VAE)"
+            )
         return x.expand(-1, 3, -1, -1).contiguous() if x.shape[1] == 1 else x
     vae_dtype = next(vae.parameters()).dtype
     parts = [vae.decode(chunk.to(vae_dtype)).sample.float() for chunk in x.split(batch_size)]

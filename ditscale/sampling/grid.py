@@ -1,4 +1,5 @@
 """Sample grids: one row per class, labelled; and the trainer's periodic EMA grid with fixed noise and labels."""
+
 from __future__ import annotations
 
 import functools
@@ -20,7 +21,7 @@ IMAGENET_SHOWCASE = (207, 360, 387, 974, 88, 979, 417, 279)
 def _row_label(label: int, class_names) -> str:
     if class_names is None:
         return str(label)
-    name = str(class_names[label]).split(",")[0].strip()                    # ImageNet: first synonym
+    name = str(class_names[label]).split(",")[0].strip()  # ImageNet: first synonym
     text = f"{label} {name}"
     return text if len(text) <= 28 else text[:27] + "…"
 
@@ -68,6 +69,7 @@ def save_grid(images, labels, path, class_names=None, *, min_cell: int = 64, pad
 # Periodic EMA grids during training
 # --------------------------------------------------------------------------------------------------
 
+
 @dataclass
 class GridConfig:
     """What `ema_grid` draws. classes: None picks the official showcase for 1000 classes, else the first 8.
@@ -111,8 +113,11 @@ class GridConfig:
     @classmethod
     def from_dataset(cls, meta: dict, **overrides) -> "GridConfig":
         """Defaults from a dataset.json dict (vae, scale_factor, classes → class_names), then overrides."""
-        base = {"vae": meta.get("vae", "none"), "scale_factor": meta.get("scale_factor"),
-                "class_names": meta.get("classes")}
+        base = {
+            "vae": meta.get("vae", "none"),
+            "scale_factor": meta.get("scale_factor"),
+            "class_names": meta.get("classes"),
+        }
         return cls.from_dict({**base, **overrides})
 
     def class_ids(self, num_classes: int) -> list[int]:
@@ -145,16 +150,26 @@ def ema_grid(model, cfg, step: int, out_dir, tb_writer=None, tag: str = "samples
     cfg = cfg if isinstance(cfg, GridConfig) else GridConfig.from_dict(dict(cfg))
     device = next(model.parameters()).device
     labels = [c for c in cfg.class_ids(model.num_classes) for _ in range(cfg.num_per_class)]
-    process = sampling_process(cfg.objective or {**LEGACY_RECORD, "learn_sigma": model.learn_sigma}, cfg.sampler,
-                               cfg.steps)
+    process = sampling_process(
+        cfg.objective or {**LEGACY_RECORD, "learn_sigma": model.learn_sigma}, cfg.sampler, cfg.steps
+    )
     flow = sampler_info(cfg.sampler).kind == "flow"
     was_training = model.training
     model.eval()
     try:
         latents = sample_latents(
-            model, process, labels, cfg_scale=cfg.cfg_scale, guide_channels=cfg.guide_channels,
-            sampler=cfg.sampler, steps=cfg.steps if flow else None, cfg_interval=cfg.cfg_interval, seeds=index_seeds(cfg.seed, range(len(labels))), device=device,
-            autocast=torch.bfloat16 if device.type == "cuda" else None)
+            model,
+            process,
+            labels,
+            cfg_scale=cfg.cfg_scale,
+            guide_channels=cfg.guide_channels,
+            sampler=cfg.sampler,
+            steps=cfg.steps if flow else None,
+            cfg_interval=cfg.cfg_interval,
+            seeds=index_seeds(cfg.seed, range(len(labels))),
+            device=device,
+            autocast=torch.bfloat16 if device.type == "cuda" else None,
+        )
     finally:
         model.train(was_training)
     vae, scale = vae_and_scale(cfg.vae, cfg.scale_factor, device)
@@ -164,4 +179,3 @@ def ema_grid(model, cfg, step: int, out_dir, tb_writer=None, tag: str = "samples
     if tb_writer is not None:
         tb_writer.add_image(tag, np.asarray(grid), step, dataformats="HWC")
     return path
-

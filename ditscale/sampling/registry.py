@@ -19,6 +19,7 @@ Flow objective (ditscale.objectives.flow; t from t₀ near noise to t₁ near da
                   increasing_decreasing (sin² πt).
 Each plan step is `step(model_fn, x, t, t_next, noise)`; model_fn(x, t) is the guided model output.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,23 +33,26 @@ from ditscale.diffusion.samplers import ddim_update, ddpm_update
 @dataclass(frozen=True)
 class SamplerInfo:
     name: str
-    kind: str                           # the objective kind it samples
-    options: tuple[str, ...] = ()       # keyword options it takes besides steps
+    kind: str  # the objective kind it samples
+    options: tuple[str, ...] = ()  # keyword options it takes besides steps
 
 
-SAMPLERS: dict[str, SamplerInfo] = {s.name: s for s in (
-    SamplerInfo("ddpm", "ddpm"),
-    SamplerInfo("ddim", "ddpm", ("eta",)),
-    SamplerInfo("euler", "flow"),
-    SamplerInfo("heun", "flow"),
-    SamplerInfo("dopri5", "flow", ("atol", "rtol")),
-    SamplerInfo("euler_maruyama", "flow", ("diffusion_form", "diffusion_norm", "last_step", "last_step_size")),
-)}
+SAMPLERS: dict[str, SamplerInfo] = {
+    s.name: s
+    for s in (
+        SamplerInfo("ddpm", "ddpm"),
+        SamplerInfo("ddim", "ddpm", ("eta",)),
+        SamplerInfo("euler", "flow"),
+        SamplerInfo("heun", "flow"),
+        SamplerInfo("dopri5", "flow", ("atol", "rtol")),
+        SamplerInfo("euler_maruyama", "flow", ("diffusion_form", "diffusion_norm", "last_step", "last_step_size")),
+    )
+}
 DIFFUSION_FORMS = ("constant", "sbdm", "sigma", "linear", "decreasing", "increasing_decreasing")
 LAST_STEPS = ("none", "mean", "tweedie", "euler")
 SDE_DEFAULTS = {"diffusion_form": "sigma", "diffusion_norm": 1.0, "last_step": "mean", "last_step_size": 0.04}
 ODE_DEFAULTS = {"atol": 1e-6, "rtol": 1e-3}
-SBDM_MIN_T = 1e-3        # SiT's SBDM coefficient b(t) ~ 1/t: an SDE with it starts no earlier than this
+SBDM_MIN_T = 1e-3  # SiT's SBDM coefficient b(t) ~ 1/t: an SDE with it starts no earlier than this
 
 
 def sampler_info(name: str) -> SamplerInfo:
@@ -62,8 +66,10 @@ def check_fits(name: str, kind: str) -> SamplerInfo:
     info = sampler_info(name)
     if info.kind != kind:
         fits = [s.name for s in SAMPLERS.values() if s.kind == kind]
-        raise ValueError(f"sampler {name!r} samples {info.kind} models, this model was trained with objective "
-                         f"{kind!r}: choose one of {', '.join(fits)}")
+        raise ValueError(
+            f"sampler {name!r} samples {info.kind} models, this model was trained with objective "
+            f"{kind!r}: choose one of {', '.join(fits)}"
+        )
     return info
 
 
@@ -74,6 +80,7 @@ def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 #################################################################################
 #                             Flow steps (one of each)                          #
 #################################################################################
+
 
 def euler_step(velocity, x, t, t_next):
     return x + _bcast(t_next - t, x) * velocity(x, t)
@@ -116,6 +123,7 @@ def sde_diffusion(objective, form: str, norm: float, t: torch.Tensor, x: torch.T
 #                                     Plans                                     #
 #################################################################################
 
+
 @dataclass
 class Plan:
     """What a sampler walks: `times` (K + 1 host numbers; step k goes times[k] → times[k + 1] as (N,)
@@ -129,7 +137,7 @@ class Plan:
     noise_fraction: object
     time_dtype: torch.dtype = torch.float32
     final: object = None
-    adaptive: bool = False              # the step evaluates the model at times of its own choosing
+    adaptive: bool = False  # the step evaluates the model at times of its own choosing
 
     @property
     def num_steps(self) -> int:
@@ -147,7 +155,7 @@ def _diffusion_plan(name, diffusion, eta: float) -> Plan:
     T = diffusion.num_timesteps
     original = getattr(diffusion, "timestep_map", None)
     T_train = getattr(diffusion, "original_num_steps", T)
-    times = list(range(T - 1, -2, -1))                  # respaced steps T−1 … 0, then "done"
+    times = list(range(T - 1, -2, -1))  # respaced steps T−1 … 0, then "done"
     noisy = [(name == "ddpm" or eta > 0) and i > 0 for i in times[:-1]]
 
     def step(model_fn, x, t, t_next, noise):
@@ -170,22 +178,32 @@ def _flow_plan(name, objective, steps: int, options: dict) -> Plan:
     t0, t1 = objective.interval(objective.sample_eps, sde=sde, sbdm=sbdm, last_step_size=size)
     if sde and sbdm and objective.path != "vp":
         t0 = max(t0, SBDM_MIN_T)
-    noise_fraction = lambda t: 1.0 - float(t)                              # noqa: E731
+    noise_fraction = lambda t: 1.0 - float(t)  # noqa: E731
     if name == "dopri5":
         from torchdiffeq import odeint
 
         def solve(model_fn, x, t, t_next, noise):
             velocity = _velocity(objective, model_fn)
             span = torch.stack([t[0], t_next[0]]).to(x.dtype)
-            return odeint(lambda s, y: velocity(y, s.expand(y.shape[0])), x, span, method="dopri5",
-                          atol=opts["atol"], rtol=opts["rtol"])[-1]
+            return odeint(
+                lambda s, y: velocity(y, s.expand(y.shape[0])),
+                x,
+                span,
+                method="dopri5",
+                atol=opts["atol"],
+                rtol=opts["rtol"],
+            )[-1]
 
         return Plan(name, [t0, t1], solve, [False], noise_fraction, adaptive=True)
     if not sde:
         fn = euler_step if name == "euler" else heun_step
-        return Plan(name, torch.linspace(t0, t1, steps + 1).tolist(),
-                    lambda model_fn, x, t, t_next, noise: fn(_velocity(objective, model_fn), x, t, t_next),
-                    [False] * steps, noise_fraction)
+        return Plan(
+            name,
+            torch.linspace(t0, t1, steps + 1).tolist(),
+            lambda model_fn, x, t, t_next, noise: fn(_velocity(objective, model_fn), x, t, t_next),
+            [False] * steps,
+            noise_fraction,
+        )
     if steps < 2:
         raise ValueError("euler_maruyama needs steps >= 2 (steps − 1 SDE steps, then the last step)")
     form, norm = opts["diffusion_form"], float(opts["diffusion_norm"])
@@ -228,14 +246,18 @@ def make_plan(name: str, process, steps: int | None = None, *, eta: float = 0.0,
     options = dict(options or {})
     bad = sorted(set(options) - set(info.options))
     if bad:
-        raise ValueError(f"sampler {name!r} takes no option {', '.join(bad)}"
-                         + (f" (it takes {', '.join(info.options)})" if info.options else ""))
+        raise ValueError(
+            f"sampler {name!r} takes no option {', '.join(bad)}"
+            + (f" (it takes {', '.join(info.options)})" if info.options else "")
+        )
     if "diffusion_form" in options and options["diffusion_form"] not in DIFFUSION_FORMS:
-        raise ValueError(f"unknown diffusion_form {options['diffusion_form']!r}; choose one of {', '.join(DIFFUSION_FORMS)}")
+        raise ValueError(
+            f"unknown diffusion_form {options['diffusion_form']!r}; choose one of {', '.join(DIFFUSION_FORMS)}"
+        )
     if "last_step" in options and options["last_step"] not in LAST_STEPS:
         raise ValueError(f"unknown last_step {options['last_step']!r}; choose one of {', '.join(LAST_STEPS)}")
     if kind == "ddpm":
         return _diffusion_plan(name, process, eta)
     if name != "dopri5" and (steps is None or steps < 1):
         raise ValueError(f"flow sampler {name!r} needs steps >= 1, got {steps}")
-    return _flow_plan(name, process, steps, options)
+    return _flow_plan(name, process, steps or 0, options)  # dopri5 picks its own steps

@@ -11,24 +11,44 @@ Inception's), shard names, which file of a directory, the sidecar;
 load: shapes → DiT kwargs → model; pipeline: diffusers. Used by the trainer's export, `ditscale.sample`
 and `ditscale.interop`; imports only `ditscale.models` (and `ditscale.sampling.core.load_vae` for a VAE).
 """
+
 from ditscale.weights.files import (
-                                    SHARD_INDEX,
-                                    WEIGHTS,
-                                    config_near,
-                                    plan_shards,
-                                    read_sharded,
-                                    read_state_dict,
-                                    read_tensors,
-                                    shard_name,
-                                    shard_stem,
-                                    sidecar,
-                                    weights_file,
-                                    weights_stem,
-                                    write_weights,
+    SHARD_INDEX,
+    WEIGHTS,
+    config_near,
+    plan_shards,
+    read_sharded,
+    read_state_dict,
+    read_tensors,
+    shard_name,
+    shard_stem,
+    sidecar,
+    weights_file,
+    weights_stem,
+    write_weights,
 )
 from ditscale.weights.load import infer_dit_config, load_dit, load_model, preset_of
 from ditscale.weights.pipeline import export_diffusers, load_pipeline, scheduler_for
 
-__all__ = ["SHARD_INDEX", "WEIGHTS", "config_near", "export_diffusers", "infer_dit_config", "load_dit", "load_model",
-           "load_pipeline", "plan_shards", "preset_of", "read_sharded", "read_state_dict", "read_tensors",
-           "scheduler_for", "shard_name", "shard_stem", "sidecar", "weights_file", "weights_stem", "write_weights"]
+__all__ = [
+    "SHARD_INDEX",
+    "WEIGHTS",
+    "config_near",
+    "export_diffusers",
+    "infer_dit_config",
+    "load_dit",
+    "load_model",
+    "load_pipeline",
+    "plan_shards",
+    "preset_of",
+    "read_sharded",
+    "read_state_dict",
+    "read_tensors",
+    "scheduler_for",
+    "shard_name",
+    "shard_stem",
+    "sidecar",
+    "weights_file",
+    "weights_stem",
+    "write_weights",
+]

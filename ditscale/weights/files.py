@@ -6,6 +6,7 @@ sidecar beside them (DiT kwargs, step, dataset).
 Loading never unpickles code: .safetensors, or torch.load(weights_only=True) (argparse.Namespace, the
 `args` entry of official training checkpoints, is the one class allowed besides tensors and containers).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,14 +26,17 @@ _PREFIXES = ("module.", "_orig_mod.")
 # Reading
 # --------------------------------------------------------------------------------------------------
 
+
 def _torch_load(path: Path):
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # UnpicklingError (code in the pickle), RuntimeError (not a torch file), …
-        raise ValueError(f"{path}: cannot be loaded as weights only (torch.load(weights_only=True): "
-                         f"{type(e).__name__}: {str(e)[:300]}); only state dicts (tensors in dicts) are accepted, "
-                         "never pickled code") from e
+        raise ValueError(
+            f"{path}: cannot be loaded as weights only (torch.load(weights_only=True): "
+            f"{type(e).__name__}: {str(e)[:300]}); only state dicts (tensors in dicts) are accepted, "
+            "never pickled code"
+        ) from e
 
 
 def _select(obj, path: Path, weights: str) -> dict:
@@ -101,8 +105,10 @@ def read_sharded(index: Path) -> dict[str, torch.Tensor]:
         tensors = _load_safetensors(index.parent / shard)
         listed = {k for k, v in weight_map.items() if v == shard}
         if set(tensors) != listed:
-            raise ValueError(f"{index}: shard {shard} holds {sorted(set(tensors) - listed)[:3]} unlisted and lacks "
-                             f"{sorted(listed - set(tensors))[:3]} listed tensors (shards of another export?)")
+            raise ValueError(
+                f"{index}: shard {shard} holds {sorted(set(tensors) - listed)[:3]} unlisted and lacks "
+                f"{sorted(listed - set(tensors))[:3]} listed tensors (shards of another export?)"
+            )
         out.update(tensors)
     return out
 
@@ -136,6 +142,7 @@ def read_state_dict(path, weights: str = "ema") -> dict[str, torch.Tensor]:
 # Writing
 # --------------------------------------------------------------------------------------------------
 
+
 def plan_shards(shapes: dict[str, tuple], max_bytes: int) -> list[list[str]]:
     """Names grouped into consecutive shards of at most max_bytes of fp32 (a larger tensor gets its own)."""
     shards: list[list[str]] = []
@@ -153,8 +160,14 @@ def plan_shards(shapes: dict[str, tuple], max_bytes: int) -> list[list[str]]:
     return shards
 
 
-def write_weights(out: Path, shapes: dict[str, tuple], tensors: Callable[[list[str]], dict[str, torch.Tensor]],
-                  max_shard_bytes: int, metadata: dict[str, str], log=print) -> list[Path]:
+def write_weights(
+    out: Path,
+    shapes: dict[str, tuple],
+    tensors: Callable[[list[str]], dict[str, torch.Tensor]],
+    max_shard_bytes: int,
+    metadata: dict[str, str],
+    log=print,
+) -> list[Path]:
     """`out` as one .safetensors (or .pt) file; past max_shard_bytes of fp32, numbered shards
     `<stem>-00001-of-0000N.safetensors` + `<stem>.safetensors.index.json`, each shard asked of `tensors` and
     written before the next. Files of an earlier export to the same `out` in the other form are removed,
@@ -182,11 +195,15 @@ def write_weights(out: Path, shapes: dict[str, tuple], tensors: Callable[[list[s
             log(f"wrote {shard}")
         index = out.parent / f"{stem}{SHARD_INDEX}"
         total = sum(4 * math.prod(s) for s in shapes.values())
-        index.write_text(json.dumps({"metadata": {"total_size": total, **metadata}, "weight_map": weight_map},
-                                    indent=1))
+        index.write_text(
+            json.dumps({"metadata": {"total_size": total, **metadata}, "weight_map": weight_map}, indent=1)
+        )
         files.append(index)
-    stale = [out, out.parent / f"{stem}{SHARD_INDEX}",
-             *(p for p in out.parent.glob(f"{stem}-*.safetensors") if shard_stem(p.stem) == stem)]
+    stale = [
+        out,
+        out.parent / f"{stem}{SHARD_INDEX}",
+        *(p for p in out.parent.glob(f"{stem}-*.safetensors") if shard_stem(p.stem) == stem),
+    ]
     for f in stale:
         if f not in files and f.is_file():
             f.unlink()
@@ -198,9 +215,10 @@ def write_weights(out: Path, shapes: dict[str, tuple], tensors: Callable[[list[s
 # Which file
 # --------------------------------------------------------------------------------------------------
 
+
 def weights_stem(weights: Path) -> str:
     """A weights file's name without its suffix: `ema` of ema.safetensors and of ema.safetensors.index.json."""
-    return weights.name[:-len(SHARD_INDEX)] if weights.name.endswith(SHARD_INDEX) else weights.stem
+    return weights.name[: -len(SHARD_INDEX)] if weights.name.endswith(SHARD_INDEX) else weights.stem
 
 
 def sidecar(out: Path) -> Path:
@@ -232,7 +250,7 @@ def weights_file(path: Path, weights: str) -> Path:
     files = sorted([p for p in files if shard_stem(p.stem) not in sharded] + indexes)
     named = [p for p in files if weights in weights_stem(p).lower()] or (files if len(files) == 1 else [])
     if len(named) != 1:
-        raise ValueError(f"--ckpt {path}: cannot pick the {weights} weights among {[p.name for p in files]}; "
-                         "give the file")
+        raise ValueError(
+            f"--ckpt {path}: cannot pick the {weights} weights among {[p.name for p in files]}; give the file"
+        )
     return named[0]
-

@@ -1,5 +1,6 @@
 """A DiT from weights: its configuration inferred from the tensor shapes (completed by a sidecar or a
 given config), the weights loaded strictly."""
+
 from __future__ import annotations
 
 import json
@@ -19,6 +20,7 @@ _HEADS_BY_WIDTH = {p["hidden_size"]: p["num_heads"] for p in DIT_PRESETS.values(
 # Shapes → configuration → model
 # --------------------------------------------------------------------------------------------------
 
+
 def _get(sd, key):
     if key not in sd:
         raise ValueError(f"not an official-layout DiT state dict: no {key!r} (keys: {sorted(sd)[:6]} …)")
@@ -30,7 +32,7 @@ def infer_dit_config(sd: dict, num_heads: int | None = None, class_dropout_prob:
     shapes: it defaults to the preset of the same width (16 for XL). The label table is taken to hold a
     null row (class_dropout_prob > 0, as the release: 1001 rows = 1000 classes); pass
     class_dropout_prob=0 for a model trained without one."""
-    proj = _get(sd, "x_embedder.proj.weight")                                    # (D, C, p, p)
+    proj = _get(sd, "x_embedder.proj.weight")  # (D, C, p, p)
     hidden, in_channels, patch = proj.shape[0], proj.shape[1], proj.shape[2]
     tokens = _get(sd, "pos_embed").shape[1]
     grid = math.isqrt(tokens)
@@ -44,8 +46,9 @@ def infer_dit_config(sd: dict, num_heads: int | None = None, class_dropout_prob:
         raise ValueError(f"final_layer.linear gives {out_channels} output channels for {in_channels} input channels")
     if num_heads is None:
         if hidden not in _HEADS_BY_WIDTH:
-            raise ValueError(f"hidden size {hidden} matches no preset: give the number of attention heads "
-                             f"(--num-heads) or a config")
+            raise ValueError(
+                f"hidden size {hidden} matches no preset: give the number of attention heads (--num-heads) or a config"
+            )
         num_heads = _HEADS_BY_WIDTH[hidden]
     if "blocks.0.adaLN_modulation.1.weight" in sd:
         block = "adaln_zero" if sd["blocks.0.adaLN_modulation.1.weight"].shape[0] == 6 * hidden else "adaln"
@@ -55,13 +58,23 @@ def infer_dit_config(sd: dict, num_heads: int | None = None, class_dropout_prob:
     if "blocks.0.attn.q_norm.weight" in sd:
         qk_norm = "layernorm" if "blocks.0.attn.q_norm.bias" in sd else "rmsnorm"
     rows = _get(sd, "y_embedder.embedding_table.weight").shape[0]
-    config = dit_config(dict(
-        input_size=grid * patch, patch_size=patch, in_channels=in_channels, hidden_size=hidden,
-        depth=max(blocks) + 1, num_heads=num_heads,
-        mlp_ratio=_get(sd, "blocks.0.mlp.fc1.weight").shape[0] / hidden,
-        class_dropout_prob=class_dropout_prob, num_classes=rows - int(class_dropout_prob > 0),
-        learn_sigma=out_channels == 2 * in_channels, block=block, qk_norm=qk_norm))
-    del config["checkpoint_every"]                                              # a training setting: as DiT.config
+    config = dit_config(
+        dict(
+            input_size=grid * patch,
+            patch_size=patch,
+            in_channels=in_channels,
+            hidden_size=hidden,
+            depth=max(blocks) + 1,
+            num_heads=num_heads,
+            mlp_ratio=_get(sd, "blocks.0.mlp.fc1.weight").shape[0] / hidden,
+            class_dropout_prob=class_dropout_prob,
+            num_classes=rows - int(class_dropout_prob > 0),
+            learn_sigma=out_channels == 2 * in_channels,
+            block=block,
+            qk_norm=qk_norm,
+        )
+    )
+    del config["checkpoint_every"]  # a training setting: as DiT.config
     return config
 
 
@@ -77,8 +90,9 @@ def load_dit(path, weights: str = "ema", config: dict | None = None, num_heads: 
     what shapes cannot tell (num_heads, class_dropout_prob) and must agree with them on the rest."""
     sd = read_state_dict(path, weights)
     given = dict(config or {})
-    inferred = infer_dit_config(sd, num_heads=given.get("num_heads", num_heads),
-                                class_dropout_prob=given.get("class_dropout_prob", 0.1))
+    inferred = infer_dit_config(
+        sd, num_heads=given.get("num_heads", num_heads), class_dropout_prob=given.get("class_dropout_prob", 0.1)
+    )
     config = dit_config({**inferred, **{k: v for k, v in given.items() if k in inferred}})
     model = DiT(**config)
     try:
@@ -115,4 +129,3 @@ def load_model(ckpt, weights: str = "ema", config=None, num_heads: int | None = 
     if config is not None and not isinstance(config, dict):
         config = _read_config(Path(config))
     return load_dit(file, weights, config=config, num_heads=num_heads)
-

@@ -8,6 +8,7 @@ About the exported pipeline (also written to its README.md):
 - Its scheduler is DDIM on our linear schedule with "leading" spacing: num_inference_steps=N walks the
   same steps as our sampler's "ddimN".
 """
+
 from __future__ import annotations
 
 import copy
@@ -41,15 +42,30 @@ def scheduler_for(noise_schedule: str = "linear", diffusion_steps: int = 1000):
     names = {"linear": "linear", "cosine": "squaredcos_cap_v2"}
     if noise_schedule not in names:
         raise ValueError(f"unknown noise_schedule {noise_schedule!r}; choose linear or cosine")
-    scale = 1000.0 / diffusion_steps                                            # as ditscale's linear_betas
-    return DDIMScheduler(num_train_timesteps=diffusion_steps, beta_schedule=names[noise_schedule],
-                         beta_start=scale * 1e-4, beta_end=scale * 2e-2, clip_sample=False,
-                         set_alpha_to_one=True, steps_offset=0, timestep_spacing="leading",
-                         prediction_type="epsilon")
+    scale = 1000.0 / diffusion_steps  # as ditscale's linear_betas
+    return DDIMScheduler(
+        num_train_timesteps=diffusion_steps,
+        beta_schedule=names[noise_schedule],
+        beta_start=scale * 1e-4,
+        beta_end=scale * 2e-2,
+        clip_sample=False,
+        set_alpha_to_one=True,
+        steps_offset=0,
+        timestep_spacing="leading",
+        prediction_type="epsilon",
+    )
 
 
-def export_diffusers(model: DiT, out_dir, *, vae, scale_factor=None, class_names=None,
-                     noise_schedule: str = "linear", diffusion_steps: int = 1000):
+def export_diffusers(
+    model: DiT,
+    out_dir,
+    *,
+    vae,
+    scale_factor=None,
+    class_names=None,
+    noise_schedule: str = "linear",
+    diffusion_steps: int = 1000,
+):
     """Write `model` as a DiTPipeline directory (transformer, vae, scheduler, id2label) that
     `DiTPipeline.from_pretrained(out_dir)` loads offline. vae: a local AutoencoderKL directory or module
     (copied; its scaling_factor set to `scale_factor` when given). Returns the output Path."""
@@ -60,41 +76,52 @@ def export_diffusers(model: DiT, out_dir, *, vae, scale_factor=None, class_names
     from ditscale.sampling.core import load_vae
 
     if isinstance(vae, AutoencoderKL):
-        vae = copy.deepcopy(vae)                                                # scaling_factor may change
+        vae = copy.deepcopy(vae)  # scaling_factor may change
     elif vae is None or str(vae) == "none":
         raise ValueError("DiTPipeline needs a VAE: pixel-space models cannot be exported to it")
     else:
         vae = load_vae(vae)
     if vae.config.latent_channels != model.in_channels:
-        raise ValueError(f"the VAE has {vae.config.latent_channels} latent channels, the model "
-                         f"{model.in_channels}")
+        raise ValueError(f"the VAE has {vae.config.latent_channels} latent channels, the model {model.in_channels}")
     if scale_factor is not None:
         values = [float(s) for s in (scale_factor if isinstance(scale_factor, (list, tuple)) else [scale_factor])]
         if len(set(values)) != 1:
-            raise ValueError(f"per-channel scale_factor {values} cannot be exported: DiTPipeline divides the "
-                             "latents by one vae.config.scaling_factor")
+            raise ValueError(
+                f"per-channel scale_factor {values} cannot be exported: DiTPipeline divides the "
+                "latents by one vae.config.scaling_factor"
+            )
         vae.register_to_config(scaling_factor=values[0])
     if class_names is not None and len(class_names) != model.num_classes:
         raise ValueError(f"{len(class_names)} class names for a model of {model.num_classes} classes")
     if model.num_classes != 1000:
-        warnings.warn(f"model has {model.num_classes} classes: DiTPipeline's guidance uses class id 1000 as "
-                      "the null class, so call the exported pipeline with guidance_scale=1", stacklevel=2)
+        warnings.warn(
+            f"model has {model.num_classes} classes: DiTPipeline's guidance uses class id 1000 as "
+            "the null class, so call the exported pipeline with guidance_scale=1",
+            stacklevel=2,
+        )
 
     cfg = diffusers_config_for(model.config)
     transformer = DiTTransformer2DModel(**cfg)
     sd = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     transformer.load_state_dict(official_to_diffusers(sd, cfg), strict=True)
     id2label = {str(i): str(n) for i, n in enumerate(class_names)} if class_names is not None else None
-    pipe = DiTPipeline(transformer=transformer.eval(), vae=vae, scheduler=scheduler_for(noise_schedule,
-                                                                                        diffusion_steps))
+    pipe = DiTPipeline(
+        transformer=transformer.eval(), vae=vae, scheduler=scheduler_for(noise_schedule, diffusion_steps)
+    )
     pipe.register_to_config(id2label=id2label)
     out_dir = Path(out_dir)
     pipe.save_pretrained(str(out_dir), safe_serialization=True)
     follow_umask(*out_dir.rglob("*.safetensors"))
-    (out_dir / "README.md").write_text(_README.format(
-        dir=out_dir, model=preset_of(model.config) or "custom DiT", num_classes=model.num_classes,
-        scale=vae.config.scaling_factor, channels=model.in_channels,
-        null_note="" if model.num_classes == 1000 else " (this model has other class counts: use guidance_scale=1)"))
+    (out_dir / "README.md").write_text(
+        _README.format(
+            dir=out_dir,
+            model=preset_of(model.config) or "custom DiT",
+            num_classes=model.num_classes,
+            scale=vae.config.scaling_factor,
+            channels=model.in_channels,
+            null_note="" if model.num_classes == 1000 else " (this model has other class counts: use guidance_scale=1)",
+        )
+    )
     return out_dir
 
 
@@ -109,4 +136,3 @@ def load_pipeline(path, **kwargs):
     pipe = DiTPipeline.from_pretrained(str(path), local_files_only=True, **kwargs)
     match_dit_timesteps(pipe.transformer)
     return pipe
-

@@ -1,4 +1,5 @@
 """Datasets for the trainer's distributed tests: scikit-learn's handwritten digits in pixel mode (8×8×1)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -26,8 +27,7 @@ def digits_dataset(base: Path, count: int | None) -> str:
     from data_prep import make_dataset
 
     images = write_digits(base / "images", count)
-    return make_dataset(str(images), str(base / "mds"), resolution=8, vae="none", image_channels=1,
-                        decode_workers=0)
+    return make_dataset(str(images), str(base / "mds"), resolution=8, vae="none", image_channels=1, decode_workers=0)
 
 
 @pytest.fixture(scope="session")
@@ -51,8 +51,12 @@ def reference_run(digits64, tmp_path_factory):
     def get(stage: int) -> Path:
         if stage not in runs:
             base = tmp_path_factory.mktemp(f"reference_zero{stage}")
-            result = train(2, reference_overrides(stage, base / "run", digits64), base / "run.log",
-                           env={"DITSCALE_DATA_CACHE": str(base / "cache")})
+            result = train(
+                2,
+                reference_overrides(stage, base / "run", digits64),
+                base / "run.log",
+                env={"DITSCALE_DATA_CACHE": str(base / "cache")},
+            )
             assert result.returncode == 0, result.output[-5000:]
             runs[stage] = base / "run"
         return runs[stage]

@@ -8,6 +8,7 @@
 Each run gets its own process group (killed whole on timeout), OMP_NUM_THREADS=1 (ranks share the
 cores), and the repository on PYTHONPATH. 1 rank uses `--num_nodes 1 --num_gpus 1`.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,8 +51,9 @@ class Run:
         self.cmd, self.log, self.deadline = cmd, Path(log), time.monotonic() + timeout
         self.log.parent.mkdir(parents=True, exist_ok=True)
         self._out = open(self.log, "w")
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self._out, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=self._out, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
     def text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -87,21 +89,34 @@ class Run:
 
     def rank_pid(self, rank: int) -> int:
         """The pid of a rank, from the launcher's 'process N spawned with command: [... --local_rank=R ...]'."""
+
         def find(text):
             m = re.search(rf"process (\d+) spawned with command: \[[^\]]*'--local_rank={rank}'", text)
             return int(m.group(1)) if m else None
+
         return self.wait_for(find, f"rank {rank} to start")
 
 
-def training_command(ranks: int, overrides: list[str], config: Path = TINY, module: str = "ditscale.train",
-                     check: bool = False) -> list[str]:
-    launcher = [str(DEEPSPEED), "--num_nodes", "1", "--num_gpus", str(ranks), "--master_port", str(free_port()),
-                "--module", module]
+def training_command(
+    ranks: int, overrides: list[str], config: Path = TINY, module: str = "ditscale.train", check: bool = False
+) -> list[str]:
+    launcher = [
+        str(DEEPSPEED),
+        "--num_nodes",
+        "1",
+        "--num_gpus",
+        str(ranks),
+        "--master_port",
+        str(free_port()),
+        "--module",
+        module,
+    ]
     return launcher + ["--config", str(config), *overrides] + (["--check"] if check else [])
 
 
-def start_training(ranks: int, overrides: list[str], log: Path, env: dict | None = None,
-                   timeout: float = 600, config: Path = TINY) -> Run:
+def start_training(
+    ranks: int, overrides: list[str], log: Path, env: dict | None = None, timeout: float = 600, config: Path = TINY
+) -> Run:
     return Run(training_command(ranks, overrides, config), log, child_env(env), timeout)
 
 
@@ -112,8 +127,9 @@ class Result:
     log: Path
 
 
-def train(ranks: int, overrides: list[str], log: Path, env: dict | None = None, timeout: float = 600,
-          config: Path = TINY) -> Result:
+def train(
+    ranks: int, overrides: list[str], log: Path, env: dict | None = None, timeout: float = 600, config: Path = TINY
+) -> Result:
     run = start_training(ranks, overrides, log, env, timeout, config)
     rc = run.wait()
     return Result(rc, run.text(), run.log)
@@ -139,9 +155,16 @@ STAGE_EXTRA = {3: ["train.ema_decay=0.0", "model.checkpoint_every=1"]}
 
 
 def reference_overrides(stage: int, run_dir: str | Path, data: str, *extra: str) -> list[str]:
-    return [f"engine.ds_config=ds_configs/zero{stage}_bf16.json", f"data.root={data}", f"run_dir={run_dir}",
-            f"train.max_steps={TOTAL}", f"train.ckpt_every={N}", "train.keep_last=4", *STAGE_EXTRA.get(stage, []),
-            *extra]
+    return [
+        f"engine.ds_config=ds_configs/zero{stage}_bf16.json",
+        f"data.root={data}",
+        f"run_dir={run_dir}",
+        f"train.max_steps={TOTAL}",
+        f"train.ckpt_every={N}",
+        "train.keep_last=4",
+        *STAGE_EXTRA.get(stage, []),
+        *extra,
+    ]
 
 
 def ckpt(run_dir: str | Path, step: int) -> Path:

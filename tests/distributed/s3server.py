@@ -5,6 +5,7 @@ process, with a request log and stop/start that keeps the buckets (moto's state 
     env = server.env()                      # S3_ENDPOINT_URL + AWS_* as users set them for streaming
     server.count("GET", "/bucket/prefix/")  # requests seen since the last reset()
 """
+
 from __future__ import annotations
 
 import socket
@@ -38,8 +39,12 @@ class S3Server:
         return f"http://127.0.0.1:{self.port}"
 
     def env(self) -> dict[str, str]:
-        return {"S3_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": self.access_key,
-                "AWS_SECRET_ACCESS_KEY": self.secret_key, "AWS_DEFAULT_REGION": self.REGION}
+        return {
+            "S3_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_DEFAULT_REGION": self.REGION,
+        }
 
     # --- life cycle --------------------------------------------------------------------------------
 
@@ -56,8 +61,9 @@ class S3Server:
             def log_request(self, *args, **kwargs):
                 pass
 
-        self._server = make_server("127.0.0.1", self.port, self._counting(self._app), threaded=True,
-                                   request_handler=Quiet)
+        self._server = make_server(
+            "127.0.0.1", self.port, self._counting(self._app), threaded=True, request_handler=Quiet
+        )
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True, name="s3server")
         self._thread.start()
         if self.auth and self.access_key == "testing-key":
@@ -72,11 +78,20 @@ class S3Server:
         import boto3
         from moto import settings
 
-        iam = boto3.client("iam", endpoint_url=self.endpoint, aws_access_key_id="bootstrap",
-                           aws_secret_access_key="bootstrap", region_name=self.REGION)
+        iam = boto3.client(
+            "iam",
+            endpoint_url=self.endpoint,
+            aws_access_key_id="bootstrap",
+            aws_secret_access_key="bootstrap",
+            region_name=self.REGION,
+        )
         iam.create_user(UserName="ditscale-tests")
-        policy = iam.create_policy(PolicyName="ditscale-tests-all", PolicyDocument=json.dumps(
-            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
+        policy = iam.create_policy(
+            PolicyName="ditscale-tests-all",
+            PolicyDocument=json.dumps(
+                {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
+            ),
+        )
         iam.attach_user_policy(UserName="ditscale-tests", PolicyArn=policy["Policy"]["Arn"])
         key = iam.create_access_key(UserName="ditscale-tests")["AccessKey"]
         self.access_key, self.secret_key = key["AccessKeyId"], key["SecretAccessKey"]
@@ -106,9 +121,11 @@ class S3Server:
                 return app(environ, recording_start)
             finally:
                 with self._lock:
-                    self.requests.append(Request(environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""),
-                                                 seen.get("status", 0)))
+                    self.requests.append(
+                        Request(environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""), seen.get("status", 0))
+                    )
                     self._maybe_go_down()
+
         return wrapped
 
     def stop_after(self, count: int, path_contains: str) -> None:
@@ -124,7 +141,7 @@ class S3Server:
         needle, at = self._outage
         if sum(r.method == "GET" and needle in r.path and r.status == 200 for r in self.requests) >= at:
             self._outage = None
-            threading.Thread(target=self.stop, daemon=True).start()     # not from inside a request
+            threading.Thread(target=self.stop, daemon=True).start()  # not from inside a request
 
     def reset(self) -> None:
         with self._lock:
@@ -132,16 +149,20 @@ class S3Server:
 
     def count(self, method: str | None = None, prefix: str = "") -> int:
         with self._lock:
-            return sum((method is None or r.method == method) and r.path.startswith(prefix)
-                       for r in self.requests)
+            return sum((method is None or r.method == method) and r.path.startswith(prefix) for r in self.requests)
 
     # --- a client for the tests' own setup ----------------------------------------------------------
 
     def client(self):
         import boto3
 
-        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.access_key,
-                            aws_secret_access_key=self.secret_key, region_name=self.REGION)
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            region_name=self.REGION,
+        )
 
 
 def _free_port() -> int:

@@ -1,12 +1,14 @@
 """FID during training on 2 CPU ranks: the EMA is sampled over both ranks every eval.every steps and at
 the end, the metrics reach metrics.jsonl and TensorBoard, and an evaluation left unfinished (chunks
 missing, no result) is completed by the resumed run without re-sampling the chunks that exist."""
+
 from __future__ import annotations
 
 import json
 
 import numpy as np
 import pytest
+
 from ds_launch import train
 
 pytestmark = pytest.mark.distributed
@@ -22,8 +24,9 @@ def eval_files(tmp_path_factory):
 
 
 def events(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-            if '"event": "eval"' in line]
+    return [
+        json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"event": "eval"' in line
+    ]
 
 
 def test_fid_during_training_over_two_ranks_and_its_resume(digits64, eval_files, tmp_path):
@@ -31,10 +34,21 @@ def test_fid_during_training_over_two_ranks_and_its_resume(digits64, eval_files,
 
     weights, ref = eval_files
     run_dir = tmp_path / "run"
-    overrides = [f"data.root={digits64}", f"run_dir={run_dir}", "train.max_steps=6", "train.ckpt_every=6",
-                 "log.tensorboard=true", "eval.every=4", "eval.num_samples=24", "eval.batch_size=4",
-                 "eval.steps=5", "eval.network=digits", f"eval.weights={weights}", f"eval.ref={ref}",
-                 "eval.metrics=fid,is"]
+    overrides = [
+        f"data.root={digits64}",
+        f"run_dir={run_dir}",
+        "train.max_steps=6",
+        "train.ckpt_every=6",
+        "log.tensorboard=true",
+        "eval.every=4",
+        "eval.num_samples=24",
+        "eval.batch_size=4",
+        "eval.steps=5",
+        "eval.network=digits",
+        f"eval.weights={weights}",
+        f"eval.ref={ref}",
+        "eval.metrics=fid,is",
+    ]
     first = train(2, overrides, tmp_path / "a.log")
     assert first.returncode == 0, first.output[-5000:]
     found = events(run_dir)

@@ -1,4 +1,5 @@
 """Export from a 2-rank ZeRO-3 checkpoint: official-layout weights that a DiT loads with strict=True."""
+
 from __future__ import annotations
 
 import json
@@ -33,7 +34,7 @@ def test_exported_ema_equals_deepspeeds_consolidated_weights(reference_run, tmp_
         assert torch.equal(a, b), name
     assert (kwargs["depth"], kwargs["hidden_size"], kwargs["in_channels"], kwargs["input_size"]) == (2, 32, 1, 8)
     trained = raw.state_dict()["final_layer.linear.weight"]
-    assert trained.abs().sum() > 0                        # zero-initialised, so nonzero means trained
+    assert trained.abs().sum() > 0  # zero-initialised, so nonzero means trained
     x, t, y = torch.randn(4, 1, 8, 8), torch.tensor([0, 10, 500, 999]), torch.tensor([0, 3, 7, 9])
     assert torch.isfinite(ema.eval()(x, t, y)).all()
 

@@ -1,6 +1,7 @@
 """Faults on 2 CPU ranks (ZeRO-2; 3 ranks under ZeRO-3, where partitions are padded): a stop signal to one
 rank, kill -9 inside a save, divergence, skipped steps at the end of a run, a flipped byte in a checkpoint, a
 full disk, and checkpoints that do not fit the run."""
+
 from __future__ import annotations
 
 import json
@@ -53,9 +54,10 @@ def test_sigusr1_to_one_rank_stops_both_at_the_same_step_then_resumes_exactly(re
     # Resume (train.resume=auto in the same run_dir) and compare with the uninterrupted reference.
     ref = reference_run(2)
     end = max(TOTAL, stop + 2)
-    if end > TOTAL:     # a fast machine ran past the reference before the signal landed: extend it
-        longer = train(2, reference_overrides(2, tmp_path / "ref", digits64, f"train.max_steps={end}"),
-                       tmp_path / "ref.log")
+    if end > TOTAL:  # a fast machine ran past the reference before the signal landed: extend it
+        longer = train(
+            2, reference_overrides(2, tmp_path / "ref", digits64, f"train.max_steps={end}"), tmp_path / "ref.log"
+        )
         assert longer.returncode == 0, longer.output[-5000:]
         ref = tmp_path / "ref"
     resumed = train(2, reference_overrides(2, run_dir, digits64, f"train.max_steps={end}"), tmp_path / "b.log")
@@ -92,8 +94,13 @@ def test_kill_9_during_save_resumes_from_the_previous_checkpoint(digits64, tmp_p
 
 def test_divergence_stops_with_exit_3_keeping_the_last_good_checkpoint(digits64, tmp_path):
     run_dir = tmp_path / "run"
-    result = train(2, reference_overrides(2, run_dir, digits64, "optim.lr=1e8", "train.max_nonfinite=3",
-                                          "train.ckpt_every=2", "train.max_steps=50"), tmp_path / "a.log")
+    result = train(
+        2,
+        reference_overrides(
+            2, run_dir, digits64, "optim.lr=1e8", "train.max_nonfinite=3", "train.ckpt_every=2", "train.max_steps=50"
+        ),
+        tmp_path / "a.log",
+    )
     assert result.returncode == 3, result.output[-5000:]
     m = metrics(run_dir)
     first_bad = min(s for s in m if m[s]["skipped_steps"] > 0)
@@ -105,15 +112,29 @@ def test_divergence_stops_with_exit_3_keeping_the_last_good_checkpoint(digits64,
 
 
 def single_process(args: list[str], tmp_path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ditscale.train", "--config", str(TINY), *args], cwd=REPO,
-                          env=child_env({"DITSCALE_DATA_CACHE": str(tmp_path / "cache")}), capture_output=True,
-                          text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "ditscale.train", "--config", str(TINY), *args],
+        cwd=REPO,
+        env=child_env({"DITSCALE_DATA_CACHE": str(tmp_path / "cache")}),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_config_that_does_not_match_the_checkpoint_is_exit_2_naming_the_keys(reference_run, digits64, tmp_path):
     ref = reference_run(2)
-    out = single_process(reference_overrides(2, tmp_path / "run", digits64, f"train.resume={ckpt(ref, N)}",
-                                             "optim.lr=5e-4", "model.class_dropout_prob=0.2"), tmp_path)
+    out = single_process(
+        reference_overrides(
+            2,
+            tmp_path / "run",
+            digits64,
+            f"train.resume={ckpt(ref, N)}",
+            "optim.lr=5e-4",
+            "model.class_dropout_prob=0.2",
+        ),
+        tmp_path,
+    )
     assert out.returncode == 2, out.stdout[-3000:] + out.stderr[-3000:]
     assert f"does not match checkpoint {ckpt(ref, N)}" in out.stderr
     assert "optim.lr: checkpoint 0.001, now 0.0005" in out.stderr
@@ -135,6 +156,7 @@ def test_unreadable_checkpoint_is_exit_2_naming_the_file(reference_run, digits64
 #################################################################################
 #         Checkpoints that prove themselves (issue 19): replays of each failure   #
 #################################################################################
+
 
 def zero3_3_ranks(run_dir, data, *extra) -> list[str]:
     return reference_overrides(3, run_dir, data, "train.global_batch=6", *extra)
@@ -177,7 +199,7 @@ def test_zero3_flipped_byte_is_caught_and_resume_falls_back_padding_is_zero(digi
     first = train(3, overrides, tmp_path / "a.log")
     assert first.returncode == 0, first.output[-5000:]
     assert f"checkpoint step_{2 * N:08d} is complete" in first.output
-    for step in (N, 2 * N):                              # every file recorded with its checksum; no NaN anywhere
+    for step in (N, 2 * N):  # every file recorded with its checksum; no NaN anywhere
         meta = json.loads((ckpt(run_dir, step) / "meta.json").read_text())
         assert meta["files"] and all(set(e) == {"bytes", "xxh3_64"} for e in meta["files"].values())
     path = ckpt(run_dir, 2 * N)
@@ -194,13 +216,19 @@ def test_zero3_flipped_byte_is_caught_and_resume_falls_back_padding_is_zero(digi
                 padded += hi - lo
                 for t in [flat, *states]:
                     assert (t[lo:hi] == 0).all(), (rank, g, lo, hi)
-        assert padded > 0 or rank < 2                  # the last rank's slices run past the parameters' ends
+        assert padded > 0 or rank < 2  # the last rank's slices run past the parameters' ends
 
     victim = sorted(path.glob("bf16_zero_pp_rank_1_*_optim_states.pt"))[0]
     flip_a_tensor_byte(victim)
-    torch.load(victim, weights_only=False)               # torch still reads it: only the checksum tells
-    verify = subprocess.run([sys.executable, "-m", "ditscale.engine.checkpoint", "verify", str(run_dir)], cwd=REPO,
-                            env=child_env(), capture_output=True, text=True, timeout=300)
+    torch.load(victim, weights_only=False)  # torch still reads it: only the checksum tells
+    verify = subprocess.run(
+        [sys.executable, "-m", "ditscale.engine.checkpoint", "verify", str(run_dir)],
+        cwd=REPO,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert verify.returncode == 1, verify.stdout + verify.stderr
     assert f"{path}: BAD: checkpoint file {victim} is corrupt" in verify.stdout
     assert f"resume auto would start from: {ckpt(run_dir, N)}" in verify.stdout
@@ -211,11 +239,11 @@ def test_zero3_flipped_byte_is_caught_and_resume_falls_back_padding_is_zero(digi
     assert f"skipping checkpoint {path}: checkpoint file {victim} is corrupt" in resumed.output
     assert f"resumed from {ckpt(run_dir, N)} at step {N}" in resumed.output
     again = metrics(run_dir)
-    for step in range(N + 1, 2 * N + 1):                 # retrained from the good checkpoint, exactly
+    for step in range(N + 1, 2 * N + 1):  # retrained from the good checkpoint, exactly
         assert again[step]["loss"] == before[step]["loss"], step
     assert latest(run_dir) == f"step_{2 * N:08d}"
     aside = [p for p in (run_dir / "ckpt").iterdir() if p.name.startswith("abandoned-")]
-    assert len(aside) == 1 and (aside[0] / path.name / victim.name).exists()      # kept for a post-mortem
+    assert len(aside) == 1 and (aside[0] / path.name / victim.name).exists()  # kept for a post-mortem
 
 
 def test_fp32_skipped_steps_never_end_in_done_without_the_final_checkpoint(tmp_path):
@@ -230,7 +258,10 @@ def test_fp32_skipped_steps_never_end_in_done_without_the_final_checkpoint(tmp_p
     m = metrics(run_dir)
     skipped = m[6]["skipped_steps"]
     good = latest(run_dir)
-    assert skipped > 0 and f"train.max_steps reached, but the last {skipped} step(s) were skipped by DeepSpeed" in out.stdout
+    assert (
+        skipped > 0
+        and f"train.max_steps reached, but the last {skipped} step(s) were skipped by DeepSpeed" in out.stdout
+    )
     assert f"last good checkpoint: {run_dir / 'ckpt' / good}" in out.stdout
     assert not (ckpt(run_dir, 6) / "meta.json").exists()
 
@@ -255,11 +286,14 @@ def test_one_nan_sample_is_skipped_by_deepspeed_or_stops_the_run(precision, tmp_
         ds = json.loads((REPO / "ds_configs" / "zero2_bf16.json").read_text())
         ds["bf16"]["check_grad_overflow"] = False
         (tmp_path / "unchecked.json").write_text(json.dumps(ds))
-        out = single_process(reference_overrides(2, run_dir, data, f"engine.ds_config={tmp_path / 'unchecked.json'}",
-                                                  *common), tmp_path)
+        out = single_process(
+            reference_overrides(2, run_dir, data, f"engine.ds_config={tmp_path / 'unchecked.json'}", *common), tmp_path
+        )
         assert out.returncode == 3, out.stdout[-3000:] + out.stderr[-3000:]
-        assert "non-finite values (losses or gradient norms) in steps DeepSpeed applied: the weights took them" \
+        assert (
+            "non-finite values (losses or gradient norms) in steps DeepSpeed applied: the weights took them"
             in out.stdout
+        )
         stopped = int(re.search(r"at step (\d+): stopping", out.stdout).group(1))
         saved = [int(p.name.split("_")[1]) for p in (run_dir / "ckpt").glob("step_*")]
         assert max(saved, default=0) < stopped
@@ -273,8 +307,19 @@ def test_async_nonfinite_check_stops_at_the_next_step_with_no_log_or_save_due(tm
 
     data = write_synthetic_latents(str(tmp_path / "data"), 16, latent_size=8, num_classes=10, nan_samples=(3,))
     run_dir = tmp_path / "run"
-    out = single_process(reference_overrides(2, run_dir, data, "engine.nonfinite_check=async", "data.shuffle=false",
-                                             "train.max_steps=8", "train.ckpt_every=1000", "log.every=1000"), tmp_path)
+    out = single_process(
+        reference_overrides(
+            2,
+            run_dir,
+            data,
+            "engine.nonfinite_check=async",
+            "data.shuffle=false",
+            "train.max_steps=8",
+            "train.ckpt_every=1000",
+            "log.every=1000",
+        ),
+        tmp_path,
+    )
     assert out.returncode == 3, out.stdout[-3000:] + out.stderr[-3000:]
     assert "in steps DeepSpeed applied: the weights took them" in out.stdout
     stopped = int(re.search(r"at step (\d+): stopping", out.stdout).group(1))
@@ -286,8 +331,9 @@ def small_disk(tmp_path):
     """A tmpfs mounted at tmp_path/disk (root only): the real ENOSPC of a full filesystem."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True,
-                             text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True, text=True
+    )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs (needs root): {mounted.stderr.strip()}")
 
@@ -298,8 +344,9 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
-def test_disk_full_stops_with_a_clear_message_and_keeps_the_last_checkpoint(reference_run, digits64, tmp_path,
-                                                                           small_disk):
+def test_disk_full_stops_with_a_clear_message_and_keeps_the_last_checkpoint(
+    reference_run, digits64, tmp_path, small_disk
+):
     """Issue 19, failure 2: 2 ranks ZeRO-2 with run_dir on a tmpfs. A first save that does not fit fails with
     ENOSPC: every rank reports it, the partial checkpoint is removed, exit 2. With room for one checkpoint
     only, the next save is refused before anything is written, naming the path and the bytes."""
@@ -310,19 +357,25 @@ def test_disk_full_stops_with_a_clear_message_and_keeps_the_last_checkpoint(refe
     overrides = reference_overrides(2, run_dir, digits64, f"train.max_steps={2 * N}")
     full = train(2, overrides, tmp_path / "a.log")
     assert full.returncode == 2, full.output[-5000:]
-    reports = re.findall(rf"rank (\d): error: checkpoint {re.escape(str(ckpt(run_dir, N)))} could not be written "
-                         rf"\(rank \d: writing .+ failed: no space left on device", full.output)
+    reports = re.findall(
+        rf"rank (\d): error: checkpoint {re.escape(str(ckpt(run_dir, N)))} could not be written "
+        rf"\(rank \d: writing .+ failed: no space left on device",
+        full.output,
+    )
     assert sorted(reports) == ["0", "1"], full.output[-5000:]
     assert "the partial checkpoint was removed and `latest` still names no checkpoint yet" in full.output
     assert not ckpt(run_dir, N).exists() and not (run_dir / "ckpt" / "latest").exists()
 
     size = checkpoint_bytes(json.loads((ckpt(reference_run(2), N) / "meta.json").read_text()))
-    resize(f"{(64 << 10) + size * 5 // 4}")                    # this run's files and 1.25 checkpoints
+    resize(f"{(64 << 10) + size * 5 // 4}")  # this run's files and 1.25 checkpoints
     short = train(2, overrides, tmp_path / "b.log")
     assert short.returncode == 2, short.output[-5000:]
-    refused = re.findall(rf"rank (\d): error: not enough free space to save checkpoint "
-                         rf"{re.escape(str(ckpt(run_dir, 2 * N)))}: it needs about (\d+) bytes", short.output)
+    refused = re.findall(
+        rf"rank (\d): error: not enough free space to save checkpoint "
+        rf"{re.escape(str(ckpt(run_dir, 2 * N)))}: it needs about (\d+) bytes",
+        short.output,
+    )
     assert sorted(r for r, _ in refused) == ["0", "1"], short.output[-5000:]
     assert int(refused[0][1]) > size and f"`latest` still names step_{N:08d}" in short.output
     assert latest(run_dir) == f"step_{N:08d}" and not ckpt(run_dir, 2 * N).exists()
-    assert verify_run(run_dir, out=lambda *_: None) == 0               # the last checkpoint is intact
+    assert verify_run(run_dir, out=lambda *_: None) == 0  # the last checkpoint is intact

@@ -8,6 +8,7 @@ again on a warm cache, keeps training under a cache limit (evicting and fetching
 outage of the store; wrong credentials and a missing bucket fail `--check` naming the URL; a corrupted
 object is caught by its shard hash and named.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -35,7 +36,7 @@ def s3():
     try:
         server = S3Server().start()
         server.client().create_bucket(Bucket=BUCKET)
-    except Exception as e:          # moto missing or no loopback socket: say why
+    except Exception as e:  # moto missing or no loopback socket: say why
         pytest.skip(f"the local S3 server cannot start: {type(e).__name__}: {e}")
     saved = {k: os.environ.get(k) for k in server.env()}
     os.environ.update(server.env())
@@ -49,8 +50,14 @@ def s3():
 
 
 def data_prep(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "data_prep", *args], cwd=REPO, env=child_env(env),
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "data_prep", *args],
+        cwd=REPO,
+        env=child_env(env),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +67,26 @@ def bucket_dataset(s3, tmp_path_factory) -> str:
     from conftest import write_digits
 
     images = write_digits(tmp_path_factory.mktemp("s3_images"), 64)
-    encode = ["encode", "--input", str(images), "--out", URL, "--resolution", "8", "--vae", "none",
-              "--image-channels", "1", "--num-slices", str(SLICES), "--decode-workers", "0", "--no-progress",
-              "--staging", str(tmp_path_factory.mktemp("staging"))]
+    encode = [
+        "encode",
+        "--input",
+        str(images),
+        "--out",
+        URL,
+        "--resolution",
+        "8",
+        "--vae",
+        "none",
+        "--image-channels",
+        "1",
+        "--num-slices",
+        str(SLICES),
+        "--decode-workers",
+        "0",
+        "--no-progress",
+        "--staging",
+        str(tmp_path_factory.mktemp("staging")),
+    ]
     killed = data_prep(*encode, env={"DATA_PREP_TEST_KILL_AFTER": "20"})
     assert killed.returncode == -9, killed.stderr[-3000:]
     done = {o["Key"]: o["LastModified"] for o in s3.client().list_objects_v2(Bucket=BUCKET, Prefix=PREFIX)["Contents"]}
@@ -82,8 +106,9 @@ def bucket_dataset(s3, tmp_path_factory) -> str:
 
 
 def shard_keys(s3) -> list[str]:
-    return sorted(o["Key"] for o in s3.client().list_objects_v2(Bucket=BUCKET, Prefix=PREFIX)["Contents"]
-                  if ".mds" in o["Key"])
+    return sorted(
+        o["Key"] for o in s3.client().list_objects_v2(Bucket=BUCKET, Prefix=PREFIX)["Contents"] if ".mds" in o["Key"]
+    )
 
 
 def shard_gets(s3) -> int:
@@ -119,6 +144,7 @@ def corrupted(s3, key: str):
 # data_prep and --check against the bucket
 # ---------------------------------------------------------------------------------------------------------
 
+
 def test_data_prep_writes_a_complete_dataset_to_the_bucket(s3, bucket_dataset):
     keys = {o["Key"] for o in s3.client().list_objects_v2(Bucket=BUCKET, Prefix=PREFIX)["Contents"]}
     assert {f"{PREFIX}/dataset.json", f"{PREFIX}/index.json"} <= keys
@@ -131,8 +157,16 @@ def test_data_prep_writes_a_complete_dataset_to_the_bucket(s3, bucket_dataset):
 
 
 def check(data_root: str, run_dir, env: dict | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "ditscale.train", "--config", "configs/tiny_test.yaml", f"data.root={data_root}",
-           f"run_dir={run_dir}", "--check"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ditscale.train",
+        "--config",
+        "configs/tiny_test.yaml",
+        f"data.root={data_root}",
+        f"run_dir={run_dir}",
+        "--check",
+    ]
     return subprocess.run(cmd, cwd=REPO, env=child_env(env), capture_output=True, text=True, timeout=300)
 
 
@@ -140,8 +174,9 @@ def test_check_names_the_url_for_credentials_buckets_and_missing_shards(s3, buck
     ok = check(URL, tmp_path / "run")
     assert ok.returncode == 0, ok.stderr[-3000:]
     denied = check(URL, tmp_path / "run", env={"AWS_SECRET_ACCESS_KEY": "not-the-secret"})
-    assert denied.returncode == 2 and f"{URL}/dataset.json: access denied by {s3.endpoint}" in denied.stderr, \
+    assert denied.returncode == 2 and f"{URL}/dataset.json: access denied by {s3.endpoint}" in denied.stderr, (
         denied.stderr[-3000:]
+    )
     missing = check(f"s3://no-such-bucket/{PREFIX}", tmp_path / "run")
     assert missing.returncode == 2, missing.stderr[-3000:]
     assert f"bucket 'no-such-bucket' does not exist at {s3.endpoint}" in missing.stderr
@@ -154,6 +189,7 @@ def test_check_names_the_url_for_credentials_buckets_and_missing_shards(s3, buck
 # ---------------------------------------------------------------------------------------------------------
 # The trainer streaming from the bucket
 # ---------------------------------------------------------------------------------------------------------
+
 
 def test_train_from_the_bucket_resumes_exactly_and_a_warm_cache_fetches_no_shard(s3, bucket_dataset, tmp_path):
     """Reference: 2 ranks, ZeRO-1, TOTAL steps with a cold cache (shards fetched). Then a resume from its
@@ -170,8 +206,11 @@ def test_train_from_the_bucket_resumes_exactly_and_a_warm_cache_fetches_no_shard
 
     s3.reset()
     run = tmp_path / "resumed"
-    resumed = train(2, reference_overrides(1, run, URL, f"data.cache={cache}", f"train.resume={ckpt(tmp_path / 'ref', N)}"),
-                    tmp_path / "resumed.log")
+    resumed = train(
+        2,
+        reference_overrides(1, run, URL, f"data.cache={cache}", f"train.resume={ckpt(tmp_path / 'ref', N)}"),
+        tmp_path / "resumed.log",
+    )
     assert resumed.returncode == 0, resumed.output[-5000:]
     assert shard_gets(s3) == 0, [r for r in s3.requests if ".mds" in r.path]
     ma, mb = metrics(tmp_path / "ref"), metrics(run)
@@ -192,10 +231,20 @@ def test_cache_limit_evicts_and_an_outage_of_the_store_is_waited_out(s3, bucket_
     s3.reset()
     s3.stop_after(2, ".mds")
     run_dir, steps = tmp_path / "run", 3 * 64 // 8  # three epochs
-    run = start_training(2, reference_overrides(1, run_dir, URL, f"data.cache={tmp_path / 'cache'}",
-                                                f"data.cache_limit={4 * (raw + zipped)}", "data.remote_wait_s=300",
-                                                f"train.max_steps={steps}", f"train.ckpt_every={steps}"),
-                         tmp_path / "run.log")
+    run = start_training(
+        2,
+        reference_overrides(
+            1,
+            run_dir,
+            URL,
+            f"data.cache={tmp_path / 'cache'}",
+            f"data.cache_limit={4 * (raw + zipped)}",
+            "data.remote_wait_s=300",
+            f"train.max_steps={steps}",
+            f"train.ckpt_every={steps}",
+        ),
+        tmp_path / "run.log",
+    )
     try:
         run.wait_for(lambda text: f"cannot reach {s3.endpoint}" in text and "retrying in" in text, "the wait")
         assert not s3.running
@@ -211,6 +260,7 @@ def test_cache_limit_evicts_and_an_outage_of_the_store_is_waited_out(s3, bucket_
 # ---------------------------------------------------------------------------------------------------------
 # The reader in this process: a corrupted object, a store that does not come back
 # ---------------------------------------------------------------------------------------------------------
+
 
 def open_reader(root: str, cache, **kwargs):
     from ditscale.data import build_dataloader, build_dataset
@@ -235,7 +285,7 @@ def test_a_corrupted_object_is_caught_by_its_hash_and_named(s3, bucket_dataset, 
 def test_a_store_that_stays_away_stops_the_reader_naming_endpoint_and_shard(s3, bucket_dataset, tmp_path):
     from ditscale.data.storage import RemoteError
 
-    loader = open_reader(URL, tmp_path / "cache", remote_wait_s=4)     # dataset.json and index read
+    loader = open_reader(URL, tmp_path / "cache", remote_wait_s=4)  # dataset.json and index read
     s3.stop()
     start = time.monotonic()
     try:

@@ -5,6 +5,7 @@ in another run_dir. Per-step losses (all-rank means as logged), gradient norms, 
 fingerprint, and at the end the fp32 master weights, every optimizer tensor and the EMA must be equal
 bit for bit. The "stop, then resume" path through a signal is in test_faults.py.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -75,7 +76,7 @@ def test_exact_resume(stage, reference_run, digits64, tmp_path):
     assert len({ma[s]["index_sum"] for s in ma}) > 1 and ma[1]["loss"] > 0
     assert_same_state(ckpt(ref, TOTAL), ckpt(run, TOTAL))
     ema, raw = full_ema(ckpt(run, TOTAL)), master_weights(ckpt(run, TOTAL))
-    if stage == 3:                                  # decay 0 (ds_launch.STAGE_EXTRA): the EMA is the master copy
+    if stage == 3:  # decay 0 (ds_launch.STAGE_EXTRA): the EMA is the master copy
         assert all(torch.equal(ema[k], raw[k]) for k in ema)
     else:
         assert any(not torch.equal(ema[k], raw[k]) for k in ema), "the EMA should lag the weights"
@@ -89,7 +90,7 @@ def test_zero_stages_agree(reference_run):
         losses = [m[step]["loss"] for m in runs]
         assert max(losses) - min(losses) <= 1e-3 * losses[0], (step, losses)
         assert len({m[step]["index_sum"] for m in runs}) == 1
-    assert runs[0][1]["loss"] == runs[1][1]["loss"] == runs[2][1]["loss"]      # before any update
+    assert runs[0][1]["loss"] == runs[1][1]["loss"] == runs[2][1]["loss"]  # before any update
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -106,12 +107,20 @@ def test_resume_on_another_world_size(stage, reference_run, digits64, tmp_path):
     ref = reference_run(stage)
     slow_ema = ["train.ema_decay=0.999999999", "train.resume_ignore=[train.ema_decay]"]
     one, two = tmp_path / "one_rank", tmp_path / "two_ranks"
-    r1 = train(1, reference_overrides(stage, one, digits64, f"train.resume={ckpt(ref, N)}", f"train.max_steps={2 * N}",
-                                      *slow_ema), tmp_path / "one.log")
+    r1 = train(
+        1,
+        reference_overrides(
+            stage, one, digits64, f"train.resume={ckpt(ref, N)}", f"train.max_steps={2 * N}", *slow_ema
+        ),
+        tmp_path / "one.log",
+    )
     assert r1.returncode == 0, r1.output[-5000:]
     assert "universal" in r1.output and f"at step {N}" in r1.output
-    r2 = train(2, reference_overrides(stage, two, digits64, f"train.resume={ckpt(one, 2 * N)}", *slow_ema),
-               tmp_path / "two.log")
+    r2 = train(
+        2,
+        reference_overrides(stage, two, digits64, f"train.resume={ckpt(one, 2 * N)}", *slow_ema),
+        tmp_path / "two.log",
+    )
     assert r2.returncode == 0, r2.output[-5000:]
 
     mref, m1, m2 = metrics(ref), metrics(one), metrics(two)

@@ -9,6 +9,7 @@ The model: 16 blocks of width 1024 (16 heads), patch 4 on the 8x8 digits, i.e. 4
 matmuls (no bf16 units here) cost ~20x fp32 and grow with the tokens, the state this test is about
 does not. Checkpoints are ~4.8 GB each; the runs' directories are removed at the end.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,9 +36,18 @@ RSS_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 
 
 def overrides(run_dir, data, *extra):
-    return ["engine.ds_config=ds_configs/zero3_bf16.json", f"data.root={data}", f"run_dir={run_dir}",
-            *(f"model.{k}={v}" for k, v in MODEL.items()), "model.checkpoint_every=1", "train.global_batch=2",
-            "train.ema_decay=0.9", f"train.max_steps={2 * N}", f"train.ckpt_every={N}", *extra]
+    return [
+        "engine.ds_config=ds_configs/zero3_bf16.json",
+        f"data.root={data}",
+        f"run_dir={run_dir}",
+        *(f"model.{k}={v}" for k, v in MODEL.items()),
+        "model.checkpoint_every=1",
+        "train.global_batch=2",
+        "train.ema_decay=0.9",
+        f"train.max_steps={2 * N}",
+        f"train.ckpt_every={N}",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -48,11 +58,15 @@ def runs(digits64, tmp_path_factory):
     full, resumed = base / "full", base / "resumed"
     env = lambda name: {**RSS_ENV, "DITSCALE_DATA_CACHE": str(base / f"cache_{name}")}  # noqa: E731
     try:
-        a = train(2, overrides(full, digits64, "train.keep_last=2"), base / "full.log", env=env("full"),
-                  timeout=900)
+        a = train(2, overrides(full, digits64, "train.keep_last=2"), base / "full.log", env=env("full"), timeout=900)
         assert a.returncode == 0, a.output[-5000:]
-        b = train(2, overrides(resumed, digits64, "train.keep_last=1", f"train.resume={ckpt(full, N)}"),
-                  base / "resumed.log", env=env("resumed"), timeout=900)
+        b = train(
+            2,
+            overrides(resumed, digits64, "train.keep_last=1", f"train.resume={ckpt(full, N)}"),
+            base / "resumed.log",
+            env=env("resumed"),
+            timeout=900,
+        )
         assert b.returncode == 0, b.output[-5000:]
         assert f"resumed from {ckpt(full, N)} at step {N}" in b.output
         yield full, resumed, base
@@ -72,8 +86,9 @@ def memory_events(run_dir) -> tuple[dict, dict]:
 def peak_rss_gib(args: list[str]) -> tuple[float, str]:
     """Run `python args...`; (its peak RSS in GiB, from its own rusage: wait4, not RUSAGE_CHILDREN, which
     would also hold the training ranks), its output. Fails on a non-zero exit."""
-    proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=child_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, *args], cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -85,6 +100,7 @@ def peak_rss_gib(args: list[str]) -> tuple[float, str]:
 #################################################################################
 #                             What each rank holds                              #
 #################################################################################
+
 
 def test_each_rank_holds_half_of_the_state(runs):
     """Per rank, from the tensors: ~1/2 of the parameters (bf16 partitions, plus the few small
@@ -101,13 +117,16 @@ def test_each_rank_holds_half_of_the_state(runs):
         assert numel == dit_params(kwargs) and 250e6 < numel < 400e6
         fp32 = 4 * numel
         for rec in ranks:
-            shares = {"params": rec["params"]["numel"] / numel, "grads": rec["grads"]["numel"] / numel,
-                      "optimizer": rec["optimizer"]["bytes"] / (3 * fp32),         # master + exp_avg + exp_avg_sq
-                      "ema": rec["ema"]["bytes"] / fp32}
+            shares = {
+                "params": rec["params"]["numel"] / numel,
+                "grads": rec["grads"]["numel"] / numel,
+                "optimizer": rec["optimizer"]["bytes"] / (3 * fp32),  # master + exp_avg + exp_avg_sq
+                "ema": rec["ema"]["bytes"] / fp32,
+            }
             assert all(0.45 <= s <= 0.55 for s in shares.values()), (run_dir.name, rec["rank"], shares)
         for kind in ("grads", "ema"):
             total = sum(r[kind]["numel"] for r in ranks)
-            assert numel <= total <= numel + 1000, (kind, total, numel)   # padding: < 1 per rank and tensor
+            assert numel <= total <= numel + 1000, (kind, total, numel)  # padding: < 1 per rank and tensor
 
 
 def test_each_rank_uses_about_half_of_the_memory_of_the_full_state(runs):
@@ -138,6 +157,7 @@ def test_each_rank_uses_about_half_of_the_memory_of_the_full_state(runs):
 #                                 Exact resume                                  #
 #################################################################################
 
+
 def assert_same_optimizer_files(a, b) -> int:
     """Every tensor of every rank's DeepSpeed optimizer file (fp32 master partitions, Adam moments, step)
     equal bit for bit, read through mmap one file pair at a time. Returns the elements compared."""
@@ -145,8 +165,10 @@ def assert_same_optimizer_files(a, b) -> int:
     assert len(names) == 2 and names == sorted(p.name for p in b.glob("*optim_states.pt"))
     compared = 0
     for name in names:
-        sa, sb = (torch.load(d / name, map_location="cpu", mmap=True, weights_only=False)["optimizer_state_dict"]
-                  for d in (a, b))
+        sa, sb = (
+            torch.load(d / name, map_location="cpu", mmap=True, weights_only=False)["optimizer_state_dict"]
+            for d in (a, b)
+        )
         la, lb = dict(tensor_leaves(sa)), dict(tensor_leaves(sb))
         assert la.keys() == lb.keys() and any("exp_avg_sq" in k for k in la)
         for key in la:
@@ -177,12 +199,13 @@ def test_resume_is_exact(runs):
     numel = memory_events(full)[0]["ranks"][0]["model_numel"]
     assert assert_same_optimizer_files(a, b) >= 3 * numel
     assert_same_ema_files(a, b)
-    assert not ckpt(resumed, N).exists()                                    # keep_last=1 in the resumed run
+    assert not ckpt(resumed, N).exists()  # keep_last=1 in the resumed run
 
 
 #################################################################################
 #                                    Export                                     #
 #################################################################################
+
 
 def test_sharded_export_equals_deepspeeds_consolidation_without_holding_the_model(runs):
     """Raw weights: the sharded export equals, tensor for tensor, DeepSpeed's zero_to_fp32 of the same
@@ -199,13 +222,25 @@ def test_sharded_export_equals_deepspeeds_consolidation_without_holding_the_mode
     out = base / "export"
     numel = memory_events(full)[0]["ranks"][0]["model_numel"]
     fp32_gib = 4 * numel / 2**30
-    baseline, _ = peak_rss_gib(["-c", "import ditscale.engine.export, ditscale.engine.ema, safetensors.torch, "
-                                      "deepspeed.utils.zero_to_fp32"])
+    baseline, _ = peak_rss_gib(
+        ["-c", "import ditscale.engine.export, ditscale.engine.ema, safetensors.torch, deepspeed.utils.zero_to_fp32"]
+    )
     shard = f"{int(4 * numel / 8)}B"
     indexes = {}
     for weights in ("raw", "ema"):
-        peak, log = peak_rss_gib(["-m", "ditscale.engine.export", str(full), "--weights", weights,
-                                  "--out", str(out / f"{weights}.safetensors"), "--max-shard-size", shard])
+        peak, log = peak_rss_gib(
+            [
+                "-m",
+                "ditscale.engine.export",
+                str(full),
+                "--weights",
+                weights,
+                "--out",
+                str(out / f"{weights}.safetensors"),
+                "--max-shard-size",
+                shard,
+            ]
+        )
         assert peak - baseline < fp32_gib / 2, (weights, peak, baseline, fp32_gib)
         indexes[weights] = json.loads((out / f"{weights}.safetensors.index.json").read_text())["weight_map"]
         assert len(set(indexes[weights].values())) >= 8, log
@@ -216,7 +251,7 @@ def test_sharded_export_equals_deepspeeds_consolidation_without_holding_the_mode
     for shard_name in sorted(set(indexes["raw"].values())):
         with safe_open(str(out / shard_name), "pt") as f:
             for key in f.keys():
-                expected = pos_embed if key == "pos_embed" else reference[key]    # the checkpoint's is bf16
+                expected = pos_embed if key == "pos_embed" else reference[key]  # the checkpoint's is bf16
                 assert torch.equal(f.get_tensor(key), expected), key
     del reference
 

@@ -4,6 +4,7 @@ its own checkpoint, dynamo compiles nothing after the first step, and in-trainin
 
 One subprocess runs the four short trainings (tiny DiT, 4 steps, log every step) so inductor's import and
 the block's compilation are paid once."""
+
 from __future__ import annotations
 
 import json
@@ -36,7 +37,7 @@ def run_all(workdir: str) -> dict:
     images = write_image_folder(str(work / "images"), classes=2, per_class=8, min_side=8, max_side=12)
     root = make_dataset(images, str(work / "mds"), resolution=8, decode_workers=0)
     ds = json.loads((REPO / "ds_configs/zero2_bf16.json").read_text())
-    ds["bf16"] = {"enabled": False}                       # fp32: the CPU's fast path, ZeRO-2's hooks all the same
+    ds["bf16"] = {"enabled": False}  # fp32: the CPU's fast path, ZeRO-2's hooks all the same
     (work / "zero2_fp32.json").write_text(json.dumps(ds))
 
     class Graphs(T.Hooks):
@@ -47,12 +48,27 @@ def run_all(workdir: str) -> dict:
             self.after_step[step] = counters["stats"]["unique_graphs"]
 
     def train(name, compile, max_steps, hooks=None):
-        overrides = [f"data.root={root}", f"run_dir={work / name}", f"data.cache={work / 'cache' / name}",
-                     "model.depth=2", "model.hidden_size=32", "model.num_heads=2", "model.checkpoint_every=1",
-                     "train.global_batch=4", f"train.max_steps={max_steps}", "train.ckpt_every=2", "log.every=1",
-                     f"engine.ds_config={work / 'zero2_fp32.json'}", "engine.device=cpu", f"engine.compile={compile}",
-                     f"sample.every={STEPS}", "sample.steps=2", "sample.num_per_class=1", "sample.classes=0,1",
-                     "sample.sampler=ddim"]
+        overrides = [
+            f"data.root={root}",
+            f"run_dir={work / name}",
+            f"data.cache={work / 'cache' / name}",
+            "model.depth=2",
+            "model.hidden_size=32",
+            "model.num_heads=2",
+            "model.checkpoint_every=1",
+            "train.global_batch=4",
+            f"train.max_steps={max_steps}",
+            "train.ckpt_every=2",
+            "log.every=1",
+            f"engine.ds_config={work / 'zero2_fp32.json'}",
+            "engine.device=cpu",
+            f"engine.compile={compile}",
+            f"sample.every={STEPS}",
+            "sample.steps=2",
+            "sample.num_per_class=1",
+            "sample.classes=0,1",
+            "sample.sampler=ddim",
+        ]
         cfg, meta, ds = T.prepare(T.parse_args(["--config", str(REPO / "configs/tiny_test.yaml"), *overrides]), 1)
         code = T.train(cfg, meta, ds, env, device, hooks=hooks)
         assert code == 0, f"{name}: exit {code}"
@@ -78,10 +94,16 @@ def run_all(workdir: str) -> dict:
 def test_compiled_trainer_matches_eager_resumes_exactly_and_compiles_once(tmp_path):
     if not (shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")):
         pytest.skip("inductor on CPU needs a C++ compiler (apt-get install g++)")
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": "1", "DITSCALE_DS_LOG_LEVEL": "ERROR", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "ind")}
-    proc = subprocess.run([sys.executable, __file__, str(tmp_path)], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=900)
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "OMP_NUM_THREADS": "1",
+        "DITSCALE_DS_LOG_LEVEL": "ERROR",
+        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "ind"),
+    }
+    proc = subprocess.run(
+        [sys.executable, __file__, str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     compiled, eager, resumed = ({int(k): v for k, v in out[n].items()} for n in ("compiled", "eager", "resumed"))
@@ -89,9 +111,9 @@ def test_compiled_trainer_matches_eager_resumes_exactly_and_compiles_once(tmp_pa
     assert compiled[1][0] == pytest.approx(eager[1][0], rel=FIRST_STEP_RTOL)
     for step in range(2, STEPS + 1):
         assert compiled[step][0] == pytest.approx(eager[step][0], rel=LATER_RTOL), (step, compiled, eager)
-    assert resumed == compiled                                  # bit for bit, loss and gradient norm
+    assert resumed == compiled  # bit for bit, loss and gradient norm
     graphs = {int(k): v for k, v in out["graphs"].items()}
-    assert graphs[1] >= 1 and graphs[STEPS] == graphs[1], graphs     # compiled at step 1, never again
+    assert graphs[1] >= 1 and graphs[STEPS] == graphs[1], graphs  # compiled at step 1, never again
     assert len(out["grids"]) == 2, out["grids"]
 
 

@@ -1,4 +1,5 @@
 """Issue 9: the README's quickstart, end to end on a CPU, and the quality of what it generates."""
+
 import json
 import os
 import subprocess
@@ -10,8 +11,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_quickstart_generates_recognisable_varied_digits(tmp_path):
     env = dict(os.environ, DITSCALE_QUICKSTART_OUT=str(tmp_path / "qs"))
-    proc = subprocess.run([sys.executable, "-m", "ditscale.quickstart"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=1500)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ditscale.quickstart"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1500
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = tmp_path / "qs"
     for png in ("samples.png", "loss.png"):

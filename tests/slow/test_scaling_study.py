@@ -2,6 +2,7 @@
 (sweep file → per-configuration entry point → trainer with FID during training → plot), on the digits
 with a digits classifier standing in for the Inception. The workflow, figures and files are asserted;
 whether the paper's trend appears is recorded (printed, and in the test's report), not asserted."""
+
 import json
 import os
 import subprocess
@@ -25,8 +26,14 @@ def test_miniature_scaling_study(tmp_path, record_property):
     assert [c.name for c in configs] == ["w32-d2-4", "w32-d2-2", "w96-d4-4", "w96-d4-2"]
 
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, "-m", "ditscale.study", "run", str(sweep_path), "--all"], cwd=REPO,
-                         env=env, capture_output=True, text=True, timeout=1200)
+    run = subprocess.run(
+        [sys.executable, "-m", "ditscale.study", "run", str(sweep_path), "--all"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     assert run.stdout.count("eval at step 150: fid") == 4 and "cost" in run.stdout
 

@@ -20,10 +20,19 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 LOCAL_CLUSTER = REPO / "slurm" / "local_cluster.sh"
-STEPS = 120          # tiny-model training length: long enough to be signalled mid-run, seconds of CPU
+STEPS = 120  # tiny-model training length: long enough to be signalled mid-run, seconds of CPU
 CKPT_EVERY = 50
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-            "DEADLINE", "PREEMPTED"}
+TERMINAL = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+}
 
 
 @dataclass
@@ -62,8 +71,14 @@ class Cluster:
         """Submit; returns the job id. `env` is added to the cluster's environment (sbatch exports it);
         `umask` is the submitter's (the job runs with it)."""
         full_env = {**self.env, **(env or {})}
-        out = subprocess.run(["sbatch", "--parsable", *args], env=full_env, cwd=cwd, text=True,
-                             capture_output=True, preexec_fn=None if umask is None else (lambda: os.umask(umask)))
+        out = subprocess.run(
+            ["sbatch", "--parsable", *args],
+            env=full_env,
+            cwd=cwd,
+            text=True,
+            capture_output=True,
+            preexec_fn=None if umask is None else (lambda: os.umask(umask)),
+        )
         assert out.returncode == 0, f"sbatch {' '.join(args)} failed: {out.stderr}"
         return out.stdout.strip().split(";")[0]
 
@@ -85,16 +100,40 @@ class Cluster:
         self.run("scancel", job_id, check=False)
         raise AssertionError(f"job {job_id} not in {sorted(until)} after {timeout:.0f} s: {fields}")
 
-    def train(self, run_dir: Path, data: Path, *, nodes: int, tasks_per_node: int, env=None,
-              overrides=(f"train.max_steps={STEPS}", f"train.ckpt_every={CKPT_EVERY}"), sbatch_args=("--time=30",),
-              umask: int | None = None) -> tuple[str, Path]:
+    def train(
+        self,
+        run_dir: Path,
+        data: Path,
+        *,
+        nodes: int,
+        tasks_per_node: int,
+        env=None,
+        overrides=(f"train.max_steps={STEPS}", f"train.ckpt_every={CKPT_EVERY}"),
+        sbatch_args=("--time=30",),
+        umask: int | None = None,
+    ) -> tuple[str, Path]:
         """sbatch slurm/train_xl.sh with the tiny config on CPU; returns (job id, the job's output file)."""
         out = run_dir.parent / f"{run_dir.name}-%j.out"
-        job_env = {"CONFIG": "configs/tiny_test.yaml", "DATA": str(data), "RUN_DIR": str(run_dir),
-                   "GPUS_PER_NODE": "0", "EXTRA": " ".join(overrides), **(env or {})}
-        job_id = self.sbatch(f"--partition={self.partition}", "--gres=none", f"--nodes={nodes}",
-                             f"--ntasks-per-node={tasks_per_node}", "--cpus-per-task=1", *sbatch_args,
-                             f"--output={out}", "slurm/train_xl.sh", env=job_env, umask=umask)
+        job_env = {
+            "CONFIG": "configs/tiny_test.yaml",
+            "DATA": str(data),
+            "RUN_DIR": str(run_dir),
+            "GPUS_PER_NODE": "0",
+            "EXTRA": " ".join(overrides),
+            **(env or {}),
+        }
+        job_id = self.sbatch(
+            f"--partition={self.partition}",
+            "--gres=none",
+            f"--nodes={nodes}",
+            f"--ntasks-per-node={tasks_per_node}",
+            "--cpus-per-task=1",
+            *sbatch_args,
+            f"--output={out}",
+            "slurm/train_xl.sh",
+            env=job_env,
+            umask=umask,
+        )
         return job_id, Path(str(out).replace("%j", job_id))
 
     @staticmethod
@@ -108,8 +147,9 @@ class Cluster:
 def _require_slurm() -> None:
     missing = [t for t in ("slurmctld", "slurmd", "sbatch", "munged") if shutil.which(t) is None]
     if missing:
-        pytest.skip(f"SLURM not installed ({', '.join(missing)} missing): "
-                    "apt-get install slurmctld slurmd slurm-client munge")
+        pytest.skip(
+            f"SLURM not installed ({', '.join(missing)} missing): apt-get install slurmctld slurmd slurm-client munge"
+        )
     if os.geteuid() != 0:
         pytest.skip("the local SLURM cluster runs as root (SlurmUser=root); run the slurm tests as root")
 
@@ -119,10 +159,9 @@ def slurm_cluster(tmp_path_factory) -> Cluster:
     """A 2-node cluster (node1, node2) on localhost; the SLURM_CONF for it is in `cluster.env`."""
     _require_slurm()
     state = os.environ.get("DITSCALE_SLURM_TEST_DIR", "/tmp/ditscale-slurm-pytest")
-    port = os.environ.get("DITSCALE_SLURM_TEST_PORT", "6917")     # apart from a default cluster (6817)
+    port = os.environ.get("DITSCALE_SLURM_TEST_PORT", "6917")  # apart from a default cluster (6817)
     env = {**os.environ, "DITSCALE_SLURM_DIR": state, "DITSCALE_SLURM_PORT": port}
-    start = subprocess.run([str(LOCAL_CLUSTER), "start", "--nodes", "2"], env=env, text=True,
-                           capture_output=True)
+    start = subprocess.run([str(LOCAL_CLUSTER), "start", "--nodes", "2"], env=env, text=True, capture_output=True)
     if start.returncode != 0:
         subprocess.run([str(LOCAL_CLUSTER), "stop"], env=env, capture_output=True)
         pytest.fail(f"local_cluster.sh start failed:\n{start.stderr}")
@@ -145,8 +184,7 @@ def tiny_dataset(tmp_path_factory) -> Path:
 
     base = tmp_path_factory.mktemp("slurm-data")
     images = write_image_folder(str(base / "images"), classes=3, per_class=6, min_side=16, max_side=24)
-    return Path(make_dataset(images, str(base / "ds"), format="mds", resolution=8, num_slices=2,
-                             decode_workers=0))
+    return Path(make_dataset(images, str(base / "ds"), format="mds", resolution=8, num_slices=2, decode_workers=0))
 
 
 @pytest.fixture(scope="session")

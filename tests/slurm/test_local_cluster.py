@@ -30,7 +30,7 @@ def test_job_signals_reach_every_task(slurm_cluster, tmp_path):
     script.write_text(
         "#!/bin/bash\n"
         'source "$SLURM_SUBMIT_DIR/slurm/common.sh"\n'
-        "run_srun bash -c 'trap \"echo task $SLURM_PROCID stopping; exit 85\" USR1; "
+        'run_srun bash -c \'trap "echo task $SLURM_PROCID stopping; exit 85" USR1; '
         "echo task $SLURM_PROCID ready; while :; do sleep 0.1; done'\n"
         'echo "srun exit $SRUN_RC"\n'
     )

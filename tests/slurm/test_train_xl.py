@@ -52,6 +52,7 @@ def check_finished(cluster, job, run_dir: Path, text: str, world_size: int) -> N
 # Runs to the end
 # ----------------------------------------------------------------------------------------------------------
 
+
 def test_two_nodes_one_task_each_run_to_the_end(slurm_cluster, two_node_run):
     job, run_dir, text = two_node_run
     check_finished(slurm_cluster, job, run_dir, text, world_size=2)
@@ -72,6 +73,7 @@ def test_one_node_two_tasks_runs_to_the_end(slurm_cluster, tiny_dataset, tmp_pat
 # Preemption: USR1 -> checkpoint -> exit 85 -> requeue -> resume -> same weights
 # ----------------------------------------------------------------------------------------------------------
 
+
 def _training_step(run_dir: Path) -> int:
     try:
         lines = (run_dir / "metrics.jsonl").read_text().splitlines()
@@ -86,8 +88,9 @@ def test_preempted_run_requeues_resumes_and_matches(slurm_cluster, tiny_dataset,
     deadline = time.monotonic() + 300
     while _training_step(run_dir) < 2:
         assert time.monotonic() < deadline, slurm_cluster.logs(run_dir, out, job_id)
-        assert slurm_cluster.show(job_id).get("JobState") in ("PENDING", "RUNNING"), \
-            slurm_cluster.logs(run_dir, out, job_id)
+        assert slurm_cluster.show(job_id).get("JobState") in ("PENDING", "RUNNING"), slurm_cluster.logs(
+            run_dir, out, job_id
+        )
         time.sleep(0.05)
     slurm_cluster.run("scancel", "--signal=USR1", "--full", job_id)
     job = slurm_cluster.wait(job_id, timeout=600)
@@ -115,6 +118,7 @@ def test_preempted_run_requeues_resumes_and_matches(slurm_cluster, tiny_dataset,
 # ----------------------------------------------------------------------------------------------------------
 # Failures: at once and not requeued / bounded retries
 # ----------------------------------------------------------------------------------------------------------
+
 
 def _bad_case(case: str, tmp_path: Path) -> tuple[dict, str]:
     """(job environment, expected message). Root writes through permission bits, so the unwritable run
@@ -145,8 +149,13 @@ def test_bad_input_fails_at_once_without_requeue(slurm_cluster, tiny_dataset, tm
 def test_crash_at_start_requeues_a_bounded_number_of_times(slurm_cluster, tiny_dataset, tmp_path):
     """DITSCALE_DEVICE=cuda on a node without CUDA: the config check passes, every start crashes."""
     run_dir = tmp_path / "run"
-    job_id, out = slurm_cluster.train(run_dir, tiny_dataset, nodes=1, tasks_per_node=1,
-                                      env={"GPUS_PER_NODE": "1", "DITSCALE_DEVICE": "cuda", "MAX_RETRIES": "1"})
+    job_id, out = slurm_cluster.train(
+        run_dir,
+        tiny_dataset,
+        nodes=1,
+        tasks_per_node=1,
+        env={"GPUS_PER_NODE": "1", "DITSCALE_DEVICE": "cuda", "MAX_RETRIES": "1"},
+    )
     job = slurm_cluster.wait(job_id, timeout=300)
     text = slurm_cluster.logs(run_dir, out, job_id)
     assert job.state == "FAILED" and job.exit_code == 1 and job.restarts == 1, (job.fields, text)
@@ -159,9 +168,11 @@ def test_crash_at_start_requeues_a_bounded_number_of_times(slurm_cluster, tiny_d
 # The same run dir, submitted again on another node count
 # ----------------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
-def test_resubmitted_on_one_node_continues_and_scancel_stops_for_good(slurm_cluster, tiny_dataset, tmp_path,
-                                                                      two_node_run):
+def test_resubmitted_on_one_node_continues_and_scancel_stops_for_good(
+    slurm_cluster, tiny_dataset, tmp_path, two_node_run
+):
     """A copy of the finished 2-rank run, sbatch-ed again on 1 node x 1 task with more steps, resumes from
     its last checkpoint (world size 2 -> 1: the trainer's universal-checkpoint path). `scancel` then ends
     it for good: the trainer saves on the SIGTERM, and the job is not requeued."""
@@ -169,20 +180,26 @@ def test_resubmitted_on_one_node_continues_and_scancel_stops_for_good(slurm_clus
 
     run_dir = tmp_path / "run"
     shutil.copytree(two_node_run[1], run_dir)
-    job_id, out = slurm_cluster.train(run_dir, tiny_dataset, nodes=1, tasks_per_node=1,
-                                      overrides=("train.max_steps=100000", "train.ckpt_every=100000"))
+    job_id, out = slurm_cluster.train(
+        run_dir,
+        tiny_dataset,
+        nodes=1,
+        tasks_per_node=1,
+        overrides=("train.max_steps=100000", "train.ckpt_every=100000"),
+    )
     deadline = time.monotonic() + 300
     while _training_step(run_dir) < slurm_cluster.steps + 3:
         assert time.monotonic() < deadline, slurm_cluster.logs(run_dir, out, job_id)
-        assert slurm_cluster.show(job_id).get("JobState") in ("PENDING", "RUNNING"), \
-            slurm_cluster.logs(run_dir, out, job_id)
+        assert slurm_cluster.show(job_id).get("JobState") in ("PENDING", "RUNNING"), slurm_cluster.logs(
+            run_dir, out, job_id
+        )
         time.sleep(0.05)
     starts = [e for e in events(run_dir) if e["event"] == "start"]
     assert starts[-1]["step"] == slurm_cluster.steps and starts[-1]["world_size"] == 1, starts
 
     slurm_cluster.run("scancel", job_id)
     job = slurm_cluster.wait(job_id, timeout=120)
-    time.sleep(5)                                  # a wrongly requeued job would be back by now
+    time.sleep(5)  # a wrongly requeued job would be back by now
     job = slurm_cluster.wait(job_id, timeout=120)
     text = slurm_cluster.logs(run_dir, out, job_id)
     assert job.state == "CANCELLED" and job.restarts == 0, (job.fields, text)

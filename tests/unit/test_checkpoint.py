@@ -1,4 +1,5 @@
 """Checkpoint bookkeeping without DeepSpeed: completeness, the pointer, rotation, resume choice, RNG state."""
+
 from __future__ import annotations
 
 import json
@@ -31,17 +32,29 @@ def make_ckpt(root, step, complete=True, files=None):
     for rel, data in files.items():
         (path / rel).write_bytes(data)
     if complete:
-        meta = {"step": step, "world_size": 1, "zero_stage": 2,
-                "files": {rel: len(data) for rel, data in files.items()}}
+        meta = {
+            "step": step,
+            "world_size": 1,
+            "zero_stage": 2,
+            "files": {rel: len(data) for rel, data in files.items()},
+        }
         (path / "meta.json").write_text(json.dumps(meta))
     return path
 
 
 def test_tag_and_owner_of_files():
     assert tag_for(5000) == "step_00005000"
-    assert [_owner(n) for n in ("bf16_zero_pp_rank_3_mp_rank_00_optim_states.pt", "zero_pp_rank_12_mp_rank_00_model_states.pt",
-                                "mp_rank_00_model_states.pt", "rank_00007.pt", "rank_00002.safetensors", "meta.json")] \
-        == [3, 12, 0, 7, 2, 0]
+    assert [
+        _owner(n)
+        for n in (
+            "bf16_zero_pp_rank_3_mp_rank_00_optim_states.pt",
+            "zero_pp_rank_12_mp_rank_00_model_states.pt",
+            "mp_rank_00_model_states.pt",
+            "rank_00007.pt",
+            "rank_00002.safetensors",
+            "meta.json",
+        )
+    ] == [3, 12, 0, 7, 2, 0]
 
 
 def test_atomic_write_replaces_without_leftovers(tmp_path):
@@ -73,7 +86,7 @@ def test_read_meta_names_what_is_wrong(tmp_path):
 def test_resume_takes_the_newest_complete_checkpoint(tmp_path):
     for step in (10, 20):
         make_ckpt(tmp_path, step)
-    make_ckpt(tmp_path, 30, complete=False)                  # a save that was killed
+    make_ckpt(tmp_path, 30, complete=False)  # a save that was killed
     skipped = []
     assert resolve_resume(tmp_path, "auto", log=skipped.append).name == "step_00000020"
     assert "step_00000030" in skipped[0]
@@ -90,7 +103,7 @@ def test_rotation_keeps_the_last_k_and_drops_crashed_saves(tmp_path):
     for step in (10, 20, 30, 40):
         make_ckpt(tmp_path, step)
     make_ckpt(tmp_path, 25, complete=False)
-    make_ckpt(tmp_path, 50, complete=False)                  # newer than the newest complete: maybe in flight
+    make_ckpt(tmp_path, 50, complete=False)  # newer than the newest complete: maybe in flight
     (tmp_path / "ckpt" / "universal" / "step_00000010").mkdir(parents=True)
     rotate(tmp_path / "ckpt", keep_last=2, log=lambda *_: None)
     assert [s for s, _ in list_tags(tmp_path / "ckpt")] == [30, 40, 50]
@@ -125,14 +138,16 @@ def test_resuming_an_older_checkpoint_sets_the_newer_ones_aside(tmp_path):
 #                  Checksums, the verify command, write errors                  #
 #################################################################################
 
+
 def make_checked_ckpt(root, step, files=None):
     """A complete checkpoint whose meta.json records sizes and checksums, as save() writes it."""
     from ditscale.engine import integrity
 
     path = make_ckpt(root, step, complete=False, files=files)
     recorded = {str(f.relative_to(path)): integrity.file_record(f) for f in sorted(path.rglob("*")) if f.is_file()}
-    (path / "meta.json").write_text(json.dumps({"step": step, "world_size": 1, "zero_stage": 2, "files": recorded,
-                                                "checksum": integrity.CHECKSUM}))
+    (path / "meta.json").write_text(
+        json.dumps({"step": step, "world_size": 1, "zero_stage": 2, "files": recorded, "checksum": integrity.CHECKSUM})
+    )
     return path
 
 
@@ -149,20 +164,22 @@ def test_a_flipped_byte_is_found_named_and_resume_falls_back(tmp_path):
         make_checked_ckpt(tmp_path, step)
     victim = tmp_path / "ckpt" / "step_00000020" / "mp_rank_00_model_states.pt"
     flip_byte(victim)
-    assert read_meta(victim.parent)["step"] == 20                  # the size is unchanged: complete as before
+    assert read_meta(victim.parent)["step"] == 20  # the size is unchanged: complete as before
     lines = []
-    verify = lambda p, m: verify_across_ranks(p, m, log=lines.append)   # noqa: E731 (one process: no group)
+    verify = lambda p, m: verify_across_ranks(p, m, log=lines.append)  # noqa: E731 (one process: no group)
     assert resolve_resume(tmp_path, "auto", log=lines.append, verify=verify).name == "step_00000010"
     assert any(f"skipping checkpoint {victim.parent}: checkpoint file {victim} is corrupt" in x for x in lines)
     assert any("verified checkpoint" in x and "step_00000010" in x for x in lines)
-    with pytest.raises(CheckpointError, match=rf"{victim} is corrupt: its xxh3_64 is [0-9a-f]+, [0-9a-f]+ was recorded"):
+    with pytest.raises(
+        CheckpointError, match=rf"{victim} is corrupt: its xxh3_64 is [0-9a-f]+, [0-9a-f]+ was recorded"
+    ):
         resolve_resume(tmp_path, str(victim.parent), verify=verify)
 
 
 def test_verify_command_reports_each_checkpoint(tmp_path):
     from ditscale.engine.checkpoint import verify_run
 
-    make_ckpt(tmp_path, 5)                                         # an older version's meta: sizes only
+    make_ckpt(tmp_path, 5)  # an older version's meta: sizes only
     make_checked_ckpt(tmp_path, 10)
     bad = make_checked_ckpt(tmp_path, 20)
     make_ckpt(tmp_path, 30, complete=False)
@@ -199,7 +216,7 @@ def test_recording_engine_checksums_writes_and_keeps_the_first_error(tmp_path):
     rec = integrity.RecordingCheckpointEngine(Writer())
     rec.save({"x": torch.ones(3)}, str(tmp_path / "a.pt"))
     rec.save({"x": torch.ones(3)}, str(tmp_path / "full.pt"))
-    rec.save({"x": torch.ones(3)}, str(tmp_path / "b.pt"))          # after an error: not attempted
+    rec.save({"x": torch.ones(3)}, str(tmp_path / "b.pt"))  # after an error: not attempted
     assert list(rec.records) == [str((tmp_path / "a.pt").resolve())]
     assert rec.records[str((tmp_path / "a.pt").resolve())] == integrity.file_record(tmp_path / "a.pt")
     assert rec.error[0] == str(tmp_path / "full.pt") and not (tmp_path / "b.pt").exists()

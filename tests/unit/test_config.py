@@ -1,5 +1,6 @@
 """The experiment config (YAML + typed dotted overrides), the DeepSpeed JSON completion, the launch
 environment, and the trainer's command line up to the point where it would start working."""
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,17 @@ def tiny(*overrides: str) -> ExperimentConfig:
 
 
 def meta(**changes) -> dict:
-    base = {"format": "mds", "resolution": 8, "latent_channels": 1, "latent_size": 8, "scale_factor": 1.0,
-            "vae": "none", "classes": [f"digit_{i}" for i in range(10)], "num_samples": 64, "slices": []}
+    base = {
+        "format": "mds",
+        "resolution": 8,
+        "latent_channels": 1,
+        "latent_size": 8,
+        "scale_factor": 1.0,
+        "vae": "none",
+        "classes": [f"digit_{i}" for i in range(10)],
+        "num_samples": 64,
+        "slices": [],
+    }
     return {**base, **changes}
 
 
@@ -41,45 +51,66 @@ def meta(**changes) -> dict:
 # Loading and overrides
 # --------------------------------------------------------------------------------------------------
 
+
 def test_the_xl_config_is_the_papers_recipe():
     cfg = load_config(XL, ["data.root=/data/in1k"])
     assert cfg.model.preset == "DiT-XL/2" and cfg.model.class_dropout_prob == 0.1 and cfg.model.learn_sigma
-    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.warmup_steps, cfg.optim.betas) == (1e-4, 0.0, 0, [0.9, 0.999])
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.warmup_steps, cfg.optim.betas) == (
+        1e-4,
+        0.0,
+        0,
+        [0.9, 0.999],
+    )
     assert cfg.train.global_batch == 256 and cfg.train.ema_decay == 0.9999 and cfg.train.max_steps >= 400_000
     assert cfg.diffusion.noise_schedule == "linear" and cfg.diffusion.diffusion_steps == 1000
     ds = complete_ds_config(read_ds_config(REPO / cfg.engine.ds_config), cfg, world_size=8)
-    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (256, 32, 1)
-    assert "scheduler" not in ds                                           # constant learning rate
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (
+        256,
+        32,
+        1,
+    )
+    assert "scheduler" not in ds  # constant learning rate
 
 
 def test_overrides_are_typed_by_the_field():
-    cfg = tiny("train.max_steps=1_000", "optim.lr=1e-4", "optim.betas=[0.9, 0.95]", "train.micro_batch=null",
-               "sample.classes=1,2,3", "log.tensorboard=false", "data.root=0123", "model.qk_norm=rmsnorm")
+    cfg = tiny(
+        "train.max_steps=1_000",
+        "optim.lr=1e-4",
+        "optim.betas=[0.9, 0.95]",
+        "train.micro_batch=null",
+        "sample.classes=1,2,3",
+        "log.tensorboard=false",
+        "data.root=0123",
+        "model.qk_norm=rmsnorm",
+    )
     assert cfg.train.max_steps == 1000 and cfg.optim.lr == 1e-4 and cfg.optim.betas == [0.9, 0.95]
     assert cfg.train.micro_batch is None and cfg.sample.classes == [1, 2, 3] and cfg.log.tensorboard is False
     assert cfg.data.root == "0123" and cfg.model.qk_norm == "rmsnorm"
     assert tiny("optim.warmup_steps=10").optim.warmup_steps == 10
 
 
-@pytest.mark.parametrize("override, message", [
-    ("train.max_step=3", "unknown config key 'train.max_step'; did you mean train.max_steps"),
-    ("train.lr=1", "unknown config key 'train.lr'; did you mean optim.lr"),
-    ("modle.depth=2", "unknown config key 'modle.depth'; did you mean model.depth"),
-    ("train.max_steps=ten", "train.max_steps: expected an integer, got 'ten'"),
-    ("train.max_steps=1.5", "train.max_steps: expected an integer"),
-    ("log.every=true", "log.every: expected an integer, got True"),
-    ("log.tensorboard=yes please", "log.tensorboard: expected true or false"),
-    ("optim.lr=-1", "optim.lr: must be > 0"),
-    ("optim.betas=[0.9]", "optim.betas: must be two values"),
-    ("train.ema_decay=1.0", "train.ema_decay: must be in [0, 1)"),
-    ("train.micro_batch=3", "train.micro_batch: 3 does not divide train.global_batch=8"),
-    ("model.preset=DiT-XXL/2", "model.preset: unknown preset 'DiT-XXL/2'"),
-    ("model.block=adaln-zero", "model.block: 'adaln-zero' is not one of"),
-    ("engine.device=tpu", "engine.device: 'tpu' is not one of auto, cuda, cpu"),
-    ("train.resume_ignore=[optim.lrr]", "train.resume_ignore: unknown key(s) ['optim.lrr']"),
-    ("train=3", "'train' is a section"),
-    ("train.max_steps", "expected key=value"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.max_step=3", "unknown config key 'train.max_step'; did you mean train.max_steps"),
+        ("train.lr=1", "unknown config key 'train.lr'; did you mean optim.lr"),
+        ("modle.depth=2", "unknown config key 'modle.depth'; did you mean model.depth"),
+        ("train.max_steps=ten", "train.max_steps: expected an integer, got 'ten'"),
+        ("train.max_steps=1.5", "train.max_steps: expected an integer"),
+        ("log.every=true", "log.every: expected an integer, got True"),
+        ("log.tensorboard=yes please", "log.tensorboard: expected true or false"),
+        ("optim.lr=-1", "optim.lr: must be > 0"),
+        ("optim.betas=[0.9]", "optim.betas: must be two values"),
+        ("train.ema_decay=1.0", "train.ema_decay: must be in [0, 1)"),
+        ("train.micro_batch=3", "train.micro_batch: 3 does not divide train.global_batch=8"),
+        ("model.preset=DiT-XXL/2", "model.preset: unknown preset 'DiT-XXL/2'"),
+        ("model.block=adaln-zero", "model.block: 'adaln-zero' is not one of"),
+        ("engine.device=tpu", "engine.device: 'tpu' is not one of auto, cuda, cpu"),
+        ("train.resume_ignore=[optim.lrr]", "train.resume_ignore: unknown key(s) ['optim.lrr']"),
+        ("train=3", "'train' is a section"),
+        ("train.max_steps", "expected key=value"),
+    ],
+)
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError) as e:
         tiny(override)
@@ -121,6 +152,7 @@ def test_batch_split():
 # Dataset resolution and resume identity
 # --------------------------------------------------------------------------------------------------
 
+
 def test_model_shape_comes_from_the_dataset():
     cfg = resolve_with_dataset(tiny(), meta())
     kwargs = cfg.model.dit_kwargs()
@@ -138,8 +170,16 @@ def test_model_shape_comes_from_the_dataset():
 
 def test_resume_identity_ignores_what_may_change():
     base = tiny()
-    moved = tiny("run_dir=/elsewhere", "train.max_steps=99", "data.num_workers=7", "engine.ds_config=x.json",
-                 "log.every=5", "sample.every=100", "train.micro_batch=2", "data.root=/moved")
+    moved = tiny(
+        "run_dir=/elsewhere",
+        "train.max_steps=99",
+        "data.num_workers=7",
+        "engine.ds_config=x.json",
+        "log.every=5",
+        "sample.every=100",
+        "train.micro_batch=2",
+        "data.root=/moved",
+    )
     assert identity(base) == identity(moved) and config_hash(base) == config_hash(moved)
     changed = tiny("optim.lr=5e-4", "train.seed=1")
     assert config_hash(changed) != config_hash(base)
@@ -151,6 +191,7 @@ def test_resume_identity_ignores_what_may_change():
 # --------------------------------------------------------------------------------------------------
 # DeepSpeed JSON
 # --------------------------------------------------------------------------------------------------
+
 
 def test_the_ds_configs():
     names = sorted(p.stem for p in (REPO / "ds_configs").glob("*.json"))
@@ -197,17 +238,50 @@ def test_ds_config_errors_name_the_file_and_key(tmp_path):
 # Launch environment
 # --------------------------------------------------------------------------------------------------
 
+
 def test_rank_layout_from_each_launcher():
-    ds = detect({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_SIZE": "2", "MASTER_ADDR": "n1",
-                 "MASTER_PORT": "1234", "CROSS_RANK": "1"})
+    ds = detect(
+        {
+            "RANK": "3",
+            "WORLD_SIZE": "8",
+            "LOCAL_RANK": "1",
+            "LOCAL_SIZE": "2",
+            "MASTER_ADDR": "n1",
+            "MASTER_PORT": "1234",
+            "CROSS_RANK": "1",
+        }
+    )
     assert (ds.rank, ds.world_size, ds.local_rank, ds.local_world_size, ds.launcher) == (3, 8, 1, 2, "deepspeed")
-    tr = detect({"RANK": "0", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "4", "MASTER_ADDR": "h",
-                 "MASTER_PORT": "29500"})
+    tr = detect(
+        {
+            "RANK": "0",
+            "WORLD_SIZE": "4",
+            "LOCAL_RANK": "0",
+            "LOCAL_WORLD_SIZE": "4",
+            "MASTER_ADDR": "h",
+            "MASTER_PORT": "29500",
+        }
+    )
     assert (tr.launcher, tr.local_world_size, tr.master_addr) == ("torchrun", 4, "h")
-    sl = detect({"SLURM_PROCID": "9", "SLURM_LOCALID": "1", "SLURM_NTASKS": "16", "SLURM_STEP_ID": "0",
-                 "SLURM_STEP_TASKS_PER_NODE": "8(x2)", "MASTER_ADDR": "node1", "MASTER_PORT": "15042"})
-    assert (sl.rank, sl.local_rank, sl.world_size, sl.local_world_size, sl.master_port, sl.launcher) == \
-        (9, 1, 16, 8, 15042, "slurm")
+    sl = detect(
+        {
+            "SLURM_PROCID": "9",
+            "SLURM_LOCALID": "1",
+            "SLURM_NTASKS": "16",
+            "SLURM_STEP_ID": "0",
+            "SLURM_STEP_TASKS_PER_NODE": "8(x2)",
+            "MASTER_ADDR": "node1",
+            "MASTER_PORT": "15042",
+        }
+    )
+    assert (sl.rank, sl.local_rank, sl.world_size, sl.local_world_size, sl.master_port, sl.launcher) == (
+        9,
+        1,
+        16,
+        8,
+        15042,
+        "slurm",
+    )
     batch_shell = detect({"SLURM_PROCID": "0", "SLURM_NTASKS": "16", "SLURM_JOB_ID": "5"})
     assert batch_shell.launcher == "single" and batch_shell.world_size == 1
     with pytest.raises(RuntimeError, match="MASTER_ADDR"):
@@ -218,6 +292,7 @@ def test_rank_layout_from_each_launcher():
 # Command line, before any work: exit 2 naming the key, or --check
 # --------------------------------------------------------------------------------------------------
 
+
 def run_main(*args: str) -> int:
     from ditscale.engine.signals import release_stop_signals
     from ditscale.train import main
@@ -225,7 +300,7 @@ def run_main(*args: str) -> int:
     try:
         return main(["--config", str(TINY), *args])
     finally:
-        release_stop_signals()      # main() keeps its stop handlers to the process's exit
+        release_stop_signals()  # main() keeps its stop handlers to the process's exit
 
 
 def test_bad_config_is_exit_2_naming_the_key(capsys, tmp_path):

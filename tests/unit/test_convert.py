@@ -1,4 +1,5 @@
 """Official DiT layout ⇄ diffusers' DiTTransformer2DModel: parity of outputs both ways, exact round trips."""
+
 import pytest
 import torch
 
@@ -31,7 +32,7 @@ def batch(model, n=4):
     g = torch.Generator().manual_seed(1)
     c, s = model.in_channels, model.input_size
     y = torch.randint(0, model.num_classes, (n,), generator=g)
-    y[-1] = model.num_classes                                                   # the null class
+    y[-1] = model.num_classes  # the null class
     return torch.randn(n, c, s, s, generator=g), torch.tensor([0, 1, 500, 999])[:n], y
 
 
@@ -56,7 +57,7 @@ def test_official_to_diffusers_parity(case):
     unmatched = max_diff(model, hf, args)
     match_dit_timesteps(hf)
     assert max_diff(model, hf, args) < 1e-4
-    assert unmatched > 1e-3                                                    # the known timestep convention
+    assert unmatched > 1e-3  # the known timestep convention
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -64,7 +65,7 @@ def test_diffusers_to_official_parity(case):
     name, kw = CASES[case]
     cfg = diffusers_config_for({**build_dit(name, **kw).config})
     hf = randomize(hf_model(cfg), seed=3)
-    with torch.no_grad():                                                      # DiT shares one embedder
+    with torch.no_grad():  # DiT shares one embedder
         for block in hf.transformer_blocks[1:]:
             block.norm1.emb.load_state_dict(hf.transformer_blocks[0].norm1.emb.state_dict())
     match_dit_timesteps(hf)
@@ -107,8 +108,11 @@ def test_what_cannot_be_converted_is_refused():
     hf_sd = hf_model({**hf_cfg, "num_layers": 2}).state_dict()
     with pytest.raises(ValueError, match=r"transformer_blocks\.1\.norm1\.emb.* differs from block 0"):
         diffusers_to_official(hf_sd, {**hf_cfg, "num_layers": 2})
-    for bad, why in [({"block": "in_context"}, "adaLN-Zero"), ({"mlp_ratio": 2.0}, "4 × hidden"),
-                     ({"qk_norm": "rmsnorm"}, "q/k normalisation")]:
+    for bad, why in [
+        ({"block": "in_context"}, "adaLN-Zero"),
+        ({"mlp_ratio": 2.0}, "4 × hidden"),
+        ({"qk_norm": "rmsnorm"}, "q/k normalisation"),
+    ]:
         with pytest.raises(ValueError, match=why):
             diffusers_config_for({"depth": 2, "hidden_size": 64, "num_heads": 2, **bad})
     model = build_dit("DiT-S/2", depth=2, input_size=8, qk_norm="layernorm")
@@ -119,5 +123,6 @@ def test_what_cannot_be_converted_is_refused():
     with pytest.raises(ValueError, match="config lacks 'num_layers'"):
         official_to_diffusers(model.state_dict(), {"depth": 2})
     with pytest.raises(ValueError, match="1001 rows; config num_embeds_ada_norm=10"):
-        official_to_diffusers(build_dit("DiT-S/2", depth=2).state_dict(),
-                              {**hf_cfg, "num_layers": 2, "num_embeds_ada_norm": 10})
+        official_to_diffusers(
+            build_dit("DiT-S/2", depth=2).state_dict(), {**hf_cfg, "num_layers": 2, "num_embeds_ada_norm": 10}
+        )

@@ -1,6 +1,7 @@
 """The readers never hand out bad bytes: every corruption of a shard or index, in both formats, stops the
 read with a DataError naming the dataset's file; caches are keyed by content; the trainer's checks refuse
 damaged or too small datasets with exit 2."""
+
 import json
 import os
 import shutil
@@ -34,8 +35,12 @@ def _streaming_shm():
 def pristine(tmp_path_factory):
     """40 records of (2, 1, 8, 8) in shards of ~10 records, both formats."""
     base = tmp_path_factory.mktemp("integrity")
-    return {fmt: write_synthetic_latents(str(base / fmt), N, latent_channels=1, latent_size=8, num_classes=10,
-                                         format=fmt, shard_size=6000) for fmt in ("mds", "wds")}
+    return {
+        fmt: write_synthetic_latents(
+            str(base / fmt), N, latent_channels=1, latent_size=8, num_classes=10, format=fmt, shard_size=6000
+        )
+        for fmt in ("mds", "wds")
+    }
 
 
 def copy_of(pristine, fmt, tmp_path, seed=None) -> str:
@@ -43,8 +48,9 @@ def copy_of(pristine, fmt, tmp_path, seed=None) -> str:
     if seed is None:
         shutil.copytree(pristine[fmt], root)
         return root
-    return write_synthetic_latents(root, N, latent_channels=1, latent_size=8, num_classes=10, format=fmt,
-                                   shard_size=6000, seed=seed)
+    return write_synthetic_latents(
+        root, N, latent_channels=1, latent_size=8, num_classes=10, format=fmt, shard_size=6000, seed=seed
+    )
 
 
 def shard_files(root) -> list[str]:
@@ -71,15 +77,26 @@ def read_all(root, local=None, workers=None):
     ds = build_dataset(root, batch_size=4, seed=0, shuffle=False, local=local, hflip=False)
     if workers is None:
         return [(int(x["index"]), x["mean"].clone()) for x in ds]
-    return [(int(i), m) for b in build_dataloader(ds, batch_size=4, num_workers=workers)
-            for i, m in zip(b["index"], b["mean"].clone())]
+    return [
+        (int(i), m)
+        for b in build_dataloader(ds, batch_size=4, num_workers=workers)
+        for i, m in zip(b["index"], b["mean"].clone())
+    ]
 
 
 # --- damaged shards and indexes: DataError naming the dataset's file ---------------------------------
 
-@pytest.mark.parametrize("fmt,where,damage", [
-    ("mds", "cache", flip_byte), ("mds", "in place", flip_byte), ("mds", "cache", truncate),
-    ("wds", None, flip_byte), ("wds", None, truncate)])
+
+@pytest.mark.parametrize(
+    "fmt,where,damage",
+    [
+        ("mds", "cache", flip_byte),
+        ("mds", "in place", flip_byte),
+        ("mds", "cache", truncate),
+        ("wds", None, flip_byte),
+        ("wds", None, truncate),
+    ],
+)
 def test_damaged_shard_stops_the_read_naming_it(pristine, tmp_path, fmt, where, damage):
     root = copy_of(pristine, fmt, tmp_path)
     bad = shard_files(root)[1]
@@ -114,33 +131,35 @@ def test_corrupt_or_missing_index_names_the_dataset_file(pristine, tmp_path, fmt
 
 # --- the cache is keyed by content ---------------------------------------------------------------------
 
+
 def test_reencoded_dataset_is_never_served_from_an_old_cache(pristine, tmp_path, monkeypatch):
     monkeypatch.setenv("DITSCALE_DATA_CACHE", str(tmp_path / "default"))
     root = copy_of(pristine, "mds", tmp_path)
     cache = str(tmp_path / "cache")
     old = read_all(root, cache)
-    assert [i for i, _ in read_all(root)] == [i for i, _ in old]     # default cache, keyed by content
+    assert [i for i, _ in read_all(root)] == [i for i, _ in old]  # default cache, keyed by content
     first_default = os.listdir(tmp_path / "default")
     shutil.rmtree(root)
-    copy_of(pristine, "mds", tmp_path, seed=1)                       # re-encoded in place
+    copy_of(pristine, "mds", tmp_path, seed=1)  # re-encoded in place
     new_in_place = read_all(root, root)
     for local in (cache, None):
         new = read_all(root, local)
         assert all(torch.equal(a, b) for (_, a), (_, b) in zip(new, new_in_place))
         assert not any(torch.equal(a, b) for (_, a), (_, b) in zip(new, old))
-    assert set(os.listdir(tmp_path / "default")) - set(first_default)   # another directory for the new index
+    assert set(os.listdir(tmp_path / "default")) - set(first_default)  # another directory for the new index
 
 
 def test_foreign_cache_is_cleared_and_a_damaged_copy_fetched_again(pristine, tmp_path):
     cache = str(tmp_path / "cache")
     mds = copy_of(pristine, "mds", tmp_path)
-    other = write_synthetic_latents(str(tmp_path / "other"), 12, latent_channels=1, latent_size=8,
-                                    num_classes=10, seed=3)
+    other = write_synthetic_latents(
+        str(tmp_path / "other"), 12, latent_channels=1, latent_size=8, num_classes=10, seed=3
+    )
     read_all(other, cache)
     index = open(os.path.join(mds, MDS_INDEX), "rb").read()
-    assert claim_cache(cache, os.path.abspath(mds), index)               # foreign: cleared
+    assert claim_cache(cache, os.path.abspath(mds), index)  # foreign: cleared
     assert json.load(open(os.path.join(cache, CACHE_MARKER)))["index"] == index_key(index)
-    assert not claim_cache(cache, os.path.abspath(mds), index)           # now its own
+    assert not claim_cache(cache, os.path.abspath(mds), index)  # now its own
     expected = read_all(mds, mds)
     read_all(mds, cache)
     decompressed = [os.path.join(d, f) for d, _, fs in os.walk(cache) for f in fs if f.endswith(".mds")]
@@ -154,6 +173,7 @@ def test_foreign_cache_is_cleared_and_a_damaged_copy_fetched_again(pristine, tmp
 
 # --- train --check: index and shard list ---------------------------------------------------------------
 
+
 @pytest.mark.parametrize("fmt", ["mds", "wds"])
 def test_check_dataset_finds_missing_short_and_flipped_shards(pristine, tmp_path, fmt):
     root = copy_of(pristine, fmt, tmp_path)
@@ -165,16 +185,20 @@ def test_check_dataset_finds_missing_short_and_flipped_shards(pristine, tmp_path
     truncate(files[1])
     flip_byte(files[2])
     quick, deep = check_dataset(root, meta), check_dataset(root, meta, deep=True)
-    assert quick.problems == [f"{files[0]}: missing", f"{files[1]}: {os.path.getsize(files[1])} bytes, "
-                              f"the index says {size}"]
+    assert quick.problems == [
+        f"{files[0]}: missing",
+        f"{files[1]}: {os.path.getsize(files[1])} bytes, the index says {size}",
+    ]
     assert deep.problems[:2] == quick.problems
     assert {p.split(":")[0] for p in deep.problems[2:]} == {files[2]}
     assert any("sha1" in p for p in deep.problems) and any("xxh64" in p for p in deep.problems)
     assert deep.bytes > 0
 
 
-@pytest.mark.parametrize("fmt,ranks,micro,workers", [("mds", 1, 6, 0), ("wds", 1, 4, 0), ("wds", 1, 6, 2),
-                                                     ("wds", 2, 4, 2), ("wds", 3, 5, 1), ("wds", 1, 16, 2)])
+@pytest.mark.parametrize(
+    "fmt,ranks,micro,workers",
+    [("mds", 1, 6, 0), ("wds", 1, 4, 0), ("wds", 1, 6, 2), ("wds", 2, 4, 2), ("wds", 3, 5, 1), ("wds", 1, 16, 2)],
+)
 def test_batches_per_epoch_is_what_a_rank_gets(pristine, tmp_path, monkeypatch, fmt, ranks, micro, workers):
     root = pristine[fmt]
     predicted = batches_per_epoch(fmt, N, ranks=ranks, micro_batch=micro, workers=workers)
@@ -187,13 +211,15 @@ def test_batches_per_epoch_is_what_a_rank_gets(pristine, tmp_path, monkeypatch, 
 
 def test_dataset_smaller_than_a_global_batch_is_refused_with_the_numbers(pristine):
     meta = {"format": "wds", "num_samples": 20}
-    with pytest.raises(DataError, match=r"20 samples, fewer than one global batch \(train.global_batch=32 = "
-                                        r"2 rank\(s\) x micro-batch 8 x accumulation 2\)"):
+    with pytest.raises(
+        DataError,
+        match=r"20 samples, fewer than one global batch \(train.global_batch=32 = "
+        r"2 rank\(s\) x micro-batch 8 x accumulation 2\)",
+    ):
         check_fills_batch(meta, global_batch=32, ranks=2, micro_batch=8, workers=2)
     with pytest.raises(DataError, match="give no micro-batch of 16 per rank.*8 samples"):
         check_fills_batch({**meta, "num_samples": 16}, global_batch=16, ranks=1, micro_batch=16, workers=2)
-    check_fills_batch({**meta, "format": "mds", "num_samples": 16}, global_batch=16, ranks=1, micro_batch=16,
-                      workers=2)
+    check_fills_batch({**meta, "format": "mds", "num_samples": 16}, global_batch=16, ranks=1, micro_batch=16, workers=2)
 
 
 def test_train_refuses_damaged_or_small_data_with_exit_2(pristine, tmp_path, capsys):
@@ -204,7 +230,7 @@ def test_train_refuses_damaged_or_small_data_with_exit_2(pristine, tmp_path, cap
     tiny = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "tiny_test.yaml")
     args = ["--config", tiny, f"data.root={root}", f"run_dir={tmp_path / 'run'}", "data.num_workers=0"]
     flip_byte(shard_files(root)[0])
-    assert main(args + ["--check"]) == 0                       # sizes agree: only the hashes see it
+    assert main(args + ["--check"]) == 0  # sizes agree: only the hashes see it
     assert main(args + ["--check", "--deep"]) == 2
     assert f"{shard_files(root)[0]}: sha1" in capsys.readouterr().err
     assert main(args + ["train.global_batch=48", "--check"]) == 2
@@ -216,6 +242,7 @@ def test_train_refuses_damaged_or_small_data_with_exit_2(pristine, tmp_path, cap
 
 # --- a stop signal cuts a data wait short ------------------------------------------------------------------
 
+
 def test_stop_signal_interrupts_a_data_wait():
     from ditscale.engine.signals import StopRequest, StopWaiting
 
@@ -225,9 +252,9 @@ def test_stop_signal_interrupts_a_data_wait():
         with pytest.raises(StopWaiting, match="SIGTERM"):
             with stop.waiting():
                 os.kill(os.getpid(), signal.SIGTERM)
-                time.sleep(30)                       # a data wait that would never end
+                time.sleep(30)  # a data wait that would never end
         assert time.monotonic() - start < 5 and stop.received == signal.SIGTERM
-        with pytest.raises(StopWaiting):             # a signal that came before the wait
+        with pytest.raises(StopWaiting):  # a signal that came before the wait
             with stop.waiting():
                 pass
     finally:

@@ -2,6 +2,7 @@
 scale-out, crash and rerun, bad inputs, integrity checks. Reference values come from independent code
 paths: torchvision's transforms, the diffusers VAE called directly, streaming's and webdataset's own
 readers."""
+
 import json
 import multiprocessing
 import os
@@ -30,8 +31,10 @@ RES = 32
 @pytest.fixture(scope="module")
 def src(tmp_path_factory):
     root = tmp_path_factory.mktemp("src")
-    return {"images": write_image_folder(str(root / "images"), classes=3, per_class=4),
-            "vae": save_tiny_vae(str(root / "vae"))}
+    return {
+        "images": write_image_folder(str(root / "images"), classes=3, per_class=4),
+        "vae": save_tiny_vae(str(root / "vae")),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +44,15 @@ def vae_mds(src, tmp_path_factory):
 
 
 def encode(src, out, **kw):
-    kw = {"resolution": RES, "decode_workers": 0, "batch_size": 4, "progress": False, "worker": 0,
-          "num_workers": 1, **kw}
+    kw = {
+        "resolution": RES,
+        "decode_workers": 0,
+        "batch_size": 4,
+        "progress": False,
+        "worker": 0,
+        "num_workers": 1,
+        **kw,
+    }
     return run(EncodeConfig(input=kw.pop("input", src["images"]), out=str(out), **kw))
 
 
@@ -53,8 +63,9 @@ def read_records(root):
     if meta["format"] == "mds":
         from streaming import StreamingDataset
 
-        ds = StreamingDataset(remote=root, local=f"{root}.cache-{len(os.listdir(os.path.dirname(root)))}",
-                              shuffle=False, batch_size=1)
+        ds = StreamingDataset(
+            remote=root, local=f"{root}.cache-{len(os.listdir(os.path.dirname(root)))}", shuffle=False, batch_size=1
+        )
         for r in ds:
             assert r["key"] not in out, f"duplicate {r['key']}"
             out[r["key"]] = (r["mean"], r["logvar"], r["label"])
@@ -73,6 +84,7 @@ def read_records(root):
 
 # --- center crop -------------------------------------------------------------------------------------
 
+
 def test_center_crop_matches_adm_steps():
     """600×400 → 32: halve (BOX) to 300×200, 150×100, 75×50 (50 < 64 stops), BICUBIC to 48×32, crop x 8:40."""
     import skimage.data
@@ -81,13 +93,15 @@ def test_center_crop_matches_adm_steps():
     ref = img.resize((300, 200), Image.BOX).resize((150, 100), Image.BOX).resize((75, 50), Image.BOX)
     ref = np.asarray(ref.resize((48, 32), Image.BICUBIC))[:, 8:40]
     np.testing.assert_array_equal(images.center_crop_arr(img, 32), ref)
-    tall = img.transpose(Image.Transpose.TRANSPOSE)                       # 400×600: crop rows 8:40
+    tall = img.transpose(Image.Transpose.TRANSPOSE)  # 400×600: crop rows 8:40
     ref = tall.resize((200, 300), Image.BOX).resize((100, 150), Image.BOX).resize((50, 75), Image.BOX)
-    np.testing.assert_array_equal(images.center_crop_arr(tall, 32),
-                                  np.asarray(ref.resize((32, 48), Image.BICUBIC))[8:40])
+    np.testing.assert_array_equal(
+        images.center_crop_arr(tall, 32), np.asarray(ref.resize((32, 48), Image.BICUBIC))[8:40]
+    )
     exact = Image.fromarray(np.arange(64 * 64 * 3, dtype=np.uint8).reshape(64, 64, 3) % 251)
-    np.testing.assert_array_equal(images.center_crop_arr(exact, 32),
-                                  np.asarray(exact.resize((32, 32), Image.BOX)))   # one halving, no resize
+    np.testing.assert_array_equal(
+        images.center_crop_arr(exact, 32), np.asarray(exact.resize((32, 32), Image.BOX))
+    )  # one halving, no resize
 
 
 def test_folder_labels_follow_sorted_class_names(tmp_path):
@@ -101,6 +115,7 @@ def test_folder_labels_follow_sorted_class_names(tmp_path):
 
 
 # --- round trips -------------------------------------------------------------------------------------
+
 
 def test_vae_round_trip_equals_direct_encoding(src, vae_mds):
     """Stored posteriors equal the VAE applied to DiT's transform of each image and of its mirror."""
@@ -117,7 +132,7 @@ def test_vae_round_trip_equals_direct_encoding(src, vae_mds):
             crop = Image.fromarray(images.center_crop_arr(im.convert("RGB"), RES))
         x = TF.normalize(TF.to_tensor(crop), [0.5] * 3, [0.5] * 3)
         with torch.no_grad():
-            dist = vae.encode(torch.stack([x, TF.hflip(x)])).latent_dist     # (2, 4, h, w): image, mirror
+            dist = vae.encode(torch.stack([x, TF.hflip(x)])).latent_dist  # (2, 4, h, w): image, mirror
         direct[rel] = (dist.mean, dist.logvar, label)
         mean, logvar, stored_label = records[rel]
         assert stored_label == label and classes[label] == rel.split("/")[0]
@@ -129,7 +144,7 @@ def test_vae_round_trip_equals_direct_encoding(src, vae_mds):
 
     ds = build_dataset(vae_mds, batch_size=4, seed=3, local=os.path.join(os.path.dirname(vae_mds), "cache"))
     seen = set()
-    for item in ds:                                   # the trainer's view: one flip per (seed, epoch, index)
+    for item in ds:  # the trainer's view: one flip per (seed, epoch, index)
         rel = ds.record(item["index"])["key"]
         mean, logvar, label = direct[rel]
         flip = flip_of(3, 0, item["index"])
@@ -162,8 +177,14 @@ def test_webdataset_image_input(src, tmp_path):
     tars = write_image_tars(src["images"], str(tmp_path / "tars"), per_tar=5)
     assert len(tars) == 3
     (tmp_path / "names.txt").write_text("zero\none\ntwo\n")
-    root = make_dataset(str(tmp_path / "tars"), str(tmp_path / "out"), resolution=RES, vae=src["vae"],
-                        classes=str(tmp_path / "names.txt"), decode_workers=0)
+    root = make_dataset(
+        str(tmp_path / "tars"),
+        str(tmp_path / "out"),
+        resolution=RES,
+        vae=src["vae"],
+        classes=str(tmp_path / "names.txt"),
+        decode_workers=0,
+    )
     from_tars = read_records(root)
     meta = json.load(open(os.path.join(root, "dataset.json")))
     assert meta["classes"] == ["zero", "one", "two"] and meta["num_samples"] == 12
@@ -175,11 +196,12 @@ def test_webdataset_image_input(src, tmp_path):
 
 # --- scale-out, crash and rerun ----------------------------------------------------------------------
 
+
 def test_two_workers_and_merge_equal_one_worker(src, vae_mds, tmp_path):
     out = tmp_path / "two"
     encode(src, out, vae=src["vae"], worker=1, num_workers=2)
     with pytest.raises(DataPrepError, match="slice-00000-of-00002"):
-        merge(str(out))                                       # worker 0 has not run yet
+        merge(str(out))  # worker 0 has not run yet
     encode(src, out, vae=src["vae"], worker=0, num_workers=2)
     merge(str(out))
     two, one = read_records(str(out)), read_records(vae_mds)
@@ -211,14 +233,14 @@ def test_killed_worker_rerun_redoes_only_unfinished_slices(src, vae_mds, tmp_pat
     with pytest.raises(DataPrepError, match="not complete"):
         merge(str(out))
 
-    summaries = encode(src, out, num_slices=3)          # pixel mode here: quick
+    summaries = encode(src, out, num_slices=3)  # pixel mode here: quick
     assert [s["slice"] for s in summaries] == ["slice-00001-of-00003", "slice-00002-of-00003"]
     assert {p.name: p.stat().st_mtime_ns for p in done.iterdir()} == before
     assert sorted(os.listdir(out)) == [f"slice-0000{k}-of-00003" for k in range(3)]
     merge(str(out))
     records = read_records(str(out))
     assert sorted(records) == sorted(read_records(vae_mds))
-    assert encode(src, out, num_slices=3) == []          # all complete: nothing to do
+    assert encode(src, out, num_slices=3) == []  # all complete: nothing to do
 
 
 def test_rerun_with_changed_input_is_refused(src, tmp_path):
@@ -237,13 +259,14 @@ def test_staging_then_upload(src, tmp_path):
     out, staging = tmp_path / "shared", tmp_path / "node-local"
     for fmt in ("mds", "wds"):
         encode(src, out / fmt, format=fmt, staging=str(staging), num_slices=2)
-        assert not any(staging.iterdir())      # staging emptied after upload
+        assert not any(staging.iterdir())  # staging emptied after upload
         merge(str(out / fmt))
         assert verify(str(out / fmt)).ok
         assert len(read_records(str(out / fmt))) == 12
 
 
 # --- bad inputs ----------------------------------------------------------------------------------------
+
 
 def _bad_folder(src, tmp_path):
     root = tmp_path / "bad"
@@ -262,8 +285,7 @@ def test_bad_inputs_are_skipped_and_listed(src, tmp_path):
     make_dataset(str(root), str(out), resolution=RES, decode_workers=0, max_bad_fraction=0.5)
     report = json.load(open(out / "report.json"))
     skipped = {e["path"]: e["reason"] for e in report["skipped_inputs"]}
-    assert set(skipped) == {"class_0/truncated.jpg", "class_1/random.jpg", "class_2/notes.txt",
-                            "class_2/empty.png"}
+    assert set(skipped) == {"class_0/truncated.jpg", "class_1/random.jpg", "class_2/notes.txt", "class_2/empty.png"}
     assert "truncated" in skipped["class_0/truncated.jpg"]
     assert report["inputs"] == 16 and report["skipped"] == 4
     assert sorted(read_records(str(out))) == sorted(rel for rel, _ in images.list_image_folder(src["images"])[0])
@@ -273,18 +295,30 @@ def test_too_many_bad_inputs_fail(src, tmp_path):
     root = _bad_folder(src, tmp_path)
     with pytest.raises(TooManyBadInputs, match="truncated.jpg"):
         encode(src, tmp_path / "out", input=str(root))
-    assert not (tmp_path / "out" / "slice-00000-of-00001").exists()        # never published
+    assert not (tmp_path / "out" / "slice-00000-of-00001").exists()  # never published
     listed = json.load(open(tmp_path / "out" / "slice-00000-of-00001.partial" / "report.json"))
     assert listed["skipped"] >= 1
-    code = cli(["encode", "--input", str(root), "--out", str(tmp_path / "cli"), "--resolution", "32",
-                "--decode-workers", "0", "--no-progress"])
+    code = cli(
+        [
+            "encode",
+            "--input",
+            str(root),
+            "--out",
+            str(tmp_path / "cli"),
+            "--resolution",
+            "32",
+            "--decode-workers",
+            "0",
+            "--no-progress",
+        ]
+    )
     assert code == 2
 
 
 def test_broken_tar_input_is_reported(src, tmp_path):
     tars = write_image_tars(src["images"], str(tmp_path / "tars"), per_tar=6)
     data = open(tars[1], "rb").read()
-    open(tars[1], "wb").write(data[: len(data) // 2])        # second tar breaks off mid-way
+    open(tars[1], "wb").write(data[: len(data) // 2])  # second tar breaks off mid-way
     out = tmp_path / "out"
     make_dataset(str(tmp_path / "tars"), str(out), resolution=RES, decode_workers=2, max_bad_fraction=0.5)
     report = json.load(open(out / "report.json"))
@@ -293,6 +327,7 @@ def test_broken_tar_input_is_reported(src, tmp_path):
 
 
 # --- the VAE argument --------------------------------------------------------------------------------
+
 
 def test_vae_path_errors_come_before_any_work(src, tmp_path):
     out = tmp_path / "out"
@@ -315,12 +350,13 @@ def test_vae_path_errors_come_before_any_work(src, tmp_path):
 def test_measured_scale_factor_whitens_sampled_latents(src, tmp_path):
     from ditscale.data.posterior import sample_latents
 
-    root = make_dataset(src["images"], str(tmp_path / "m"), resolution=RES, vae=src["vae"],
-                        scale_factor="measure", decode_workers=0)
+    root = make_dataset(
+        src["images"], str(tmp_path / "m"), resolution=RES, vae=src["vae"], scale_factor="measure", decode_workers=0
+    )
     scale = json.load(open(os.path.join(root, "dataset.json")))["scale_factor"]
     assert isinstance(scale, list) and len(scale) == 4
     recs = read_records(root).values()
-    mean = torch.from_numpy(np.concatenate([r[0] for r in recs]))        # (2N, 4, h, w)
+    mean = torch.from_numpy(np.concatenate([r[0] for r in recs]))  # (2N, 4, h, w)
     logvar = torch.from_numpy(np.concatenate([r[1] for r in recs]))
     gen = torch.Generator().manual_seed(0)
     z = torch.cat([sample_latents(mean, logvar, scale, gen) for _ in range(20)])
@@ -328,6 +364,7 @@ def test_measured_scale_factor_whitens_sampled_latents(src, tmp_path):
 
 
 # --- verify ----------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("fmt", ["mds", "wds"])
 def test_verify_names_the_shard_with_a_flipped_byte(src, tmp_path, fmt):
@@ -348,6 +385,7 @@ def test_verify_names_the_shard_with_a_flipped_byte(src, tmp_path, fmt):
 
 
 # --- slicing -------------------------------------------------------------------------------------------
+
 
 @settings(max_examples=80, deadline=None)
 @given(total=st.integers(0, 500), num_slices=st.integers(1, 40), num_workers=st.integers(1, 12))
@@ -370,8 +408,12 @@ def test_worker_place_from_flags_torchrun_and_slurm():
     assert resolve_worker(env={"RANK": "3", "WORLD_SIZE": "8", "SLURM_ARRAY_TASK_ID": "1"})[:2] == (3, 8)
     array = {"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_MIN": "5", "SLURM_ARRAY_TASK_COUNT": "4"}
     assert resolve_worker(env=array)[:2] == (2, 4)
-    stepped = {"SLURM_ARRAY_TASK_ID": "4", "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_STEP": "2",
-               "SLURM_ARRAY_TASK_COUNT": "3"}
+    stepped = {
+        "SLURM_ARRAY_TASK_ID": "4",
+        "SLURM_ARRAY_TASK_MIN": "0",
+        "SLURM_ARRAY_TASK_STEP": "2",
+        "SLURM_ARRAY_TASK_COUNT": "3",
+    }
     assert resolve_worker(env=stepped)[:2] == (2, 3)
     assert resolve_worker(env={"SLURM_PROCID": "5", "SLURM_NTASKS": "6", "SLURM_STEP_ID": "0"})[:2] == (5, 6)
     assert resolve_worker(env={"SLURM_PROCID": "0", "SLURM_NTASKS": "6", "SLURM_JOB_ID": "1"})[:2] == (0, 1)
@@ -388,16 +430,53 @@ def test_command_line_worker_of_a_slurm_array(src, tmp_path):
     import subprocess
     import sys
 
-    env = {**os.environ, "SLURM_ARRAY_TASK_ID": "1", "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_COUNT": "2",
-           "PYTHONPATH": os.getcwd()}
+    env = {
+        **os.environ,
+        "SLURM_ARRAY_TASK_ID": "1",
+        "SLURM_ARRAY_TASK_MIN": "0",
+        "SLURM_ARRAY_TASK_COUNT": "2",
+        "PYTHONPATH": os.getcwd(),
+    }
     for name in ("RANK", "WORLD_SIZE"):
         env.pop(name, None)
-    cmd = [sys.executable, "-m", "data_prep", "encode", "--input", src["images"], "--out", str(tmp_path),
-           "--resolution", "16", "--decode-workers", "0", "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "data_prep",
+        "encode",
+        "--input",
+        src["images"],
+        "--out",
+        str(tmp_path),
+        "--resolution",
+        "16",
+        "--decode-workers",
+        "0",
+        "--no-progress",
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "SLURM array" in done.stderr and "slice-00001-of-00002: 6 images" in done.stderr
     assert sorted(os.listdir(tmp_path)) == ["slice-00001-of-00002"]
-    assert cli(["encode", "--input", src["images"], "--out", str(tmp_path), "--resolution", "16",
-                "--decode-workers", "0", "--no-progress", "--worker", "0", "--num-workers", "2"]) == 0
+    assert (
+        cli(
+            [
+                "encode",
+                "--input",
+                src["images"],
+                "--out",
+                str(tmp_path),
+                "--resolution",
+                "16",
+                "--decode-workers",
+                "0",
+                "--no-progress",
+                "--worker",
+                "0",
+                "--num-workers",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert cli(["merge", str(tmp_path)]) == 0 and cli(["verify", str(tmp_path)]) == 0

@@ -1,5 +1,6 @@
 """data_prep on what real image sets contain: EXIF orientation, 16-bit and float modes, tiny and extreme-aspect
 images (counted and listed in report.json, skipped past --min-side / --max-aspect)."""
+
 import io
 import json
 
@@ -17,7 +18,7 @@ RED, BLUE = (255, 0, 0), (0, 0, 255)
 def halves(width: int, height: int) -> Image.Image:
     """Left half red, right half blue."""
     arr = np.zeros((height, width, 3), np.uint8)
-    arr[:, : width // 2], arr[:, width // 2:] = RED, BLUE
+    arr[:, : width // 2], arr[:, width // 2 :] = RED, BLUE
     return Image.fromarray(arr)
 
 
@@ -31,7 +32,7 @@ def with_orientation(image: Image.Image, orientation: int) -> io.BytesIO:
 
 
 def test_exif_orientation_is_applied_unless_ignored():
-    source = with_orientation(halves(40, 20), 6)          # stored landscape, shown rotated 90° clockwise
+    source = with_orientation(halves(40, 20), 6)  # stored landscape, shown rotated 90° clockwise
     upright, _ = decode_image(source, 16, 3)
     assert (upright[:4] == RED).all() and (upright[-4:] == BLUE).all()
     source.seek(0)
@@ -39,8 +40,18 @@ def test_exif_orientation_is_applied_unless_ignored():
     assert (as_stored[:, :4] == RED).all() and (as_stored[:, -4:] == BLUE).all()
 
 
-@pytest.mark.parametrize("mode,value,expected", [("I;16", 32896, 128), ("I;16", 65535, 255), ("I", 1028, 4),
-                                                 ("F", 0.5, 128), ("1", 1, 255), ("P", 7, 7), ("CMYK", 0, 255)])
+@pytest.mark.parametrize(
+    "mode,value,expected",
+    [
+        ("I;16", 32896, 128),
+        ("I;16", 65535, 255),
+        ("I", 1028, 4),
+        ("F", 0.5, 128),
+        ("1", 1, 255),
+        ("P", 7, 7),
+        ("CMYK", 0, 255),
+    ],
+)
 def test_high_bit_depth_and_other_modes_convert_to_the_right_values(mode, value, expected):
     if mode == "P":
         image = Image.new("P", (12, 12), value)
@@ -63,8 +74,7 @@ def test_small_and_extreme_aspect_images_are_noted_or_skipped():
     checks = ImageChecks(32)
     assert checks.notes(64, 48) == []
     assert checks.notes(1, 1) == ["upscaled: 1x1, short side < resolution 32"]
-    assert checks.notes(2000, 3) == ["upscaled: 2000x3, short side < resolution 32",
-                                     "extreme aspect: 666.7 (2000x3)"]
+    assert checks.notes(2000, 3) == ["upscaled: 2000x3, short side < resolution 32", "extreme aspect: 666.7 (2000x3)"]
     with pytest.raises(ValueError, match="too small: 1x1, short side < --min-side 8"):
         ImageChecks(32, min_side=8).notes(1, 1)
     with pytest.raises(ValueError, match=r"extreme aspect ratio 666.7 \(2000x3\) > --max-aspect 4"):
@@ -86,16 +96,20 @@ def test_report_lists_and_summary_counts_them(tmp_path):
     report = json.loads((tmp_path / "ds" / "report.json").read_text())
     meta = json.loads((tmp_path / "ds" / "dataset.json").read_text())
     assert {(r["path"], r["note"].split(":")[0]) for r in report["noted_inputs"]} == {
-        ("a/dot.png", "upscaled"), ("a/strip.png", "upscaled"), ("a/strip.png", "extreme aspect")}
+        ("a/dot.png", "upscaled"),
+        ("a/strip.png", "upscaled"),
+        ("a/strip.png", "extreme aspect"),
+    }
     assert report["noted"] == {"upscaled": 2, "extreme_aspect": 1} and report["skipped"] == 0
     assert (meta["upscaled"], meta["extreme_aspect"], meta["num_samples"]) == (2, 1, 7)
     from ditscale.data import build_dataset
 
     records = build_dataset(root, batch_size=1, local=root)
     deep = next(records.record(i) for i in range(7) if records.record(i)["key"] == "a/deep.png")
-    assert np.allclose(deep["mean"][0].astype(np.float32), 128 / 255 * 2 - 1, atol=1e-2)   # not white
+    assert np.allclose(deep["mean"][0].astype(np.float32), 128 / 255 * 2 - 1, atol=1e-2)  # not white
     with pytest.raises(DataPrepError, match="2 of 7 inputs could not be used"):
-        make_dataset(str(tmp_path / "images"), str(tmp_path / "ds2"), resolution=16, decode_workers=0,
-                     min_side=4, max_aspect=10)
+        make_dataset(
+            str(tmp_path / "images"), str(tmp_path / "ds2"), resolution=16, decode_workers=0, min_side=4, max_aspect=10
+        )
     report = json.loads(next((tmp_path / "ds2").glob("*/report.json")).read_text())
     assert {r["path"] for r in report["skipped_inputs"]} == {"a/dot.png", "a/strip.png"}

@@ -1,5 +1,6 @@
 """ditscale.data: items equal the stored records with the flip the contract names, both formats agree,
 resume is exact, posterior sampling is right, and the epoch plans of the webdataset reader hold."""
+
 import itertools
 import json
 import os
@@ -35,8 +36,11 @@ _caches = itertools.count()
 
 def dataset(root, tmp_path, **kw):
     kw.setdefault("batch_size", BATCH)
-    return build_dataset(root, local=str(tmp_path / f"cache{next(_caches)}"), **kw) \
-        if read_metadata(root)["format"] == "mds" else build_dataset(root, **kw)
+    return (
+        build_dataset(root, local=str(tmp_path / f"cache{next(_caches)}"), **kw)
+        if read_metadata(root)["format"] == "mds"
+        else build_dataset(root, **kw)
+    )
 
 
 def batches(loader, limit=None):
@@ -56,6 +60,7 @@ def assert_same_batches(a, b):
 
 
 # --- flips and posterior sampling -----------------------------------------------------------------
+
 
 def test_flip_is_a_balanced_pure_function():
     flips = np.array([flip_of(3, 0, i) for i in range(4000)])
@@ -87,6 +92,7 @@ def test_sample_latents_formula_and_statistics():
 
 # --- reading -----------------------------------------------------------------------------------------
 
+
 def test_mds_items_are_the_stored_records_with_the_contract_flip(roots, tmp_path):
     ds = dataset(roots["mds"], tmp_path, shuffle=False, seed=5)
     items = list(ds)
@@ -103,7 +109,7 @@ def test_mds_items_are_the_stored_records_with_the_contract_flip(roots, tmp_path
         assert it["label"] == rec["label"] == meta["classes"].index(rec["key"].split("/")[0])
     assert flips == {0, 1}
     guarded = dataset(roots["mds"], tmp_path, shuffle=False, seed=5, cache_limit="10mb")
-    for a, b in zip(items, guarded):             # streaming's evicting path gives the same items
+    for a, b in zip(items, guarded):  # streaming's evicting path gives the same items
         assert torch.equal(a["mean"], b["mean"]) and a["index"] == b["index"]
 
 
@@ -120,8 +126,9 @@ def test_hflip_off_always_gives_the_stored_image(roots, tmp_path, fmt):
 
 
 def test_both_formats_give_the_same_items(roots, tmp_path):
-    for epoch_items in zip(*(itertools.islice(_epochs(dataset(roots[f], tmp_path, seed=2)), 2)
-                             for f in ("mds", "wds"))):
+    for epoch_items in zip(
+        *(itertools.islice(_epochs(dataset(roots[f], tmp_path, seed=2)), 2) for f in ("mds", "wds"))
+    ):
         mds, wds = ({it["index"]: it for it in items} for items in epoch_items)
         assert sorted(mds) == sorted(wds) == list(range(30))
         for i in mds:
@@ -138,21 +145,24 @@ def test_shuffle_changes_order_and_flips_between_epochs(roots, tmp_path):
         e0, e1 = itertools.islice(_epochs(dataset(roots[fmt], tmp_path, seed=0)), 2)
         assert [i["index"] for i in e0] != [i["index"] for i in e1]
         m0 = {i["index"]: i["mean"] for i in e0}
-        assert any(not torch.equal(m0[i["index"]], i["mean"]) for i in e1)   # other flips
+        assert any(not torch.equal(m0[i["index"]], i["mean"]) for i in e1)  # other flips
 
 
-@pytest.mark.parametrize("fmt,workers,head", [("mds", 0, 3), ("mds", 2, 3), ("wds", 0, 3), ("wds", 2, 3),
-                                              ("wds", 2, 7)])
+@pytest.mark.parametrize(
+    "fmt,workers,head", [("mds", 0, 3), ("mds", 2, 3), ("wds", 0, 3), ("wds", 2, 3), ("wds", 2, 7)]
+)
 def test_resume_mid_epoch_continues_exactly(roots, tmp_path, fmt, workers, head):
     """Save the loader state after `head` batches of epoch 1, resume in a fresh dataset and loader:
     the batches that follow equal the uninterrupted run's (7: one worker's batches are used up)."""
+
     def loader():
-        return build_dataloader(dataset(roots[fmt], tmp_path, seed=1), batch_size=BATCH,
-                                num_workers=workers, drop_last=False)
+        return build_dataloader(
+            dataset(roots[fmt], tmp_path, seed=1), batch_size=BATCH, num_workers=workers, drop_last=False
+        )
 
     full = loader()
     batches(full)
-    reference = batches(full)                                  # epoch 1
+    reference = batches(full)  # epoch 1
     first = loader()
     batches(first)
     done = batches(first, limit=head)
@@ -184,16 +194,31 @@ def test_metadata_errors_are_clear(roots, tmp_path):
 
 # --- the webdataset reader's epoch plan --------------------------------------------------------------
 
+
 @settings(max_examples=60, deadline=None)
-@given(counts=st.lists(st.integers(1, 40), min_size=1, max_size=12), ranks=st.integers(1, 5),
-       workers=st.integers(1, 4), seed=st.integers(0, 99), epoch=st.integers(0, 5), shuffle=st.booleans())
+@given(
+    counts=st.lists(st.integers(1, 40), min_size=1, max_size=12),
+    ranks=st.integers(1, 5),
+    workers=st.integers(1, 4),
+    seed=st.integers(0, 99),
+    epoch=st.integers(0, 5),
+    shuffle=st.booleans(),
+)
 def test_plan_epoch_splits_ranks_equally_and_disjointly(counts, ranks, workers, seed, epoch, shuffle):
     seen, per_rank = [], []
     for rank in range(ranks):
         n = 0
         for w in range(workers):
-            for shard, start, stop in plan_epoch(counts, seed=seed, epoch=epoch, shuffle=shuffle,
-                                                 num_ranks=ranks, rank=rank, num_workers=workers, worker=w):
+            for shard, start, stop in plan_epoch(
+                counts,
+                seed=seed,
+                epoch=epoch,
+                shuffle=shuffle,
+                num_ranks=ranks,
+                rank=rank,
+                num_workers=workers,
+                worker=w,
+            ):
                 assert 0 <= start < stop <= counts[shard]
                 seen += [(shard, p) for p in range(start, stop)]
                 n += stop - start
@@ -225,6 +250,7 @@ def test_consumed_per_worker_matches_torch_dataloader(counts, batch, drop_last):
 
 # --- the tar reader ----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("fmt", ["PAX_FORMAT", "GNU_FORMAT", "USTAR_FORMAT"])
 def test_tar_members_agree_with_tarfile(tmp_path, fmt):
     import io
@@ -233,11 +259,14 @@ def test_tar_members_agree_with_tarfile(tmp_path, fmt):
     from ditscale.data.tario import tar_members, tar_samples
 
     long_dir = "d" * 120 if fmt != "USTAR_FORMAT" else "d" * 60
-    files = [(f"{long_dir}/k{i}%2Ejpg.{ext}", os.urandom(int(n))) for i, n in enumerate([0, 1, 511, 512, 513, 5000])
-             for ext in ("mean.npy", "cls")]
+    files = [
+        (f"{long_dir}/k{i}%2Ejpg.{ext}", os.urandom(int(n)))
+        for i, n in enumerate([0, 1, 511, 512, 513, 5000])
+        for ext in ("mean.npy", "cls")
+    ]
     path = tmp_path / "x.tar"
     with tarfile.open(path, "w", format=getattr(tarfile, fmt)) as tar:
-        tar.addfile(tarfile.TarInfo("adir"))                    # not a file: skipped
+        tar.addfile(tarfile.TarInfo("adir"))  # not a file: skipped
         for name, data in files:
             info = tarfile.TarInfo(name)
             info.size = len(data)
@@ -249,8 +278,8 @@ def test_tar_members_agree_with_tarfile(tmp_path, fmt):
     assert [k for k, _ in samples] == [f"{long_dir}/k{i}%2Ejpg" for i in range(6)]
     data = path.read_bytes()
     with pytest.raises(EOFError, match="truncated"):
-        list(tar_members(io.BytesIO(data[:2048 + 300])))
+        list(tar_members(io.BytesIO(data[: 2048 + 300])))
     corrupt = bytearray(data)
-    corrupt[10] ^= 0xFF                                          # the name field of the first header
+    corrupt[10] ^= 0xFF  # the name field of the first header
     with pytest.raises(ValueError, match="checksum mismatch at byte 0"):
         list(tar_members(io.BytesIO(bytes(corrupt))))

@@ -1,4 +1,5 @@
 """Streaming shared memory of a killed job is released on the next start; a live job's is left alone."""
+
 from __future__ import annotations
 
 import os
@@ -28,8 +29,14 @@ def start_reader(root: str, cache: Path, tmp: Path) -> tuple[subprocess.Popen, s
     """A process reading the dataset through `cache`, with its own TMPDIR (streaming's file locks)."""
     tmp.mkdir()
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp)}
-    proc = subprocess.Popen([sys.executable, "-c", READER, root, str(cache)], stdout=subprocess.PIPE, text=True,
-                            env=env, cwd=REPO, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", READER, root, str(cache)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=REPO,
+        start_new_session=True,
+    )
     line = proc.stdout.readline()
     assert line.strip().isdigit(), f"reader did not start (exit {proc.poll()})"
     return proc, f"{int(line):06d}"
@@ -48,7 +55,7 @@ def test_a_killed_readers_shm_is_released_and_its_cache_dir_works_again(tmp_path
     live, live_prefix = start_reader(root, tmp_path / "cache_live", tmp_path / "tmp_live")
     dead, dead_prefix = start_reader(root, tmp_path / "cache_dead", tmp_path / "tmp_dead")
     try:
-        os.killpg(dead.pid, signal.SIGKILL)   # the whole job, resource tracker included: nothing cleans up
+        os.killpg(dead.pid, signal.SIGKILL)  # the whole job, resource tracker included: nothing cleans up
         dead.wait()
         shutil.rmtree(tmp_path / "tmp_dead")  # SLURM removes a job's TMPDIR; /dev/shm stays
         dead_names = segments(dead_prefix)
@@ -65,4 +72,4 @@ def test_a_killed_readers_shm_is_released_and_its_cache_dir_works_again(tmp_path
     finally:
         os.killpg(live.pid, signal.SIGKILL)
         live.wait()
-    assert live_prefix in {n.split("_")[0] for n in release_stale_loader_shm()}   # now dead: released too
+    assert live_prefix in {n.split("_")[0] for n in release_stale_loader_shm()}  # now dead: released too

@@ -1,4 +1,5 @@
 """Cross-check against an independent implementation: diffusers' DDPM and DDIM schedulers."""
+
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
@@ -32,8 +33,12 @@ def test_ddpm_learned_range_loop_matches_diffusers():
     ours = create_diffusion(spec).p_sample_loop(model, shape, generator=torch.Generator().manual_seed(0))
 
     scheduler = DDPMScheduler(
-        num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=2e-2,
-        variance_type="learned_range", clip_sample=False,
+        num_train_timesteps=1000,
+        beta_schedule="linear",
+        beta_start=1e-4,
+        beta_end=2e-2,
+        variance_type="learned_range",
+        clip_sample=False,
     )
     scheduler.set_timesteps(timesteps=sorted(space_timesteps(1000, spec), reverse=True))
     g = torch.Generator().manual_seed(0)
@@ -51,8 +56,13 @@ def test_ddim_loop_matches_diffusers(eta):
         model, shape, eta=eta, generator=torch.Generator().manual_seed(1)
     )
     scheduler = DDIMScheduler(
-        num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=2e-2,
-        clip_sample=False, set_alpha_to_one=True, timestep_spacing="leading",
+        num_train_timesteps=1000,
+        beta_schedule="linear",
+        beta_start=1e-4,
+        beta_end=2e-2,
+        clip_sample=False,
+        set_alpha_to_one=True,
+        timestep_spacing="leading",
     )
     scheduler.set_timesteps(50)
     assert scheduler.timesteps.tolist() == sorted(space_timesteps(1000, "ddim50"), reverse=True)

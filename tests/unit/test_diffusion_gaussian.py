@@ -1,4 +1,5 @@
 """Gaussian diffusion against closed forms: q(x_t | x₀), the posterior, learned Σ, and the hybrid loss."""
+
 import math
 
 import pytest
@@ -167,7 +168,7 @@ def test_hybrid_loss_is_zero_for_the_true_eps_and_posterior_variance(diffusion):
 
 def test_vb_at_t0_is_the_decoder_nll_in_bits(diffusion):
     k = torch.randint(0, 256, (2, 3, 4, 4), generator=torch.Generator().manual_seed(0))
-    x0 = (k.double() / 127.5 - 1.0)  # 8-bit data
+    x0 = k.double() / 127.5 - 1.0  # 8-bit data
     tt = torch.zeros(2, dtype=torch.long)
     terms = diffusion.training_losses(oracle(diffusion, x0, 1.0), x0, tt)
     # the exact model's mean at t = 0 is x₀; its variance (v = 1) is β_0
@@ -212,8 +213,12 @@ def test_vb_trains_only_the_variance_and_mse_only_the_mean(diffusion):
 
 def test_bf16_model_output_gives_fp32_losses(diffusion):
     x0 = torch.randn(2, 2, 4, 4)
-    terms = diffusion.training_losses(lambda x, t, y: torch.zeros(2, 4, 4, 4, dtype=torch.bfloat16), x0,
-                                      torch.tensor([3, 900]), model_kwargs={"y": torch.tensor([0, 1])})
+    terms = diffusion.training_losses(
+        lambda x, t, y: torch.zeros(2, 4, 4, 4, dtype=torch.bfloat16),
+        x0,
+        torch.tensor([3, 900]),
+        model_kwargs={"y": torch.tensor([0, 1])},
+    )
     assert all(v.dtype == torch.float32 and v.shape == (2,) and torch.isfinite(v).all() for v in terms.values())
 
 

@@ -1,4 +1,5 @@
 """Classifier-free guidance around an unmodified model."""
+
 import pytest
 import torch
 

@@ -1,4 +1,5 @@
 """The bound's terms against direct computations: Gaussian KL and the discretised Gaussian likelihood."""
+
 import math
 
 import pytest

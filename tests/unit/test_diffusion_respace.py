@@ -1,4 +1,5 @@
 """Timestep respacing: which steps are kept, that ᾱ survives at them, and that the model sees them."""
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -82,8 +83,14 @@ def test_create_diffusion_defaults_are_the_papers():
 
 @pytest.mark.parametrize(
     "spec, match",
-    [("ddim999", "no integer stride"), ("ddimx", "ddimN"), ("ten", "comma-separated"),
-     ("600,600", "cannot take 600"), ("0", "not all zero"), ("-3", "counts must be")],
+    [
+        ("ddim999", "no integer stride"),
+        ("ddimx", "ddimN"),
+        ("ten", "comma-separated"),
+        ("600,600", "cannot take 600"),
+        ("0", "not all zero"),
+        ("-3", "counts must be"),
+    ],
 )
 def test_bad_respacing_is_refused(spec, match):
     with pytest.raises(ValueError, match=match):

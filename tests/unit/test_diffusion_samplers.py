@@ -1,4 +1,5 @@
 """DDPM and DDIM sampling with models whose answers are known in closed form."""
+
 import pytest
 import torch
 
@@ -54,9 +55,13 @@ def test_ddpm_with_true_eps_ends_at_x0(spec):
 
 @pytest.mark.parametrize(
     "sampler, spec, kwargs",
-    [("ddpm", "", dict(learn_sigma=False)), ("ddpm", "", dict(learn_sigma=False, sigma_small=True)),
-     ("ddpm", "", dict(learn_sigma=True)), ("ddim", "", dict(learn_sigma=True)),
-     ("ddpm", "250", dict(learn_sigma=False))],
+    [
+        ("ddpm", "", dict(learn_sigma=False)),
+        ("ddpm", "", dict(learn_sigma=False, sigma_small=True)),
+        ("ddpm", "", dict(learn_sigma=True)),
+        ("ddim", "", dict(learn_sigma=True)),
+        ("ddpm", "250", dict(learn_sigma=False)),
+    ],
 )
 def test_samplers_reproduce_gaussian_data_with_the_exact_model(sampler, spec, kwargs):
     """x₀ ~ N(0.5, 0.2²): with the exact ε, either sampler over 1000 steps (and DDPM over 250 respaced

@@ -1,4 +1,5 @@
 """Noise schedules against their definitions (DDPM linear, Improved DDPM cosine)."""
+
 import math
 
 import pytest

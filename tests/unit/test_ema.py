@@ -4,6 +4,7 @@ Layouts are built the way DeepSpeed cuts the fp32 master weights: ZeRO-3 splits 
 `world` equal padded pieces; ZeRO-1/2 concatenate all parameters into one flat buffer and give each
 rank a contiguous slice (a rank's slice may start and end inside parameters).
 """
+
 from __future__ import annotations
 
 import math
@@ -38,7 +39,7 @@ def flat_layout(params: dict[str, torch.Tensor], world: int) -> list[list[Shard]
         for r in range(world):
             lo, hi = max(offset, r * part), min(offset + p.numel(), (r + 1) * part)
             if hi > lo:
-                ranks[r].append(Shard(name, lo - offset, tuple(p.shape), p.reshape(-1)[lo - offset:hi - offset]))
+                ranks[r].append(Shard(name, lo - offset, tuple(p.shape), p.reshape(-1)[lo - offset : hi - offset]))
         offset += p.numel()
     return ranks
 
@@ -62,11 +63,11 @@ def test_update_is_the_ema_of_the_master_weights():
     expected = {k: v.clone() for k, v in master.items()}
     for _ in range(3):
         for v in master.values():
-            v.add_(torch.randn_like(v))                       # the optimizer moves the master in place
+            v.add_(torch.randn_like(v))  # the optimizer moves the master in place
         ema.update()
         expected = {k: 0.75 * expected[k] + 0.25 * master[k] for k in master}
     for s, e in zip(ema.shards, ema.ema):
-        torch.testing.assert_close(e, expected[s.name].reshape(-1)[s.start:s.start + s.numel], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(e, expected[s.name].reshape(-1)[s.start : s.start + s.numel], rtol=1e-6, atol=1e-6)
     assert all(e.dtype == torch.float32 for e in ema.ema)
 
 
@@ -97,8 +98,13 @@ shapes = st.lists(st.lists(st.integers(1, 7), min_size=1, max_size=3), min_size=
 
 
 @settings(max_examples=40, deadline=None)
-@given(shapes=shapes, src=st.sampled_from(sorted(LAYOUTS)), dst=st.sampled_from(sorted(LAYOUTS)),
-       w_src=st.integers(1, 5), w_dst=st.integers(1, 5))
+@given(
+    shapes=shapes,
+    src=st.sampled_from(sorted(LAYOUTS)),
+    dst=st.sampled_from(sorted(LAYOUTS)),
+    w_src=st.integers(1, 5),
+    w_dst=st.integers(1, 5),
+)
 def test_reshard_to_any_layout_and_assemble(shapes, src, dst, w_src, w_dst):
     params = {f"p{i}": torch.randn(*s) for i, s in enumerate(shapes)}
     with tempfile.TemporaryDirectory() as tmp:
@@ -110,7 +116,7 @@ def test_reshard_to_any_layout_and_assemble(shapes, src, dst, w_src, w_dst):
             ema = ShardedEMA(shards, 0.9)
             ema.load_resharded(files)
             for s, e in zip(ema.shards, ema.ema):
-                assert torch.equal(e, params[s.name].reshape(-1)[s.start:s.start + s.numel])
+                assert torch.equal(e, params[s.name].reshape(-1)[s.start : s.start + s.numel])
 
 
 def test_missing_rank_file_is_reported(tmp_path):

@@ -1,4 +1,5 @@
 """Training metrics (one process, no process group) and the in-training EMA sample grid."""
+
 from __future__ import annotations
 
 import json
@@ -22,10 +23,19 @@ def losses(*values):
 
 
 def test_interval_means_mfu_and_fingerprint(tmp_path):
-    m = Metrics(tmp_path, log_cfg(), rank=0, world_size=1, device=torch.device("cpu"), images_per_step=4,
-                flops_per_image=1e12, start_step=0, max_steps=10)
+    m = Metrics(
+        tmp_path,
+        log_cfg(),
+        rank=0,
+        world_size=1,
+        device=torch.device("cpu"),
+        images_per_step=4,
+        flops_per_image=1e12,
+        start_step=0,
+        max_steps=10,
+    )
     m.add_losses(losses(1.0, 3.0))
-    m.add_losses(losses(float("nan"), 5.0))                   # a non-finite sample is left out of the means
+    m.add_losses(losses(float("nan"), 5.0))  # a non-finite sample is left out of the means
     m.add_indices(torch.tensor([1, 2, 3, 4]))
     m.add_step(applied=True, grad_norm=torch.tensor(2.0), data_wait=0.0)
     m.add_step(applied=False, grad_norm=None, data_wait=0.0)
@@ -44,11 +54,20 @@ def test_interval_means_mfu_and_fingerprint(tmp_path):
 
 
 def test_only_the_losses_of_steps_deepspeed_applied_count_as_reaching_the_weights(tmp_path):
-    m = Metrics(tmp_path, log_cfg(), rank=0, world_size=1, device=torch.device("cpu"), images_per_step=2,
-                flops_per_image=1.0, start_step=0, max_steps=10)
+    m = Metrics(
+        tmp_path,
+        log_cfg(),
+        rank=0,
+        world_size=1,
+        device=torch.device("cpu"),
+        images_per_step=2,
+        flops_per_image=1.0,
+        start_step=0,
+        max_steps=10,
+    )
     watch = NonfiniteWatch(m.nonfinite, world_size=1)
     m.add_losses(losses(float("nan"), 1.0))
-    m.add_step(applied=False, grad_norm=None, data_wait=0.0)      # skipped (fp32 or bf16 alike): not counted
+    m.add_step(applied=False, grad_norm=None, data_wait=0.0)  # skipped (fp32 or bf16 alike): not counted
     assert watch.drain() == 0
     m.add_losses(losses(float("inf"), float("nan")))
     m.add_step(applied=True, grad_norm=torch.tensor(1.0), data_wait=0.0)
@@ -57,8 +76,17 @@ def test_only_the_losses_of_steps_deepspeed_applied_count_as_reaching_the_weight
 
 
 def test_an_interval_of_only_nonfinite_losses_logs_none(tmp_path, capsys):
-    m = Metrics(tmp_path, log_cfg(peak_tflops=None), rank=0, world_size=1, device=torch.device("cpu"),
-                images_per_step=2, flops_per_image=1.0, start_step=4, max_steps=10)
+    m = Metrics(
+        tmp_path,
+        log_cfg(peak_tflops=None),
+        rank=0,
+        world_size=1,
+        device=torch.device("cpu"),
+        images_per_step=2,
+        flops_per_image=1.0,
+        start_step=4,
+        max_steps=10,
+    )
     m.add_losses(losses(float("inf"), float("nan")))
     m.add_step(applied=False, grad_norm=None, data_wait=0.0)
     rec = m.log(5, lr=1e-4, images_seen=10)
@@ -79,11 +107,31 @@ def test_ema_feeds_the_sample_grid(tmp_path):
     from ditscale.models import DiT
     from ditscale.train import sample_grid
 
-    meta = {"format": "mds", "resolution": 8, "latent_channels": 1, "latent_size": 8, "scale_factor": 1.0,
-            "vae": "none", "classes": [f"c{i}" for i in range(3)], "num_samples": 3, "slices": []}
-    cfg = load_config(None, ["data.root=x", f"run_dir={tmp_path}", "model.depth=1", "model.hidden_size=32",
-                             "model.num_heads=2", "sample.every=1", "sample.classes=[0,2]", "sample.num_per_class=1",
-                             "sample.steps=2"])
+    meta = {
+        "format": "mds",
+        "resolution": 8,
+        "latent_channels": 1,
+        "latent_size": 8,
+        "scale_factor": 1.0,
+        "vae": "none",
+        "classes": [f"c{i}" for i in range(3)],
+        "num_samples": 3,
+        "slices": [],
+    }
+    cfg = load_config(
+        None,
+        [
+            "data.root=x",
+            f"run_dir={tmp_path}",
+            "model.depth=1",
+            "model.hidden_size=32",
+            "model.num_heads=2",
+            "sample.every=1",
+            "sample.classes=[0,2]",
+            "sample.num_per_class=1",
+            "sample.steps=2",
+        ],
+    )
     cfg = resolve_with_dataset(cfg, meta)
     model = DiT(**cfg.model.dit_kwargs())
     sample_grid(cfg, meta, ShardedEMA(module_shards(model), 0.9), step=7, device=torch.device("cpu"), tb=None)

@@ -1,5 +1,6 @@
 """FID during training, in one process: the evaluator samples the EMA chunk by chunk, stops between
 rounds when asked, finishes only the missing chunks on the next call, and logs what it found and cost."""
+
 import json
 import os
 
@@ -12,7 +13,6 @@ from ditscale.engine.ema import ShardedEMA, module_shards
 from ditscale.evaluate.digits import real_digit_images, save_digits_net, train_digits_net
 from ditscale.evaluate.in_training import TrainingEval, check_inputs, ema_model
 from ditscale.models import DiT
-
 
 torch.set_num_threads(1)
 
@@ -38,13 +38,33 @@ class Events:
 
 def setup(tmp_path, files, **eval_overrides):
     weights, ref = files
-    cfg = config_from_dict({
-        "run_dir": str(tmp_path / "run"), "data": {"root": "unused"},
-        "model": {"preset": "DiT-S/2", "depth": 1, "hidden_size": 32, "num_heads": 2, "input_size": 8,
-                  "in_channels": 1, "num_classes": 10},
-        "train": {"max_steps": 30},
-        "eval": {"every": 10, "num_samples": 40, "batch_size": 8, "steps": 5, "network": "digits",
-                 "weights": str(weights), "ref": str(ref), "metrics": ["fid", "is", "pr"], **eval_overrides}})
+    cfg = config_from_dict(
+        {
+            "run_dir": str(tmp_path / "run"),
+            "data": {"root": "unused"},
+            "model": {
+                "preset": "DiT-S/2",
+                "depth": 1,
+                "hidden_size": 32,
+                "num_heads": 2,
+                "input_size": 8,
+                "in_channels": 1,
+                "num_classes": 10,
+            },
+            "train": {"max_steps": 30},
+            "eval": {
+                "every": 10,
+                "num_samples": 40,
+                "batch_size": 8,
+                "steps": 5,
+                "network": "digits",
+                "weights": str(weights),
+                "ref": str(ref),
+                "metrics": ["fid", "is", "pr"],
+                **eval_overrides,
+            },
+        }
+    )
     torch.manual_seed(0)
     ema = ShardedEMA(module_shards(DiT(**cfg.model.dit_kwargs())), 0.9)
     events, lines = Events(), []
@@ -62,13 +82,13 @@ def test_due_at_every_and_the_last_step(tmp_path, files):
 def test_stop_between_rounds_then_finish_only_the_missing_chunks(tmp_path, files):
     ev, ema, events, lines = setup(tmp_path, files)
     calls = []
-    assert ev.run(10, ema, lambda: calls.append(1) or len(calls) >= 2) is None      # stopped after 2 chunks
+    assert ev.run(10, ema, lambda: calls.append(1) or len(calls) >= 2) is None  # stopped after 2 chunks
     chunks = sorted((ev.step_dir(10) / "chunks").glob("*.npz"))
     assert len(chunks) == 2 and ev.pending(10) and not events.events
     before = {c: c.stat().st_mtime_ns for c in chunks}
 
     result = ev.run(10, ema, lambda: False)
-    assert all(c.stat().st_mtime_ns == t for c, t in before.items())               # not sampled again
+    assert all(c.stat().st_mtime_ns == t for c, t in before.items())  # not sampled again
     assert len(list((ev.step_dir(10) / "chunks").glob("*.npz"))) == 5 and not ev.pending(10)
 
     fresh, fresh_ema, *_ = setup(tmp_path / "fresh", files)

@@ -2,6 +2,7 @@
 evaluations/evaluator.py (IS over consecutive chunks of 5,000; precision / recall from 10,000-row blocks of
 squared distances computed in fp16 with an fp32 fallback), compared with ditscale's metrics; and the
 settings every result records."""
+
 import hashlib
 import json
 
@@ -23,7 +24,7 @@ def adm_inception_score(logits, split_size=5000):
     preds = e / e.sum(1, keepdims=True)
     scores = []
     for i in range(0, len(preds), split_size):
-        part = preds[i:i + split_size]
+        part = preds[i : i + split_size]
         kl = part * (np.log(part) - np.log(np.expand_dims(np.mean(part, 0), 0)))
         scores.append(np.exp(np.mean(np.sum(kl, 1))))
     return float(np.mean(scores))
@@ -49,19 +50,21 @@ def adm_precision_recall(ref, fake, k=3, block=10000):
     def radii(x):
         out = np.zeros(len(x), np.float32)
         for b in range(0, len(x), block):
-            row = np.concatenate([adm_block_distances(x[b:b + block], x[c:c + block])
-                                  for c in range(0, len(x), block)], 1)
-            out[b:b + block] = np.partition(row, np.arange(k + 1), axis=1)[:, k]
+            row = np.concatenate(
+                [adm_block_distances(x[b : b + block], x[c : c + block]) for c in range(0, len(x), block)], 1
+            )
+            out[b : b + block] = np.partition(row, np.arange(k + 1), axis=1)[:, k]
         return out
 
     r_ref, r_fake = radii(ref), radii(fake)
     ref_in, fake_in = np.zeros(len(ref), bool), np.zeros(len(fake), bool)
     for a in range(0, len(ref), block):
         for b in range(0, len(fake), block):
-            d = adm_block_distances(ref[a:a + block], fake[b:b + block])       # (ref, fake)
-            ref_in[a:a + block] |= (d <= r_fake[None, b:b + block]).any(1)
-            fake_in[b:b + block] |= (d <= r_ref[a:a + block, None]).any(0)
+            d = adm_block_distances(ref[a : a + block], fake[b : b + block])  # (ref, fake)
+            ref_in[a : a + block] |= (d <= r_fake[None, b : b + block]).any(1)
+            fake_in[b : b + block] |= (d <= r_ref[a : a + block, None]).any(0)
     return fake_in.mean(), ref_in.mean()
+
 
 # --------------------------------------------------------------------------- Inception Score
 
@@ -86,6 +89,7 @@ def test_equal_splits_differ_from_adm_below_50k_for_a_high_score_set():
     assert adm == pytest.approx(adm_inception_score(logits), rel=1e-9)
     assert adm > 900 and split10 < 700
 
+
 # --------------------------------------------------------------------------- precision / recall
 
 
@@ -99,7 +103,7 @@ def test_fp16_radii_are_adm_distances():
     ours = manifold_radii(torch.from_numpy(x), k=3, distances="fp16").numpy()
     d = adm_block_distances(x, x)
     theirs = np.partition(d, np.arange(4), axis=1)[:, 3]
-    assert np.mean(ours == theirs) > 0.99                          # fp32 accumulation order aside: equal
+    assert np.mean(ours == theirs) > 0.99  # fp32 accumulation order aside: equal
     np.testing.assert_allclose(ours, theirs, rtol=2e-3)
 
 
@@ -142,32 +146,61 @@ def test_settings_validate():
     assert MetricSettings(is_splits=10).record()["is_parts"] == "10 equal splits"
     assert MetricSettings().is_adm and not MetricSettings(pr_distances="fp32").is_adm
 
+
 # --------------------------------------------------------------------------- what the CLI records
 
 
 def test_cli_defaults_are_adm_and_every_setting_is_recorded(tmp_path):
     args = cli.build_parser().parse_args(["--samples", "s.npz", "--ref", "r.npz"])
-    assert (args.resize, args.is_chunk_size, args.is_equal_splits, args.pr_distances, args.pr_k) == \
-        ("tf1", 5000, None, "fp16", 3)
+    assert (args.resize, args.is_chunk_size, args.is_equal_splits, args.pr_distances, args.pr_k) == (
+        "tf1",
+        5000,
+        None,
+        "fp16",
+        3,
+    )
 
     rng = np.random.default_rng(9)
     images = rng.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8)
-    settings = {"cfg_scale": 1.5, "sampler": "ddpm", "steps": 250, "guide_channels": 3, "labels": "random",
-                "weights": "ema"}
+    settings = {
+        "cfg_scale": 1.5,
+        "sampler": "ddpm",
+        "steps": 250,
+        "guide_channels": 3,
+        "labels": "random",
+        "weights": "ema",
+    }
     prepare_dir(tmp_path / "s", settings, 16)
-    samples = run_chunks(tmp_path / "s", 40, 16, lambda idx: (images[idx.start:idx.stop], [i % 4 for i in idx]))
+    samples = run_chunks(tmp_path / "s", 40, 16, lambda idx: (images[idx.start : idx.stop], [i % 4 for i in idx]))
     meta = read_npz_meta(samples)
     assert {k: meta[k] for k in settings} == settings and (meta["per_class_min"], meta["per_class_max"]) == (10, 10)
     ref = tmp_path / "ref.npz"
     np.savez(ref, arr_0=rng.integers(0, 256, (50, 8, 8, 3), dtype=np.uint8))
     out = tmp_path / "m.json"
-    argv = ["--samples", str(samples), "--ref", str(ref), "--out", str(out), "--no-progress",
-            "--is-equal-splits", "4", "--pr-distances", "fp32"]
+    argv = [
+        "--samples",
+        str(samples),
+        "--ref",
+        str(ref),
+        "--out",
+        str(out),
+        "--no-progress",
+        "--is-equal-splits",
+        "4",
+        "--pr-distances",
+        "fp32",
+    ]
     assert cli.main(argv, net=TinyFeatureNet().eval()) == 0
     result = json.loads(out.read_text())
     recorded = result["settings"]
     assert recorded["reference_sha256"] == hashlib.sha256(ref.read_bytes()).hexdigest()
-    assert (recorded["num_samples"], recorded["is_splits"], recorded["is_chunk_size"], recorded["pr_distances"],
-            recorded["pr_k"], recorded["adm_defaults"]) == (40, 4, None, "fp32", 3, False)
+    assert (
+        recorded["num_samples"],
+        recorded["is_splits"],
+        recorded["is_chunk_size"],
+        recorded["pr_distances"],
+        recorded["pr_k"],
+        recorded["adm_defaults"],
+    ) == (40, 4, None, "fp32", 3, False)
     assert recorded["feature_network"] == "TinyFeatureNet" and recorded["inception_sha256"] is None
     assert result["sampling"]["cfg_scale"] == 1.5 and result["sampling"]["labels"] == "random"

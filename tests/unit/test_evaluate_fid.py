@@ -1,4 +1,5 @@
 """Fréchet distance: against a direct numpy/scipy computation, zero on itself, growing with noise."""
+
 import numpy as np
 import pytest
 from hypothesis import given, settings

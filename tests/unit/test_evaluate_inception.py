@@ -1,5 +1,6 @@
 """The FID Inception: same parameters and outputs as torchvision's Inception3 with pytorch-fid's changes,
 loaded from a file with weights_only, and clear errors for files that are not it."""
+
 import pickle
 
 import numpy as np
@@ -50,7 +51,10 @@ def weights_file(random_inception, tmp_path_factory):
 
 def test_output_contract(outputs):
     assert {k: tuple(v.shape) for k, v in outputs.items()} == {
-        "pool": (2, 2048), "spatial": (2, 17 * 17 * 7), "logits": (2, 1008)}
+        "pool": (2, 2048),
+        "spatial": (2, 17 * 17 * 7),
+        "logits": (2, 1008),
+    }
     assert all(torch.isfinite(v).all() for v in outputs.values())
 
 
@@ -59,7 +63,7 @@ def test_matches_torchvision_with_pytorch_fid_changes(random_inception, images, 
     do not count padding and whose last block max-pools; build it that way and compare every output."""
     with torch.device("meta"):
         tv = tvi.Inception3(num_classes=1008, aux_logits=False, init_weights=False).eval()
-    tv.load_state_dict(random_inception.state_dict(), assign=True)   # same names and shapes, strictly
+    tv.load_state_dict(random_inception.state_dict(), assign=True)  # same names and shapes, strictly
     in_last_block = {"on": False}
     tv.Mixed_7c.register_forward_pre_hook(lambda *_: in_last_block.update(on=True))
     tv.Mixed_7c.register_forward_hook(lambda *_: in_last_block.update(on=False))
@@ -78,7 +82,7 @@ def test_matches_torchvision_with_pytorch_fid_changes(random_inception, images, 
         tv.fc = nn.Identity()
         pool = tv(x)
     torch.testing.assert_close(outputs["pool"], pool, rtol=1e-4, atol=1e-5)
-    ref_spatial = spatial["x"][:, :7].permute(0, 2, 3, 1).reshape(2, -1)   # TF's (h, w, c) order
+    ref_spatial = spatial["x"][:, :7].permute(0, 2, 3, 1).reshape(2, -1)  # TF's (h, w, c) order
     torch.testing.assert_close(outputs["spatial"], ref_spatial, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(outputs["logits"], pool @ random_inception.fc.weight.T, rtol=1e-4, atol=1e-4)
 
@@ -134,7 +138,7 @@ def test_pickled_code_is_never_run(tmp_path, capsys):
 
 
 def test_tf1_resize_uses_asymmetric_source_coordinates():
-    x = torch.tensor([[[[0.0, 10.0]]]])                             # (1, 1, 1, 2)
+    x = torch.tensor([[[[0.0, 10.0]]]])  # (1, 1, 1, 2)
     out = resize_tf1(x, 4)
     torch.testing.assert_close(out[0, 0], torch.tensor([[0.0, 5.0, 10.0, 10.0]] * 4))
 
@@ -144,6 +148,6 @@ def test_tf1_input_path(random_inception, images):
     net = FIDInceptionV3(resize="tf1")
     x = net.preprocess(images)
     assert x.shape == (2, 3, 299, 299) and x.min() >= -1 and x.max() < 1
-    torch.testing.assert_close(x[..., 0, 0], images[..., 0, 0].float() / 128 - 1)   # corners are not moved
+    torch.testing.assert_close(x[..., 0, 0], images[..., 0, 0].float() / 128 - 1)  # corners are not moved
     with pytest.raises(ValueError, match="resize must be one of"):
         FIDInceptionV3(resize="lanczos")

@@ -1,4 +1,5 @@
 """Inception Score and k-NN precision / recall against their definitions and independent references."""
+
 import numpy as np
 import pytest
 import torch
@@ -18,7 +19,7 @@ def test_uniform_predictions_score_one():
 
 @pytest.mark.parametrize("classes", [2, 10, 37])
 def test_confident_balanced_predictions_score_number_of_classes(classes):
-    labels = np.tile(np.arange(classes), 10)                       # every split sees every class once
+    labels = np.tile(np.arange(classes), 10)  # every split sees every class once
     logits = np.full((len(labels), classes), -1e4)
     logits[np.arange(len(labels)), labels] = 0.0
     mean, std = inception_score(logits, splits=10)
@@ -42,19 +43,20 @@ def test_too_few_images_for_the_splits():
     with pytest.raises(ValueError, match="splits=10"):
         inception_score(np.zeros((5, 3)), splits=10)
 
+
 # --------------------------------------------------------------------------- precision / recall
 
 
 def test_radii_match_sklearn_knn():
     x = np.random.default_rng(1).normal(size=(300, 8)).astype(np.float32)
-    dist, _ = NearestNeighbors(n_neighbors=4).fit(x).kneighbors(x)   # column 0 is the point itself
-    for batch in (7, 64, 10000):                                     # blocked == unblocked
+    dist, _ = NearestNeighbors(n_neighbors=4).fit(x).kneighbors(x)  # column 0 is the point itself
+    for batch in (7, 64, 10000):  # blocked == unblocked
         radii = manifold_radii(torch.from_numpy(x), k=3, batch_size=batch, distances="fp32").numpy()
         np.testing.assert_allclose(np.sqrt(radii), dist[:, 3], rtol=1e-4)
 
 
 def brute_precision_recall(ref, fake, k=3):
-    d = lambda a, b: ((a[:, None] - b[None]) ** 2).sum(-1)          # noqa: E731
+    d = lambda a, b: ((a[:, None] - b[None]) ** 2).sum(-1)  # noqa: E731
     r_ref = np.sort(d(ref, ref), 1)[:, k]
     r_fake = np.sort(d(fake, fake), 1)[:, k]
     precision = (d(fake, ref) <= r_ref[None]).any(1).mean()
@@ -88,13 +90,14 @@ def test_matches_brute_force_with_blocks():
     got = precision_recall(ref, fake, batch_size=17, device="cpu", distances="fp32")
     assert got == pytest.approx(brute_precision_recall(ref, fake), abs=1e-12)
 
+
 # --------------------------------------------------------------------------- all together
 
 
 def test_compute_metrics_reports_what_it_cannot_compute():
     rng = np.random.default_rng(6)
     feats = {"pool": rng.normal(size=(50, 8)), "logits": rng.normal(size=(50, 5))}
-    ref = Reference(pool=feature_stats(rng.normal(size=(60, 8))))   # statistics only, no spatial
+    ref = Reference(pool=feature_stats(rng.normal(size=(60, 8))))  # statistics only, no spatial
     out = compute_metrics(feats, ref, device="cpu")
     assert out["fid"] > 0 and out["inception_score"] > 1 and out["num_samples"] == 50
     assert set(out["skipped"]) == {"sfid", "pr"} and "mu_s" in out["skipped"]["sfid"]

@@ -1,5 +1,6 @@
 """The whole evaluation: ADM .npz / image folder → feature network → statistics → metrics → JSON, with a
 tiny random feature network standing in for the Inception."""
+
 import json
 
 import numpy as np
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def digits():
     """Real digits as 32×32 RGB uint8 images (N, 32, 32, 3), each tinted a little differently."""
     data = load_digits()
-    gray = np.kron(data.images / 16.0, np.ones((4, 4)))                       # (N, 32, 32) in [0, 1]
+    gray = np.kron(data.images / 16.0, np.ones((4, 4)))  # (N, 32, 32) in [0, 1]
     tint = np.random.default_rng(0).uniform(0.6, 1.0, (len(gray), 1, 1, 3))
     return (gray[..., None] * tint * 255).round().astype(np.uint8), data.target
 
@@ -42,6 +43,7 @@ def run_cli(tmp_path, net, *args):
     out = tmp_path / "metrics.json"
     assert cli.main([*map(str, args), "--out", str(out), "--no-progress", "--workers", "0"], net=net) == 0
     return json.loads(out.read_text())
+
 
 # --------------------------------------------------------------------------- reading
 
@@ -76,6 +78,7 @@ def test_features_of_tensors_and_arrays_agree(net, digits):
     with pytest.raises(ValueError, match="uint8"):
         extract_features(net, [images.astype(np.float32)], progress=False)
 
+
 # --------------------------------------------------------------------------- end to end
 
 
@@ -102,7 +105,8 @@ def test_end_to_end_matches_direct_computation(tmp_path, net, digits):
     assert result["fid"] == pytest.approx(fid_from_features(fake["pool"], real["pool"]), rel=1e-4)
     assert result["sfid"] == pytest.approx(fid_from_features(fake["spatial"], real["spatial"]), rel=1e-4)
     assert (result["precision"], result["recall"]) == pytest.approx(
-        precision_recall(real["pool"], fake["pool"], device="cpu"), abs=0.01)
+        precision_recall(real["pool"], fake["pool"], device="cpu"), abs=0.01
+    )
     assert result["fid"] > 0 and 0 < result["precision"] <= 1
 
 
@@ -125,9 +129,9 @@ def test_folder_reference_and_saved_reference(tmp_path, net, digits):
     folder = tmp_path / "real" / "sub"
     folder.mkdir(parents=True)
     for i, im in enumerate(images):
-        pad = 8 if i % 3 == 0 else 0                                  # centre crop must remove the border
+        pad = 8 if i % 3 == 0 else 0  # centre crop must remove the border
         canvas = np.full((32, 32 + 2 * pad, 3), 255, np.uint8)
-        canvas[:, pad:pad + 32] = im
+        canvas[:, pad : pad + 32] = im
         Image.fromarray(canvas).save(folder / f"{i:04d}.png")
     samples = write_npz(tmp_path / "samples.npz", digits[0][200:320])
     from_npz = run_cli(tmp_path, net, "--samples", samples, "--ref", write_npz(tmp_path / "ref.npz", images))
@@ -144,7 +148,7 @@ def test_folder_crops_larger_images(tmp_path, net, digits):
     folder = tmp_path / "big"
     folder.mkdir()
     for i, im in enumerate(digits[0][:20]):
-        Image.fromarray(np.kron(im, np.ones((2, 3, 1), np.uint8))).save(folder / f"{i}.jpg")   # 64×96
+        Image.fromarray(np.kron(im, np.ones((2, 3, 1), np.uint8))).save(folder / f"{i}.jpg")  # 64×96
     ref = load_reference(folder, net, resolution=32, workers=0, progress=False)
     assert ref.num_images == 20 and ref.pool_features.shape == (20, 32)
 
@@ -155,14 +159,20 @@ def test_adm_reference_statistics_take_precedence(tmp_path, net, digits):
     images = digits[0]
     other = extract_features(net, [images[1000:1700]], progress=False)
     ref_path = tmp_path / "VIRTUAL_ref.npz"
-    np.savez(ref_path, arr_0=images[400:700], mu=other["pool"].mean(0), sigma=np.cov(other["pool"], rowvar=False),
-             mu_s=other["spatial"].mean(0), sigma_s=np.cov(other["spatial"], rowvar=False))
+    np.savez(
+        ref_path,
+        arr_0=images[400:700],
+        mu=other["pool"].mean(0),
+        sigma=np.cov(other["pool"], rowvar=False),
+        mu_s=other["spatial"].mean(0),
+        sigma_s=np.cov(other["spatial"], rowvar=False),
+    )
     samples = write_npz(tmp_path / "samples.npz", images[:300])
     result = run_cli(tmp_path, net, "--samples", samples, "--ref", ref_path)
     fake = extract_features(net, [images[:300]], progress=False)
     assert result["fid"] == pytest.approx(fid_from_features(fake["pool"], other["pool"]), rel=1e-4)
-    assert result["num_reference"] == 300                             # P/R from arr_0
-    ref = load_reference(ref_path, net, with_features=False, progress=False)   # stats only: arr_0 not read
+    assert result["num_reference"] == 300  # P/R from arr_0
+    ref = load_reference(ref_path, net, with_features=False, progress=False)  # stats only: arr_0 not read
     assert ref.pool_features is None
     assert frechet_distance(ref.pool, ref.pool) == pytest.approx(0, abs=1e-6)
 
@@ -171,8 +181,7 @@ def test_statistics_only_reference_skips_precision_recall(tmp_path, net, digits)
     feats = extract_features(net, [digits[0][:300]], progress=False)
     ref_path = tmp_path / "stats.npz"
     np.savez(ref_path, mu=feats["pool"].mean(0), sigma=np.cov(feats["pool"], rowvar=False))
-    result = run_cli(tmp_path, net, "--samples", write_npz(tmp_path / "s.npz", digits[0][300:500]),
-                     "--ref", ref_path)
+    result = run_cli(tmp_path, net, "--samples", write_npz(tmp_path / "s.npz", digits[0][300:500]), "--ref", ref_path)
     assert result["fid"] > 0 and set(result["skipped"]) == {"sfid", "pr"} and result["num_reference"] is None
 
 
@@ -186,8 +195,7 @@ def test_bad_input_exits_2_with_the_file_named(tmp_path, net, digits, capsys):
     np.save(tmp_path / "single.npy", np.zeros(3))
     assert cli.main(["--samples", str(samples), "--ref", str(tmp_path / "single.npy")], net=net) == 2
     assert "single.npy: expected an .npz archive" in capsys.readouterr().err
-    assert cli.main(["--samples", str(samples), "--ref", str(samples),
-                     "--inception", str(tmp_path / "none.pth")]) == 2
+    assert cli.main(["--samples", str(samples), "--ref", str(samples), "--inception", str(tmp_path / "none.pth")]) == 2
     assert "none.pth" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_:
         cli.main(["--samples", str(samples), "--ref", str(samples)])

@@ -2,6 +2,7 @@
 a device counter without waiting, and the loader → device prefetcher (its order and its resume position).
 The compiled trainer itself (inductor on CPU) is tests/slow/test_compiled_trainer.py; host syncs of the
 real loop are tests/unit/test_perf_properties.py."""
+
 from __future__ import annotations
 
 import pytest
@@ -22,6 +23,7 @@ CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 #################################################################################
 #                                  engine.compile                               #
 #################################################################################
+
 
 def resolved(compile: str, ds_config: str, device: torch.device) -> str:
     cfg = load_config(None, ["data.root=x", f"engine.compile={compile}", f"engine.ds_config={ds_config}"])
@@ -65,13 +67,14 @@ def test_async_nonfinite_check_turns_deepspeeds_overflow_check_off():
 #                                The non-finite watch                           #
 #################################################################################
 
+
 def test_poll_reports_each_steps_count_one_step_late_and_drain_resets():
     counter = torch.zeros((), dtype=torch.int64)
     watch = NonfiniteWatch(counter, world_size=1, every_step=True)
-    assert watch.poll() == 0                       # step 1: nothing read yet
-    counter += 2                                   # step 2 has two non-finite samples
-    assert watch.poll() == 0                       # step 2 reads step 1's count
-    assert watch.poll() == 2                       # step 3 reads step 2's
+    assert watch.poll() == 0  # step 1: nothing read yet
+    counter += 2  # step 2 has two non-finite samples
+    assert watch.poll() == 0  # step 2 reads step 1's count
+    assert watch.poll() == 2  # step 3 reads step 2's
     assert watch.drain() == 2 and int(counter) == 0
     assert watch.poll() == 0 and watch.poll() == 0
 
@@ -80,17 +83,18 @@ def test_check_blocks_before_saves_and_polls_otherwise():
     counter = torch.zeros((), dtype=torch.int64)
     polling = NonfiniteWatch(counter, world_size=1, every_step=True)
     counter += 1
-    assert polling.check(saving=False, logging=True) == 0        # async: a log does not wait
-    assert polling.check(saving=True, logging=False) == 1        # a save always does
+    assert polling.check(saving=False, logging=True) == 0  # async: a log does not wait
+    assert polling.check(saving=True, logging=False) == 1  # a save always does
     counter += 1
     at_logs = NonfiniteWatch(counter, world_size=1)
-    assert at_logs.check(saving=False, logging=False) == 0       # fp32 "step" mode: only at logs and saves
+    assert at_logs.check(saving=False, logging=False) == 0  # fp32 "step" mode: only at logs and saves
     assert at_logs.check(saving=False, logging=True) == 1
 
 
 #################################################################################
 #                                 The prefetcher                                #
 #################################################################################
+
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
@@ -119,7 +123,7 @@ def test_prefetcher_keeps_the_order_and_resumes_at_the_first_batch_not_handed_ou
     for taken in (1, 2, 3):
         ahead = DevicePrefetcher(loader(root, tmp_path, f"b{taken}"), CPU, ahead=True)
         assert indices(ahead, taken) == expected[:taken]
-        assert ahead.held is not None                            # the next batch is already taken
+        assert ahead.held is not None  # the next batch is already taken
         resumed = DevicePrefetcher(loader(root, tmp_path, f"c{taken}", ahead.state_dict()), CPU, ahead=True)
         assert indices(resumed, 7 - taken) == expected[taken:]
 

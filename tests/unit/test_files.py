@@ -1,4 +1,5 @@
 """ditscale.files.atomic_write: whole or absent, the umask's mode (not mkstemp's 0600), no leftovers."""
+
 import os
 import stat
 

@@ -1,4 +1,5 @@
 """Parameter and GFLOP counts against the paper's tables, torch's FLOP counter and real models."""
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -12,8 +13,20 @@ from ditscale.models.flops import dit_gflops, dit_params, main, preset_table, tr
 torch.set_num_threads(1)
 
 # Table 1 of Peebles & Xie (Gflops at 256×256).
-TABLE_1 = {"S/8": 0.36, "S/4": 1.41, "S/2": 6.06, "B/8": 1.42, "B/4": 5.56, "B/2": 23.01,
-           "L/8": 5.01, "L/4": 19.70, "L/2": 80.71, "XL/8": 7.39, "XL/4": 29.05, "XL/2": 118.64}
+TABLE_1 = {
+    "S/8": 0.36,
+    "S/4": 1.41,
+    "S/2": 6.06,
+    "B/8": 1.42,
+    "B/4": 5.56,
+    "B/2": 23.01,
+    "L/8": 5.01,
+    "L/4": 19.70,
+    "L/2": 80.71,
+    "XL/8": 7.39,
+    "XL/4": 29.05,
+    "XL/2": 118.64,
+}
 
 
 @pytest.mark.parametrize("name,paper", TABLE_1.items())
@@ -25,11 +38,12 @@ def test_xl2_at_512_and_parameters():
     assert dit_gflops("DiT-XL/2", image_size=512) == pytest.approx(524.60, rel=0.01)
     n = dit_params("DiT-XL/2")
     assert round(n / 1e6) == 675
-    assert n + 256 * 1152 == 675_129_632                                       # official count incl. frozen pos_embed
+    assert n + 256 * 1152 == 675_129_632  # official count incl. frozen pos_embed
 
 
-@pytest.mark.parametrize("block,paper", [("in_context", 119.4), ("cross_attention", 137.6), ("adaln", 118.6),
-                                         ("adaln_zero", 118.6)])
+@pytest.mark.parametrize(
+    "block,paper", [("in_context", 119.4), ("cross_attention", 137.6), ("adaln", 118.6), ("adaln_zero", 118.6)]
+)
 def test_gflops_of_figure_5_blocks(block, paper):
     assert dit_gflops({**DIT_PRESETS["DiT-XL/2"], "block": block}) == pytest.approx(paper, rel=0.01)
 
@@ -60,17 +74,39 @@ def test_counts_of_an_instantiated_model():
 
 
 @settings(max_examples=25, deadline=None)
-@given(block=st.sampled_from(list(BLOCKS)), qk_norm=st.sampled_from([None, "layernorm", "rmsnorm"]),
-       heads=st.integers(1, 4), head_dim=st.sampled_from([4, 8, 12]), depth=st.integers(1, 3),
-       patch=st.sampled_from([1, 2, 4]), grid=st.integers(1, 4), channels=st.integers(1, 4),
-       learn_sigma=st.booleans(), num_classes=st.integers(1, 20), dropout=st.sampled_from([0.0, 0.1]),
-       mlp_ratio=st.sampled_from([2.0, 4.0, 2.5]))
-def test_counts_equal_real_models_for_any_config(block, qk_norm, heads, head_dim, depth, patch, grid, channels,
-                                                 learn_sigma, num_classes, dropout, mlp_ratio):
-    cfg = dit_config(dict(block=block, qk_norm=qk_norm, num_heads=heads, hidden_size=heads * head_dim,
-                          depth=depth, patch_size=patch, input_size=patch * grid, in_channels=channels,
-                          learn_sigma=learn_sigma, num_classes=num_classes, class_dropout_prob=dropout,
-                          mlp_ratio=mlp_ratio))
+@given(
+    block=st.sampled_from(list(BLOCKS)),
+    qk_norm=st.sampled_from([None, "layernorm", "rmsnorm"]),
+    heads=st.integers(1, 4),
+    head_dim=st.sampled_from([4, 8, 12]),
+    depth=st.integers(1, 3),
+    patch=st.sampled_from([1, 2, 4]),
+    grid=st.integers(1, 4),
+    channels=st.integers(1, 4),
+    learn_sigma=st.booleans(),
+    num_classes=st.integers(1, 20),
+    dropout=st.sampled_from([0.0, 0.1]),
+    mlp_ratio=st.sampled_from([2.0, 4.0, 2.5]),
+)
+def test_counts_equal_real_models_for_any_config(
+    block, qk_norm, heads, head_dim, depth, patch, grid, channels, learn_sigma, num_classes, dropout, mlp_ratio
+):
+    cfg = dit_config(
+        dict(
+            block=block,
+            qk_norm=qk_norm,
+            num_heads=heads,
+            hidden_size=heads * head_dim,
+            depth=depth,
+            patch_size=patch,
+            input_size=patch * grid,
+            in_channels=channels,
+            learn_sigma=learn_sigma,
+            num_classes=num_classes,
+            class_dropout_prob=dropout,
+            mlp_ratio=mlp_ratio,
+        )
+    )
     params, macs = measured(cfg)
     assert dit_params(cfg) == params
     assert dit_gflops(cfg) * 1e9 == pytest.approx(macs, rel=1e-12)

@@ -2,6 +2,7 @@
 and webdataset; merge, verify and the summary know it; the readers return it, mirrored with the
 posterior's flip, only when asked. References: data_prep.images' crop of the source files and the
 libraries' own readers (streaming, webdataset)."""
+
 import json
 import os
 import shutil
@@ -31,10 +32,13 @@ def made(tmp_path_factory):
     opts = {"resolution": RES, "decode_workers": 0, "num_slices": 2, "shard_size": 3000}
     crops = {}
     for rel, _ in images.list_image_folder(src)[0]:
-        crops[rel] = images.decode_image(os.path.join(src, rel), RES, 3)[0]         # (H, W, 3) uint8
-    return {"crops": crops, "base": base,
-            "png": make_dataset(src, str(base / "png"), format="mds", keep_image="png", **opts),
-            "jpeg": make_dataset(src, str(base / "jpeg"), format="wds", keep_image="jpeg", image_quality=90, **opts)}
+        crops[rel] = images.decode_image(os.path.join(src, rel), RES, 3)[0]  # (H, W, 3) uint8
+    return {
+        "crops": crops,
+        "base": base,
+        "png": make_dataset(src, str(base / "png"), format="mds", keep_image="png", **opts),
+        "jpeg": make_dataset(src, str(base / "jpeg"), format="wds", keep_image="jpeg", image_quality=90, **opts),
+    }
 
 
 def test_png_column_round_trips_pixel_exact_through_streaming(made):
@@ -46,7 +50,7 @@ def test_png_column_round_trips_pixel_exact_through_streaming(made):
     ds = StreamingDataset(remote=made["png"], local=str(made["base"] / "png-cache"), shuffle=False, batch_size=1)
     seen = set()
     for rec in ds:
-        stored = column.decode(rec["image"])                                          # (3, H, W)
+        stored = column.decode(rec["image"])  # (3, H, W)
         np.testing.assert_array_equal(stored.transpose(1, 2, 0), made["crops"][rec["key"]])
         seen.add(rec["key"])
     assert seen == set(made["crops"])
@@ -64,7 +68,7 @@ def test_jpeg_column_in_webdataset_is_close_and_verified(made):
         with Image.open(__import__("io").BytesIO(s["image.jpg"])) as im:
             assert im.format == "JPEG" and im.size == (RES, RES)
             errors.append(np.abs(np.asarray(im, np.float32) - made["crops"][key]).mean())
-    assert len(errors) == 12 and 0 < np.mean(errors) < 6          # lossy, but quality 90 4:4:4 stays close
+    assert len(errors) == 12 and 0 < np.mean(errors) < 6  # lossy, but quality 90 4:4:4 stays close
     assert verify(made["jpeg"]).ok
     meta = json.load(open(os.path.join(made["jpeg"], "dataset.json")))
     assert meta["image"]["codec"] == "jpeg" and meta["image"]["quality"] == 90
@@ -73,8 +77,9 @@ def test_jpeg_column_in_webdataset_is_close_and_verified(made):
 @pytest.mark.parametrize("fmt", ["png", "jpeg"])
 def test_reader_returns_the_image_of_the_items_flip(made, tmp_path, fmt):
     """Pixel mode: the item's mean is the image in [-1, 1], so the returned image must be that flip."""
-    ds = build_dataset(made[fmt], batch_size=4, seed=5, with_image=True,
-                       **({"local": str(tmp_path / "c")} if fmt == "png" else {}))
+    ds = build_dataset(
+        made[fmt], batch_size=4, seed=5, with_image=True, **({"local": str(tmp_path / "c")} if fmt == "png" else {})
+    )
     flips = set()
     for item in ds:
         image = item["image"]
@@ -118,6 +123,16 @@ def test_rerun_with_other_image_settings_is_refused(made, tmp_path):
 
     src = str(made["base"] / "images")
     with pytest.raises(DataPrepError, match="keep_image"):
-        run(EncodeConfig(input=src, out=made["png"], resolution=RES, decode_workers=0, num_slices=2, worker=0,
-                         num_workers=1, progress=False, shard_size=3000))
-
+        run(
+            EncodeConfig(
+                input=src,
+                out=made["png"],
+                resolution=RES,
+                decode_workers=0,
+                num_slices=2,
+                worker=0,
+                num_workers=1,
+                progress=False,
+                shard_size=3000,
+            )
+        )

@@ -1,5 +1,6 @@
 """The import graph of ditscale/ and data_prep/ (every import statement, also those inside functions): no
 cycle, and no import across a boundary ARCHITECTURE.md states. Read from the source (ast), nothing imported."""
+
 import ast
 from pathlib import Path
 
@@ -9,8 +10,16 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("ditscale", "data_prep")
 
 # Entry points: argument parsing, printing, exit codes. Nothing below them may import them.
-CLI = ("ditscale.cli", "ditscale.sample", "ditscale.interop", "ditscale.plan", "ditscale.quickstart",
-       "ditscale.quickstart_digits", "ditscale.evaluate.__main__", "data_prep.__main__")
+CLI = (
+    "ditscale.cli",
+    "ditscale.sample",
+    "ditscale.interop",
+    "ditscale.plan",
+    "ditscale.quickstart",
+    "ditscale.quickstart_digits",
+    "ditscale.evaluate.__main__",
+    "data_prep.__main__",
+)
 TRAIN = ("ditscale.train",)
 ENGINE = ("ditscale.engine",)
 # Leaf helpers every layer may use; they import nothing of the project.
@@ -18,25 +27,51 @@ LEAVES = ("ditscale.runtime", "ditscale.files")
 
 # (importers, forbidden targets, why): a module matches a prefix when it is it or lies below it.
 RULES = [
-    (("ditscale.models",), ("ditscale", "data_prep"), "the model knows nothing of diffusion, data, DeepSpeed "
-                                                      "or checkpoints"),
+    (
+        ("ditscale.models",),
+        ("ditscale", "data_prep"),
+        "the model knows nothing of diffusion, data, DeepSpeed or checkpoints",
+    ),
     (("ditscale.diffusion",), ("ditscale", "data_prep"), "the diffusion calls model(x, t, **kwargs), nothing else"),
     (("ditscale.data",), ("ditscale", "data_prep"), "the readers stand on the shard format alone"),
-    (("ditscale.weights",), ENGINE + TRAIN + CLI + ("data_prep", "ditscale.data", "ditscale.diffusion"),
-     "weights I/O is below the engine's export and the CLIs that use it"),
-    (("ditscale.sampling", "ditscale.evaluate", "ditscale.config"), ENGINE + TRAIN + CLI + ("data_prep",),
-     "libraries the CLIs and the trainer build on"),
+    (
+        ("ditscale.weights",),
+        ENGINE + TRAIN + CLI + ("data_prep", "ditscale.data", "ditscale.diffusion"),
+        "weights I/O is below the engine's export and the CLIs that use it",
+    ),
+    (
+        ("ditscale.sampling", "ditscale.evaluate", "ditscale.config"),
+        ENGINE + TRAIN + CLI + ("data_prep",),
+        "libraries the CLIs and the trainer build on",
+    ),
     (ENGINE, TRAIN + CLI + ("data_prep",), "the engine serves the trainer, never the other way"),
-    (("data_prep",), ("ditscale.engine", "ditscale.train", "ditscale.models", "ditscale.diffusion",
-                      "ditscale.sampling", "ditscale.weights") + CLI[:-1],
-     "data_prep writes the shard format ditscale.data reads; it knows nothing of training"),
+    (
+        ("data_prep",),
+        (
+            "ditscale.engine",
+            "ditscale.train",
+            "ditscale.models",
+            "ditscale.diffusion",
+            "ditscale.sampling",
+            "ditscale.weights",
+        )
+        + CLI[:-1],
+        "data_prep writes the shard format ditscale.data reads; it knows nothing of training",
+    ),
     (LEAVES, ("ditscale", "data_prep"), "leaf helpers"),
-    (("ditscale",), ("data_prep",), "ditscale reads data_prep's output through ditscale.data, never its code "
-                                   "(the quickstart CLI, which runs data_prep, excepted)"),
+    (
+        ("ditscale",),
+        ("data_prep",),
+        "ditscale reads data_prep's output through ditscale.data, never its code "
+        "(the quickstart CLI, which runs data_prep, excepted)",
+    ),
 ]
-EXEMPT = {("ditscale.quickstart", "data_prep")}          # a CLI that runs the whole pipeline
-THIRD_PARTY = [("deepspeed", ENGINE), ("streaming", ("ditscale.data", "data_prep")),
-               ("webdataset", ("ditscale.data", "data_prep"))]
+EXEMPT = {("ditscale.quickstart", "data_prep")}  # a CLI that runs the whole pipeline
+THIRD_PARTY = [
+    ("deepspeed", ENGINE),
+    ("streaming", ("ditscale.data", "data_prep")),
+    ("webdataset", ("ditscale.data", "data_prep")),
+]
 
 
 def _under(name, prefixes):
@@ -120,15 +155,21 @@ def violations(graph, modules):
             if (name, target) in EXEMPT or _under(target, (name,)):
                 continue
             for importers, forbidden, why in RULES:
-                if _under(name, importers) and _under(target, forbidden) and not _under(target, importers) \
-                        and not _under(target, LEAVES):
+                if (
+                    _under(name, importers)
+                    and _under(target, forbidden)
+                    and not _under(target, importers)
+                    and not _under(target, LEAVES)
+                ):
                     out.append(f"{modules[name][0].relative_to(ROOT)}:{line}: {name} imports {target} ({why})")
                     break
         for package, allowed in THIRD_PARTY:
             for target, line in imports_of(name, modules):
                 if _under(target, (package,)) and not _under(name, allowed):
-                    out.append(f"{modules[name][0].relative_to(ROOT)}:{line}: {name} imports {package} "
-                               f"(only {', '.join(allowed)} may)")
+                    out.append(
+                        f"{modules[name][0].relative_to(ROOT)}:{line}: {name} imports {package} "
+                        f"(only {', '.join(allowed)} may)"
+                    )
     return out
 
 
@@ -140,9 +181,9 @@ def project():
 
 def test_the_graph_is_read(project):
     modules, graph = project
-    assert "ditscale.engine.build" in graph["ditscale.train"]                   # module level
+    assert "ditscale.engine.build" in graph["ditscale.train"]  # module level
     assert "ditscale.weights" in graph["ditscale.engine.export"]
-    assert "data_prep.merge" in graph["data_prep"]                              # relative or in-function
+    assert "data_prep.merge" in graph["data_prep"]  # relative or in-function
     assert len(modules) > 60
 
 
@@ -157,23 +198,33 @@ def test_no_import_across_a_boundary(project):
 def test_the_checks_catch_what_they_look_for(project):
     modules, graph = project
     assert cycles({"a": {"b": 1}, "b": {"c": 1}, "c": {"a": 1}, "d": {"a": 1}}) == [["a", "b", "c"]]
-    bad = {**graph, "ditscale.models.dit": {"ditscale.engine.checkpoint": 7},
-           "ditscale.data.mds": {"ditscale.sample": 3}, "ditscale.engine.export": {"ditscale.interop": 9}}
+    bad = {
+        **graph,
+        "ditscale.models.dit": {"ditscale.engine.checkpoint": 7},
+        "ditscale.data.mds": {"ditscale.sample": 3},
+        "ditscale.engine.export": {"ditscale.interop": 9},
+    }
     found = violations(bad, modules)
     assert [v.split(": ", 1)[1].split(" (")[0] for v in found] == [
-        "ditscale.data.mds imports ditscale.sample", "ditscale.engine.export imports ditscale.interop",
-        "ditscale.models.dit imports ditscale.engine.checkpoint"]
+        "ditscale.data.mds imports ditscale.sample",
+        "ditscale.engine.export imports ditscale.interop",
+        "ditscale.models.dit imports ditscale.engine.checkpoint",
+    ]
 
 
 # One home per concern: each of these is defined once, in its module; everything else imports it.
 ONE_HOME = {
-    "center_crop_arr": "ditscale.data.crop",           # training data and FID references crop alike
-    "atomic_write": "ditscale.files", "fsync_path": "ditscale.files",
+    "center_crop_arr": "ditscale.data.crop",  # training data and FID references crop alike
+    "atomic_write": "ditscale.files",
+    "fsync_path": "ditscale.files",
     "rank_env": "ditscale.runtime",
-    "read_state_dict": "ditscale.weights.files", "write_weights": "ditscale.weights.files",
+    "read_state_dict": "ditscale.weights.files",
+    "write_weights": "ditscale.weights.files",
     "read_tensors": "ditscale.weights.files",
-    "shard_name": "ditscale.weights.files", "weights_file": "ditscale.weights.files",
-    "infer_dit_config": "ditscale.weights.load", "load_model": "ditscale.weights.load",
+    "shard_name": "ditscale.weights.files",
+    "weights_file": "ditscale.weights.files",
+    "infer_dit_config": "ditscale.weights.load",
+    "load_model": "ditscale.weights.load",
 }
 
 

@@ -1,5 +1,6 @@
 """Official checkpoints in (shapes → preset, weights only, never code), diffusers DiTPipeline out (loads offline,
 agrees with our model and sampler after match_dit_timesteps)."""
+
 import argparse
 import os
 
@@ -31,9 +32,14 @@ def tiny_vae():
     from diffusers import AutoencoderKL
 
     torch.manual_seed(0)
-    return AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                         up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
-                         layers_per_block=1).eval()
+    return AutoencoderKL(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=8,
+        layers_per_block=1,
+    ).eval()
 
 
 def inputs(model, n=3):
@@ -44,10 +50,11 @@ def inputs(model, n=3):
 
 # ---------------------------------------------------------------------------------------------- loading
 
+
 @pytest.mark.parametrize("input_size, name", [(32, "256x256"), (64, "512x512")])
 def test_release_shapes_give_dit_xl2(input_size, name):
     with torch.device("meta"):
-        shapes = DiT(input_size=input_size).state_dict()                           # the XL/2 release, no memory
+        shapes = DiT(input_size=input_size).state_dict()  # the XL/2 release, no memory
     cfg = infer_dit_config(shapes)
     assert preset_of(cfg) == "DiT-XL/2", name
     assert cfg == DiT(input_size=input_size, depth=1).config | {"depth": 28}
@@ -57,7 +64,7 @@ def test_released_layout_loads_with_weights_only_and_matches(tmp_path):
     model = release_like()
     torch.save(model.state_dict(), tmp_path / "DiT-S-2-32x32.pt")
     loaded = load_dit(tmp_path / "DiT-S-2-32x32.pt")
-    assert loaded.config == model.config and preset_of(loaded.config) is None     # S/2 width, 2 of 12 blocks
+    assert loaded.config == model.config and preset_of(loaded.config) is None  # S/2 width, 2 of 12 blocks
     assert loaded.learn_sigma and loaded.num_classes == 1000 and loaded.in_channels == 4
     with torch.no_grad():
         assert torch.equal(loaded(*inputs(model)), model(*inputs(model)))
@@ -65,8 +72,12 @@ def test_released_layout_loads_with_weights_only_and_matches(tmp_path):
 
 def test_training_checkpoint_layout_picks_ema_or_raw(tmp_path):
     ema, raw = release_like(), randomize(build_dit("DiT-S/2", depth=2, input_size=4), seed=1).eval()
-    ckpt = {"model": {"module." + k: v for k, v in raw.state_dict().items()}, "ema": ema.state_dict(),
-            "opt": {"state": {}, "param_groups": [{"lr": 1e-4}]}, "args": argparse.Namespace(model="DiT-S/2")}
+    ckpt = {
+        "model": {"module." + k: v for k, v in raw.state_dict().items()},
+        "ema": ema.state_dict(),
+        "opt": {"state": {}, "param_groups": [{"lr": 1e-4}]},
+        "args": argparse.Namespace(model="DiT-S/2"),
+    }
     torch.save(ckpt, tmp_path / "0400000.pt")
     for weights, want in (("ema", ema), ("raw", raw)):
         sd = read_state_dict(tmp_path / "0400000.pt", weights)
@@ -92,8 +103,13 @@ def test_safetensors_and_explicit_heads(tmp_path):
 
 
 def test_variants_are_inferred():
-    for kw in (dict(block="adaln"), dict(block="cross_attention"), dict(block="in_context"),
-               dict(qk_norm="rmsnorm", learn_sigma=False), dict(qk_norm="layernorm", mlp_ratio=2.0, in_channels=3)):
+    for kw in (
+        dict(block="adaln"),
+        dict(block="cross_attention"),
+        dict(block="in_context"),
+        dict(qk_norm="rmsnorm", learn_sigma=False),
+        dict(qk_norm="layernorm", mlp_ratio=2.0, in_channels=3),
+    ):
         model = build_dit("DiT-S/4", depth=2, input_size=8, num_classes=7, **kw)
         assert infer_dit_config(model.state_dict()) == model.config, kw
     no_null = build_dit("DiT-S/4", depth=1, input_size=8, num_classes=7, class_dropout_prob=0.0)
@@ -124,6 +140,7 @@ def test_pickled_code_is_refused(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- diffusers
 
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     model, vae = tiny_1000(), tiny_vae()
@@ -148,17 +165,29 @@ def test_pipeline_loads_offline_and_matches_the_model(exported, monkeypatch):
         theirs = pipe.transformer(args[0], timestep=args[1], class_labels=args[2]).sample
         unmatched = raw.transformer(args[0], timestep=args[1], class_labels=args[2]).sample
     assert torch.allclose(ours, theirs, atol=1e-5)
-    assert (ours - unmatched).abs().max() > 1e-4                                  # why match_dit_timesteps is needed
+    assert (ours - unmatched).abs().max() > 1e-4  # why match_dit_timesteps is needed
 
 
 def test_pipeline_run_equals_our_ddim_sampler(exported):
     model, vae, out = exported
     pipe = load_pipeline(out)
     labels = [1, 999]
-    images = pipe(class_labels=labels, guidance_scale=4.0, num_inference_steps=5,
-                  generator=torch.Generator().manual_seed(0), output_type="np").images
-    latents = sample_latents(model, sampling_diffusion("ddim", 5), labels, cfg_scale=4.0, guide_channels=4,
-                             sampler="ddim", generator=torch.Generator().manual_seed(0))
+    images = pipe(
+        class_labels=labels,
+        guidance_scale=4.0,
+        num_inference_steps=5,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
+    latents = sample_latents(
+        model,
+        sampling_diffusion("ddim", 5),
+        labels,
+        cfg_scale=4.0,
+        guide_channels=4,
+        sampler="ddim",
+        generator=torch.Generator().manual_seed(0),
+    )
     ours = (decode(latents, vae, 0.5) / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
     assert images.shape == (2, 16, 16, 3) and np.abs(images - ours).max() < 1e-4 and images.std() > 0
 
@@ -184,10 +213,25 @@ def test_cli_inspect_and_export(tmp_path, capsys):
     shown = json.loads(capsys.readouterr().out)
     assert shown["preset"] is None and (shown["hidden_size"], shown["depth"], shown["input_size"]) == (384, 2, 4)
     tiny_vae().save_pretrained(tmp_path / "vae")
-    (tmp_path / "dataset.json").write_text(json.dumps({"classes": [f"c{i}" for i in range(1000)],
-                                                       "scale_factor": 0.25, "vae": str(tmp_path / "vae")}))
-    assert interop_main(["export", "--ckpt", str(tmp_path / "ckpt.pt"), "--vae", str(tmp_path / "vae"),
-                         "--dataset", str(tmp_path), "--out", str(tmp_path / "pipe")]) == 0
+    (tmp_path / "dataset.json").write_text(
+        json.dumps({"classes": [f"c{i}" for i in range(1000)], "scale_factor": 0.25, "vae": str(tmp_path / "vae")})
+    )
+    assert (
+        interop_main(
+            [
+                "export",
+                "--ckpt",
+                str(tmp_path / "ckpt.pt"),
+                "--vae",
+                str(tmp_path / "vae"),
+                "--dataset",
+                str(tmp_path),
+                "--out",
+                str(tmp_path / "pipe"),
+            ]
+        )
+        == 0
+    )
     pipe = load_pipeline(tmp_path / "pipe")
     assert pipe.vae.config.scaling_factor == 0.25 and pipe.get_label_ids(["c5"]) == [5]
     assert interop_main(["inspect", "--ckpt", str(tmp_path / "nope.pt")]) == 2

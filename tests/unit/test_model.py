@@ -1,4 +1,5 @@
 """The DiT model: shapes, official layout and init, bf16, label dropout, errors, checkpointing, compile."""
+
 import math
 
 import numpy as np
@@ -20,11 +21,15 @@ def tiny(**kw):
 
 def inputs(n=3, c=4, size=8, num_classes=5, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, c, size, size, generator=g), torch.randint(0, 1000, (n,), generator=g),
-            torch.randint(0, num_classes, (n,), generator=g))
+    return (
+        torch.randn(n, c, size, size, generator=g),
+        torch.randint(0, 1000, (n,), generator=g),
+        torch.randint(0, num_classes, (n,), generator=g),
+    )
 
 
 # ---------------------------------------------------------------- shapes, layout, init
+
 
 @pytest.mark.parametrize("block", BLOCKS)
 @pytest.mark.parametrize("learn_sigma", [True, False])
@@ -46,16 +51,31 @@ def test_float_timesteps_and_pixel_mode():
 
 def official_keys(depth):
     """The key list and shapes of facebookresearch/DiT's DiT-XL/2 state dict (written out independently)."""
-    d, keys = 1152, {
-        "pos_embed": (1, 256, 1152), "x_embedder.proj.weight": (1152, 4, 2, 2), "x_embedder.proj.bias": (1152,),
-        "t_embedder.mlp.0.weight": (1152, 256), "t_embedder.mlp.0.bias": (1152,),
-        "t_embedder.mlp.2.weight": (1152, 1152), "t_embedder.mlp.2.bias": (1152,),
-        "y_embedder.embedding_table.weight": (1001, 1152),
-        "final_layer.linear.weight": (32, 1152), "final_layer.linear.bias": (32,),
-        "final_layer.adaLN_modulation.1.weight": (2304, 1152), "final_layer.adaLN_modulation.1.bias": (2304,)}
+    d, keys = (
+        1152,
+        {
+            "pos_embed": (1, 256, 1152),
+            "x_embedder.proj.weight": (1152, 4, 2, 2),
+            "x_embedder.proj.bias": (1152,),
+            "t_embedder.mlp.0.weight": (1152, 256),
+            "t_embedder.mlp.0.bias": (1152,),
+            "t_embedder.mlp.2.weight": (1152, 1152),
+            "t_embedder.mlp.2.bias": (1152,),
+            "y_embedder.embedding_table.weight": (1001, 1152),
+            "final_layer.linear.weight": (32, 1152),
+            "final_layer.linear.bias": (32,),
+            "final_layer.adaLN_modulation.1.weight": (2304, 1152),
+            "final_layer.adaLN_modulation.1.bias": (2304,),
+        },
+    )
     for i in range(depth):
-        for name, out, inp in [("attn.qkv", 3 * d, d), ("attn.proj", d, d), ("mlp.fc1", 4 * d, d),
-                               ("mlp.fc2", d, 4 * d), ("adaLN_modulation.1", 6 * d, d)]:
+        for name, out, inp in [
+            ("attn.qkv", 3 * d, d),
+            ("attn.proj", d, d),
+            ("mlp.fc1", 4 * d, d),
+            ("mlp.fc2", d, 4 * d),
+            ("adaLN_modulation.1", 6 * d, d),
+        ]:
             keys[f"blocks.{i}.{name}.weight"], keys[f"blocks.{i}.{name}.bias"] = (out, inp), (out,)
     return keys
 
@@ -73,7 +93,7 @@ def test_official_init():
         assert not block.adaLN_modulation[1].weight.any() and not block.adaLN_modulation[1].bias.any()
         assert not block.attn.qkv.bias.any()
         w = block.attn.qkv.weight
-        bound = math.sqrt(6 / (w.shape[0] + w.shape[1]))                       # xavier-uniform
+        bound = math.sqrt(6 / (w.shape[0] + w.shape[1]))  # xavier-uniform
         assert w.abs().max() <= bound and w.abs().max() > 0.8 * bound
     for layer in (model.final_layer.linear, model.final_layer.adaLN_modulation[1]):
         assert not layer.weight.any() and not layer.bias.any()
@@ -102,10 +122,10 @@ def test_pos_embed_is_the_official_table():
 def test_timestep_embedding_frequencies_divide_by_half():
     t = torch.tensor([0, 7, 999])
     emb = tiny().t_embedder.timestep_embedding(t, 256)
-    for divisor, same in [(128, True), (127, False)]:                          # paper vs diffusers' default
+    for divisor, same in [(128, True), (127, False)]:  # paper vs diffusers' default
         args = t.numpy()[:, None] * np.exp(-np.log(10000) * np.arange(128) / divisor)[None]
         ref = torch.from_numpy(np.concatenate([np.cos(args), np.sin(args)], 1)).float()
-        assert torch.allclose(emb, ref, atol=5e-4) == same                     # fp32 args up to t=999
+        assert torch.allclose(emb, ref, atol=5e-4) == same  # fp32 args up to t=999
 
 
 def test_adaln_zero_blocks_start_as_identity():
@@ -114,8 +134,8 @@ def test_adaln_zero_blocks_start_as_identity():
     h = model.x_embedder(x) + model.pos_embed
     c = model.t_embedder(t) + model.y_embedder(y, False)
     assert torch.equal(model._run_blocks(h, c)[0], h)
-    assert not model(x, t, y).any()                                             # zero decoder
-    plain = tiny(block="adaln")                                                 # no zero-init: blocks act
+    assert not model(x, t, y).any()  # zero decoder
+    plain = tiny(block="adaln")  # no zero-init: blocks act
     assert not torch.allclose(plain._run_blocks(h, c)[0], h)
 
 
@@ -126,7 +146,7 @@ def test_meta_build_then_materialise(block):
     model.to_empty(device="cpu")
     with torch.no_grad():
         for t in model.state_dict().values():
-            t.fill_(float("nan"))                                              # whatever to_empty left
+            t.fill_(float("nan"))  # whatever to_empty left
     model.initialize_weights()
     assert all(torch.isfinite(t).all() for t in model.state_dict().values())
     assert torch.equal(model.pos_embed, tiny().pos_embed)
@@ -150,12 +170,13 @@ def test_qk_norm_adds_per_head_norms_only(qk_norm, extra):
 
 # ---------------------------------------------------------------- bf16, label dropout
 
+
 @pytest.mark.parametrize("block", BLOCKS)
 def test_whole_module_in_bf16(block):
     model = randomize(tiny(block=block))
     x, t, y = inputs()
     ref = model(x, t, y)
-    out = model.to(torch.bfloat16)(x, t, y)                                    # fp32 x, int64 t
+    out = model.to(torch.bfloat16)(x, t, y)  # fp32 x, int64 t
     assert out.dtype == torch.bfloat16
     assert torch.allclose(out.float(), ref, atol=0.05 * ref.abs().max().item())
 
@@ -188,6 +209,7 @@ def test_model_train_mode_drops_labels_eval_does_not():
 
 
 # ---------------------------------------------------------------- errors
+
 
 def test_errors_say_what_is_wrong():
     with pytest.raises(ValueError, match=r"unknown DiT preset 'DiT-XXL/2'.*DiT-S/2.*DiT-XL/2"):
@@ -226,12 +248,14 @@ def test_errors_say_what_is_wrong():
 
 # ---------------------------------------------------------------- presets
 
+
 def test_presets():
     table1 = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
     for size, (depth, hidden, heads) in table1.items():
         for p in (2, 4, 8):
-            assert DIT_PRESETS[f"DiT-{size}/{p}"] == dict(depth=depth, hidden_size=hidden, patch_size=p,
-                                                          num_heads=heads)
+            assert DIT_PRESETS[f"DiT-{size}/{p}"] == dict(
+                depth=depth, hidden_size=hidden, patch_size=p, num_heads=heads
+            )
     beyond = [n for n in DIT_PRESETS if n.split("/")[0][4:] not in table1]
     assert len(DIT_PRESETS) == 21 and len(beyond) == 9
     for name in beyond:
@@ -242,6 +266,7 @@ def test_presets():
 
 
 # ---------------------------------------------------------------- checkpointing, compile
+
 
 def grads(model, x, t, y):
     model.zero_grad()
@@ -255,23 +280,24 @@ def test_checkpointing_gives_identical_gradients(block):
     x, t, y = inputs()
     ref = grads(model, x, t, y)
     calls = []
-    for k, b in enumerate(model.blocks):                                       # count runs, recomputes included
+    for k, b in enumerate(model.blocks):  # count runs, recomputes included
         b.forward = lambda *a, k=k, f=b.forward: (calls.append(k), f(*a))[1]
     for every, recomputed in [(1, [0, 1, 2, 3]), (2, [0, 2]), (3, [0, 3])]:
         model.set_checkpointing(every)
         calls.clear()
         got = grads(model, x, t, y)
-        assert sorted(calls) == sorted([0, 1, 2, 3] + recomputed)              # recomputed in backward
+        assert sorted(calls) == sorted([0, 1, 2, 3] + recomputed)  # recomputed in backward
         for name in ref:
             assert torch.equal(got[name], ref[name]), name
-    with torch.no_grad():                                                     # nothing to recompute
+    with torch.no_grad():  # nothing to recompute
         calls.clear()
         model(x, t, y)
         assert calls == [0, 1, 2, 3]
 
 
-@pytest.mark.parametrize("block,every", [("adaln_zero", 0), ("adaln_zero", 1), ("in_context", 0),
-                                         ("cross_attention", 2), ("adaln", 0)])
+@pytest.mark.parametrize(
+    "block,every", [("adaln_zero", 0), ("adaln_zero", 1), ("in_context", 0), ("cross_attention", 2), ("adaln", 0)]
+)
 def test_compiles_without_graph_breaks(block, every):
     torch._dynamo.reset()
     model = tiny(block=block, checkpoint_every=every).train()

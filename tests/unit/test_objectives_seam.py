@@ -1,4 +1,5 @@
 """The objective seam: DDPM parity with the trainer's pre-seam step, registry, config keys, aux terms."""
+
 from __future__ import annotations
 
 import pytest
@@ -7,14 +8,28 @@ import torch
 from ditscale.config import ConfigError, load_config
 from ditscale.diffusion import create_diffusion
 from ditscale.models import DiT
-from ditscale.objectives import (DDPMObjective, FlowObjective, ObjectiveMismatch, build_objective, check_record,
-                                 objective_from_record)
+from ditscale.objectives import (
+    DDPMObjective,
+    FlowObjective,
+    ObjectiveMismatch,
+    build_objective,
+    check_record,
+    objective_from_record,
+)
 
 
 def tiny_dit(learn_sigma=True):
     torch.manual_seed(0)
-    return DiT(input_size=4, patch_size=2, in_channels=2, hidden_size=32, depth=1, num_heads=2, num_classes=3,
-               learn_sigma=learn_sigma)
+    return DiT(
+        input_size=4,
+        patch_size=2,
+        in_channels=2,
+        hidden_size=32,
+        depth=1,
+        num_heads=2,
+        num_classes=3,
+        learn_sigma=learn_sigma,
+    )
 
 
 def pre_seam_step(diffusion, model, x, y, g, drop_prob):
@@ -40,7 +55,7 @@ def test_ddpm_objective_is_the_pre_seam_step_bit_for_bit(drop_prob):
         assert torch.equal(got[k], want[k]), k
     ref = torch.Generator().manual_seed(5)
     pre_seam_step(create_diffusion(""), model, x, y, ref, drop_prob)
-    assert torch.equal(g.get_state(), ref.get_state())                  # same draws, same count
+    assert torch.equal(g.get_state(), ref.get_state())  # same draws, same count
 
 
 def test_aux_terms_see_the_models_extras_and_add_to_the_loss():
@@ -91,7 +106,7 @@ def test_records_round_trip_and_mismatches_are_refused():
     flow = FlowObjective(path="vp", prediction="score", loss_weight="likelihood")
     back = objective_from_record(flow.record())
     assert back.record() == flow.record()
-    assert objective_from_record(None).record()["kind"] == "ddpm"                # the paper's weights
+    assert objective_from_record(None).record()["kind"] == "ddpm"  # the paper's weights
     assert check_record(None, "ddpm", "x")["prediction"] == "epsilon"
     with pytest.raises(ObjectiveMismatch, match="trained with objective 'flow'.*not 'ddpm'.*euler"):
         check_record(flow.record(), "ddpm", "ckpt.safetensors")

@@ -9,6 +9,7 @@ patched). On CPU every tensor lives on the host, so the detector follows which t
 too (torch AdamW's step counters, the loader's batches, what is computed from them alone): reading those
 is free.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -36,16 +37,26 @@ TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, 
 #################################################################################
 
 _VALUE_READS = {aten._local_scalar_dense.default, aten.equal.default, aten.is_nonzero.default}
-_DATA_DEPENDENT = {aten.nonzero.default, aten.nonzero_static.default, aten.masked_select.default,
-                   aten.argwhere.default, aten._unique2.default, aten.unique_dim.default,
-                   aten.unique_consecutive.default, aten.masked_scatter.default}
+_DATA_DEPENDENT = {
+    aten.nonzero.default,
+    aten.nonzero_static.default,
+    aten.masked_select.default,
+    aten.argwhere.default,
+    aten._unique2.default,
+    aten.unique_dim.default,
+    aten.unique_consecutive.default,
+    aten.masked_scatter.default,
+}
 _HOST_COPIES = ("tolist", "cpu", "numpy")
 _DETECTOR_FRAMES = {"_frames", "<listcomp>", "_caller", "_in_ditscale", "_record", "__torch_dispatch__", "method", "to"}
 
 
 def _frames():
-    return [f for f in reversed(traceback.extract_stack()) if f.name not in _DETECTOR_FRAMES
-            and "/torch/" not in f.filename.replace("\\", "/")]
+    return [
+        f
+        for f in reversed(traceback.extract_stack())
+        if f.name not in _DETECTOR_FRAMES and "/torch/" not in f.filename.replace("\\", "/")
+    ]
 
 
 def _where(frame) -> str:
@@ -129,12 +140,13 @@ class HostSyncDetector(TorchDispatchMode):
                 if not self.is_host(t):
                     self._record(f"Tensor.{name}")
                 return originals[name](t, *a, **k)
+
             return method
 
         def to(t, *a, **k):
             out = originals["to"](t, *a, **k)
             moves = any(isinstance(v, (torch.device, str)) for v in (*a, k.get("device")))
-            if moves and self.is_host(t):         # the device copy of a host tensor (on CPU: the same tensor)
+            if moves and self.is_host(t):  # the device copy of a host tensor (on CPU: the same tensor)
                 out = out.clone() if out is t else out
                 self.host.pop(out, None)
             return out
@@ -162,13 +174,15 @@ class HostSyncDetector(TorchDispatchMode):
 
 def optimizer_host_state(opt: torch.optim.Optimizer) -> list[torch.Tensor]:
     """torch optimizers keep the step counter as a CPU tensor unless fused / capturable: a host value."""
-    return [s["step"] for s in opt.state.values() if isinstance(s.get("step"), torch.Tensor)
-            and not (s["step"].is_cuda)]
+    return [
+        s["step"] for s in opt.state.values() if isinstance(s.get("step"), torch.Tensor) and not (s["step"].is_cuda)
+    ]
 
 
 #################################################################################
 #                   The step: model + diffusion loss + AdamW + EMA              #
 #################################################################################
+
 
 def ema_update(ema_params, params, decay):
     """The foreach EMA (one fused lerp over all tensors); the trainer's own EMA is checked below when the
@@ -206,6 +220,7 @@ def make_step(checkpoint_every=0, block="adaln_zero"):
 #                                    Tests                                      #
 #################################################################################
 
+
 @pytest.mark.parametrize("checkpoint_every", [0, 1])
 def test_training_loss_compiles_as_one_graph(checkpoint_every):
     """diffusion.training_losses + the model's forward trace as one graph, with checkpointing too."""
@@ -234,7 +249,7 @@ def test_ema_update_is_the_ema():
 @pytest.mark.parametrize("checkpoint_every", [0, 1])
 def test_training_step_has_no_host_sync(checkpoint_every):
     step, _, _, opt = make_step(checkpoint_every)
-    step()                                      # optimizer state exists from here on
+    step()  # optimizer state exists from here on
     with HostSyncDetector(host_resident=optimizer_host_state(opt)) as detector:
         loss = step()
     assert detector.syncs == []
@@ -257,7 +272,7 @@ def test_detector_catches_each_kind_of_sync():
         with HostSyncDetector() as detector:
             fn()
         assert detector.syncs, f"{name} was not caught"
-    with HostSyncDetector() as detector:             # device-side work and async asserts are not syncs
+    with HostSyncDetector() as detector:  # device-side work and async asserts are not syncs
         torch._assert_async((x > -1e9).all())
         torch.arange(3).repeat_interleave(torch.tensor([1, 2, 3]), output_size=6)
         torch.where(x > 0, x, 0.0).sum()
@@ -288,6 +303,7 @@ def test_optimizer_step_counter_is_the_only_allowed_host_value():
 #                      Compiled blocks (ditscale.models.fused)                  #
 #################################################################################
 
+
 @pytest.mark.parametrize("checkpoint_every", [0, 1])
 def test_compiled_blocks_share_one_graph_and_match_eager(checkpoint_every):
     """All blocks trace as one full graph (fullgraph: a break would raise), reused by every block, also
@@ -299,7 +315,7 @@ def test_compiled_blocks_share_one_graph_and_match_eager(checkpoint_every):
 
     torch.manual_seed(0)
     eager = DiT(**{**TINY, "depth": 3}, checkpoint_every=checkpoint_every).train()
-    for p in eager.parameters():                    # adaLN-Zero starts as the identity: make blocks matter
+    for p in eager.parameters():  # adaLN-Zero starts as the identity: make blocks matter
         torch.nn.init.normal_(p, std=0.05)
     compiled = compile_blocks(copy.deepcopy(eager), backend="eager")
     x, t, y = torch.randn(4, 4, 8, 8), torch.randint(0, 1000, (4,)), torch.randint(0, 10, (4,))
@@ -329,8 +345,10 @@ def test_compile_blocks_rejects_models_without_blocks():
 #                    The real trainer's loop (ditscale.train)                   #
 #################################################################################
 
-def trainer_loop_syncs(workdir: str, ds_config: str = "ds_configs/zero2_bf16.json",
-                       nonfinite_check: str = "step") -> dict:
+
+def trainer_loop_syncs(
+    workdir: str, ds_config: str = "ds_configs/zero2_bf16.json", nonfinite_check: str = "step"
+) -> dict:
     """Run ditscale.train.train (tiny DiT, CPU, one rank on gloo, 6 steps, log every 2) and record the host
     syncs of steps 3-4: data, micro_step (posterior draw, loss, backward, DeepSpeed step), EMA, metrics,
     stop check. Observation only: Metrics.log is wrapped to switch the detector on and off, build_engine
@@ -344,11 +362,26 @@ def trainer_loop_syncs(workdir: str, ds_config: str = "ds_configs/zero2_bf16.jso
 
     torch.set_num_threads(1)
     root = write_synthetic_latents(f"{workdir}/data", 32, latent_size=8, num_classes=10)
-    overrides = [f"data.root={root}", f"run_dir={workdir}/run", f"data.cache={workdir}/cache", "data.num_workers=1",
-                 "model.preset=DiT-S/2", "model.depth=2", "model.hidden_size=64", "model.num_heads=4",
-                 "train.global_batch=4", "train.max_steps=6", "train.ckpt_every=1000", "log.every=2",
-                 "log.tensorboard=false", "log.progress=off", "sample.every=0", f"engine.ds_config={ds_config}",
-                 "engine.device=cpu", f"engine.nonfinite_check={nonfinite_check}"]
+    overrides = [
+        f"data.root={root}",
+        f"run_dir={workdir}/run",
+        f"data.cache={workdir}/cache",
+        "data.num_workers=1",
+        "model.preset=DiT-S/2",
+        "model.depth=2",
+        "model.hidden_size=64",
+        "model.num_heads=4",
+        "train.global_batch=4",
+        "train.max_steps=6",
+        "train.ckpt_every=1000",
+        "log.every=2",
+        "log.tensorboard=false",
+        "log.progress=off",
+        "sample.every=0",
+        f"engine.ds_config={ds_config}",
+        "engine.device=cpu",
+        f"engine.nonfinite_check={nonfinite_check}",
+    ]
     cfg, meta, ds = T.prepare(T.parse_args(overrides), 1)
     env = launch.detect()
     device = launch.pick_device(env, "cpu")
@@ -356,7 +389,7 @@ def trainer_loop_syncs(workdir: str, ds_config: str = "ds_configs/zero2_bf16.jso
     engines, detector, logged = [], None, []
     original_build, original_log, original_endless = build.build_engine, Metrics.log, prefetch.endless
 
-    def endless(loader):                          # the loader's batches are host tensors in a GPU run too
+    def endless(loader):  # the loader's batches are host tensors in a GPU run too
         for batch in original_endless(loader):
             if detector is not None:
                 detector.mark_host(batch.values())
@@ -368,7 +401,7 @@ def trainer_loop_syncs(workdir: str, ds_config: str = "ds_configs/zero2_bf16.jso
 
     def log(metrics, step, *a, **k):
         nonlocal detector
-        if detector is not None:                  # end of the observed interval: before this log's own sync
+        if detector is not None:  # end of the observed interval: before this log's own sync
             detector.__exit__(None, None, None)
             logged.append(list(detector.syncs))
             detector = None
@@ -396,10 +429,20 @@ def _run_probe(tmp_path, *args) -> dict:
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "DITSCALE_DS_LOG_LEVEL": "ERROR", "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, __file__, "--trainer-loop", str(tmp_path), *args], cwd=root, env=env,
-                         capture_output=True, text=True, timeout=300)
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        "DITSCALE_DS_LOG_LEVEL": "ERROR",
+        "OMP_NUM_THREADS": "1",
+    }
+    out = subprocess.run(
+        [sys.executable, __file__, "--trainer-loop", str(tmp_path), *args],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -415,10 +458,12 @@ def test_trainer_loop_has_no_host_sync_but_deepspeeds_overflow_check(tmp_path, z
     host sync from ditscale's code; DeepSpeed's own are its bf16 overflow check, at most two per step."""
     result = _run_probe(tmp_path, f"ds_configs/zero{zero}_bf16.json")
     if result["exit"] != 0 or result["syncs"] is None:
-        raise RuntimeError(f"the trainer probe did not run its steps: {result}")   # not the expected failure
+        raise RuntimeError(f"the trainer probe did not run its steps: {result}")  # not the expected failure
     theirs = [where for _, where in result["syncs"] if not where.startswith("ditscale/")]
-    if not all(any(site in w for site in DEEPSPEED_OVERFLOW_SITES) for w in theirs) or \
-            len(theirs) > 2 * result["steps"]:
+    if (
+        not all(any(site in w for site in DEEPSPEED_OVERFLOW_SITES) for w in theirs)
+        or len(theirs) > 2 * result["steps"]
+    ):
         raise RuntimeError(f"DeepSpeed syncs beyond its overflow check: {theirs}")
     ours = [(op, where) for op, where in result["syncs"] if where.startswith("ditscale/")]
     assert ours == [], ours

@@ -10,6 +10,7 @@ allocates the same buffers; kernel scratch (cuBLAS workspaces, flash-attention's
 is within the tolerance. Tensors that exist before a measured window (parameters) are not in it: each test
 says what it compares. The issue asks for 20 %; the estimates land within a few per cent.
 """
+
 import importlib.util
 import json
 import subprocess
@@ -62,6 +63,7 @@ def small_input(name, **fields):
 #                       Estimates against measured memory                        #
 #################################################################################
 
+
 @pytest.mark.parametrize("name", SMALL)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("micro_batch,every", [(6, 0), (6, 1), (2, 2)], ids=["mb6", "mb6-ckpt", "mb2-ckpt2"])
@@ -86,21 +88,30 @@ def test_activations_and_gradients_match_measured(name, dtype, micro_batch, ever
 
     a = activation_memory(cfg, micro_batch, dtype.itemsize, every)
     shapes = model_shapes(inp)
-    rest = shapes.params - shapes.block_params - shapes.embed_params     # gradients done at the first block
-    planned_peak = max(a.backward_start, a.at_first_block + dtype.itemsize * rest,
-                       a.embeddings + dtype.itemsize * shapes.params)
+    rest = shapes.params - shapes.block_params - shapes.embed_params  # gradients done at the first block
+    planned_peak = max(
+        a.backward_start, a.at_first_block + dtype.itemsize * rest, a.embeddings + dtype.itemsize * shapes.params
+    )
     assert shapes.params == sum(p.numel() for p in model.parameters())
     assert a.saved == pytest.approx(saved, rel=TOLERANCE), f"saved activations: planned {a.saved}, measured {saved}"
     assert planned_peak == pytest.approx(peak, rel=TOLERANCE), f"fwd+bwd peak: planned {planned_peak}, measured {peak}"
 
 
-@pytest.mark.parametrize("variant", [dict(block="adaln"), dict(block="in_context"), dict(block="cross_attention"),
-                                     dict(qk_norm="layernorm")], ids=lambda v: "-".join(map(str, v.values())))
+@pytest.mark.parametrize(
+    "variant",
+    [dict(block="adaln"), dict(block="in_context"), dict(block="cross_attention"), dict(qk_norm="layernorm")],
+    ids=lambda v: "-".join(map(str, v.values())),
+)
 @pytest.mark.parametrize("every", [0, 1])
 def test_saved_activations_of_other_blocks(variant, every):
     """The paper's other conditioning blocks and q/k LayerNorm (fp32, forward + loss only)."""
-    inp = PlanInput(preset="DiT-S/2", model=dict(depth=2, hidden_size=128, num_heads=2, **variant), resolution=128,
-                    micro_batch=4, checkpointing=every)
+    inp = PlanInput(
+        preset="DiT-S/2",
+        model=dict(depth=2, hidden_size=128, num_heads=2, **variant),
+        resolution=128,
+        micro_batch=4,
+        checkpointing=every,
+    )
     cfg = inp.dit_kwargs()
     model = build_dit(inp.preset, **inp.model, input_size=cfg["input_size"], checkpoint_every=every)
     x, t, y = torch.randn(4, 4, 16, 16), torch.randint(0, 1000, (4,)), torch.randint(0, 1000, (4,))
@@ -116,16 +127,22 @@ def test_saved_activations_of_other_blocks(variant, every):
 def test_fp32_training_step_peak_matches_plan(name, micro_batch, every):
     """A whole step (loss, backward, AdamW, fp32 EMA update) of the fp32 model in plain PyTorch, measured
     from before the model is built: the planner's ZeRO-0 fp32 peak on one GPU."""
-    row = bench.run_case(small_input(name, micro_batch=micro_batch, checkpointing=every, zero=0, precision="fp32"),
-                         "cpu")
+    row = bench.run_case(
+        small_input(name, micro_batch=micro_batch, checkpointing=every, zero=0, precision="fp32"), "cpu"
+    )
     assert abs(row["error"]) < TOLERANCE, row
 
 
 @pytest.mark.slow
 def test_deepspeed_steps_match_plan():
     """ZeRO 0-3, offload, checkpointing, bf16 and fp32, through DeepSpeed on one CPU rank (a subprocess)."""
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "plan_vs_measured.py"), "--device", "cpu",
-                           "--suite", "cpu", "--json"], capture_output=True, text=True, timeout=1500, cwd=ROOT)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "plan_vs_measured.py"), "--device", "cpu", "--suite", "cpu", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=1500,
+        cwd=ROOT,
+    )
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert proc.returncode == 0 and len(rows) == len(bench.SUITES["cpu"]), proc.stdout[-3000:] + proc.stderr[-3000:]
     for row in rows:
@@ -136,11 +153,16 @@ def test_deepspeed_steps_match_plan():
 #                                   Properties                                   #
 #################################################################################
 
+
 @st.composite
 def inputs(draw, zero=None, offload=None):
     zero = draw(st.integers(0, 3)) if zero is None else zero
-    offloads = {0: ["none"], 1: ["none", "optimizer"], 2: ["none", "optimizer"],
-                3: ["none", "optimizer", "optimizer+params"]}
+    offloads = {
+        0: ["none"],
+        1: ["none", "optimizer"],
+        2: ["none", "optimizer"],
+        3: ["none", "optimizer", "optimizer+params"],
+    }
     return PlanInput(
         preset=draw(st.sampled_from(["DiT-S/2", "DiT-B/4", "DiT-XL/2", "DiT-1B/2", "DiT-7B/2"])),
         resolution=draw(st.sampled_from([256, 512])),
@@ -198,7 +220,7 @@ def test_offload_moves_optimizer_to_cpu(inp, zero):
     moved = on_gpu.memory["master weights"] + on_gpu.memory["optimizer"]
     assert off.cpu["master weights"] + off.cpu["optimizer"] == moved > 0
     assert states(off) < states(on_gpu)
-    if inp.gpus <= 8:                 # on many GPUs the shard moved is smaller than the staging buffer added
+    if inp.gpus <= 8:  # on many GPUs the shard moved is smaller than the staging buffer added
         assert off.peak_bytes < on_gpu.peak_bytes
     if zero == 3:
         params_off = plan(inp.replace(zero=3, offload="optimizer+params"))
@@ -219,11 +241,12 @@ def test_largest_micro_batch_is_the_fitting_boundary(inp):
 #                             Known settings, FLOPs                              #
 #################################################################################
 
+
 @pytest.mark.parametrize("gpus", [8, 64])
 def test_paper_xl2_fits_under_zero2(gpus):
     p = plan(PlanInput(preset="DiT-XL/2", resolution=256, micro_batch=32, gpus=gpus, gpu_mem=80, zero=2))
     assert p.fits and not p.suggestions
-    assert 10 * GiB < p.peak_bytes < 30 * GiB                    # ~11 GiB of activations + 1.3 GiB weights + EMA
+    assert 10 * GiB < p.peak_bytes < 30 * GiB  # ~11 GiB of activations + 1.3 GiB weights + EMA
     assert p.params == dit_params("DiT-XL/2")
 
 
@@ -241,17 +264,18 @@ def test_7b_on_8_gpus_needs_zero_and_is_limited_by_activations():
     inp = PlanInput(preset="DiT-7B/2", micro_batch=32, gpus=8, gpu_mem=80, zero=0)
     assert not plan(inp).fits
     mb = {z: largest_micro_batch(inp.replace(zero=z)) for z in (1, 2, 3)}
-    assert 0 < mb[1] < 64 and mb[2] <= mb[1] < mb[3]                # ZeRO-2's overlap buckets vs ZeRO-1's grads
+    assert 0 < mb[1] < 64 and mb[2] <= mb[1] < mb[3]  # ZeRO-2's overlap buckets vs ZeRO-1's grads
     assert largest_micro_batch(inp.replace(zero=2, checkpointing=1)) > 8 * mb[2]
 
 
 def test_7b_on_one_gpu_fits_only_with_offload_and_needs_the_host_memory():
-    inp = PlanInput(preset="DiT-7B/2", micro_batch=8, gpus=1, gpu_mem=80, zero=3, offload="optimizer+params",
-                    checkpointing=1)
+    inp = PlanInput(
+        preset="DiT-7B/2", micro_batch=8, gpus=1, gpu_mem=80, zero=3, offload="optimizer+params", checkpointing=1
+    )
     p = plan(inp)
-    assert p.fits and p.cpu_bytes > 100 * GiB                    # 18-20 bytes per parameter on the host
+    assert p.fits and p.cpu_bytes > 100 * GiB  # 18-20 bytes per parameter on the host
     assert not plan(inp.replace(offload="none")).fits
-    assert not plan(inp.replace(cpu_mem=128)).fits               # the 128 GiB of a one-GPU machine are too few
+    assert not plan(inp.replace(cpu_mem=128)).fits  # the 128 GiB of a one-GPU machine are too few
     assert plan(inp.replace(preset="DiT-3B/2", cpu_mem=128)).fits
 
 
@@ -263,7 +287,7 @@ def test_flops_and_step_time():
     assert p.hardware_flops_per_step == p.model_flops_per_step
     assert p.step_time_s == pytest.approx(p.model_flops_per_step / 8 / 0.5e15)
     assert p.images_per_s == pytest.approx(512 / p.step_time_s)
-    ck = plan(inp.replace(checkpointing=1))                      # recompute: ~4 forwards instead of 3
+    ck = plan(inp.replace(checkpointing=1))  # recompute: ~4 forwards instead of 3
     assert 1.30 < ck.hardware_flops_per_step / ck.model_flops_per_step < 4 / 3
     half = plan(inp.replace(checkpointing=2))
     assert half.hardware_flops_per_step < ck.hardware_flops_per_step
@@ -303,36 +327,49 @@ def test_sweep_lists_every_combination():
 #                          Validation, DeepSpeed config, CLI                     #
 #################################################################################
 
-@pytest.mark.parametrize("fields,word", [
-    (dict(preset="DiT-XXL/2"), "preset"),
-    (dict(micro_batch=0), "micro_batch"),
-    (dict(gpus=1.5), "gpus"),
-    (dict(zero=4), "zero"),
-    (dict(zero=2, offload="optimizer+params"), "zero=3"),
-    (dict(zero=0, offload="optimizer"), "ZeRO stage >= 1"),
-    (dict(checkpointing=-1), "checkpointing"),
-    (dict(mfu=1.5), "mfu"),
-    (dict(precision="fp16"), "precision"),
-    (dict(model={"depth": 0}), "depth"),
-    (dict(model={"hidden_sizes": 8}), "hidden_sizes"),
-    (dict(resolution=100), "vae_factor"),
-    (dict(cpu_mem=0), "cpu_mem"),
-])
+
+@pytest.mark.parametrize(
+    "fields,word",
+    [
+        (dict(preset="DiT-XXL/2"), "preset"),
+        (dict(micro_batch=0), "micro_batch"),
+        (dict(gpus=1.5), "gpus"),
+        (dict(zero=4), "zero"),
+        (dict(zero=2, offload="optimizer+params"), "zero=3"),
+        (dict(zero=0, offload="optimizer"), "ZeRO stage >= 1"),
+        (dict(checkpointing=-1), "checkpointing"),
+        (dict(mfu=1.5), "mfu"),
+        (dict(precision="fp16"), "precision"),
+        (dict(model={"depth": 0}), "depth"),
+        (dict(model={"hidden_sizes": 8}), "hidden_sizes"),
+        (dict(resolution=100), "vae_factor"),
+        (dict(cpu_mem=0), "cpu_mem"),
+    ],
+)
 def test_bad_input_names_the_field(fields, word):
     with pytest.raises(ValueError, match=word):
         PlanInput(**fields)
 
 
 def test_ds_config(tmp_path):
-    cfg = {"bf16": {"enabled": True}, "zero_optimization": {
-        "stage": 3, "reduce_bucket_size": 5e7, "overlap_comm": True, "stage3_prefetch_bucket_size": 1e7,
-        "offload_optimizer": {"device": "cpu", "pin_memory": True}, "offload_param": {"device": "cpu"}}}
+    cfg = {
+        "bf16": {"enabled": True},
+        "zero_optimization": {
+            "stage": 3,
+            "reduce_bucket_size": 5e7,
+            "overlap_comm": True,
+            "stage3_prefetch_bucket_size": 1e7,
+            "offload_optimizer": {"device": "cpu", "pin_memory": True},
+            "offload_param": {"device": "cpu"},
+        },
+    }
     path = tmp_path / "zero3_offload.json"
     path.write_text(json.dumps(cfg))
     fields = from_ds_config(str(path))
     assert fields["zero"] == 3 and fields["offload"] == "optimizer+params" and fields["precision"] == "bf16"
-    assert fields["buffers"] == ZeroBuffers(reduce_bucket_size=50_000_000, overlap_comm=True,
-                                            prefetch_bucket_size=10_000_000)
+    assert fields["buffers"] == ZeroBuffers(
+        reduce_bucket_size=50_000_000, overlap_comm=True, prefetch_bucket_size=10_000_000
+    )
     PlanInput(**fields)
     path.write_text(json.dumps({"zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}}))
     with pytest.raises(ValueError, match=r"zero3_offload\.json.*reduce_bucket_size"):
@@ -342,15 +379,36 @@ def test_ds_config(tmp_path):
 
 
 def test_ds_config_buckets_change_the_plan():
-    small, big = (PlanInput(preset="DiT-XL/2", zero=2, buffers=ZeroBuffers(reduce_bucket_size=b))
-                  for b in (50_000_000, 500_000_000))
+    small, big = (
+        PlanInput(preset="DiT-XL/2", zero=2, buffers=ZeroBuffers(reduce_bucket_size=b))
+        for b in (50_000_000, 500_000_000)
+    )
     diff = plan(big).memory["buffers"] - plan(small).memory["buffers"]
-    assert diff == 2 * (5e8 - 5e7)                                # one bf16 bucket (overlap_comm off under ZeRO-2)
+    assert diff == 2 * (5e8 - 5e7)  # one bf16 bucket (overlap_comm off under ZeRO-2)
 
 
 def test_cli_table_json_and_sweep(capsys):
-    assert main(["--preset", "DiT-XL/2", "--resolution", "256", "--micro-batch", "32", "--gpus", "64",
-                 "--gpu-mem", "80", "--zero", "2", "--checkpointing", "every"]) == 0
+    assert (
+        main(
+            [
+                "--preset",
+                "DiT-XL/2",
+                "--resolution",
+                "256",
+                "--micro-batch",
+                "32",
+                "--gpus",
+                "64",
+                "--gpu-mem",
+                "80",
+                "--zero",
+                "2",
+                "--checkpointing",
+                "every",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "FITS" in out and "EMA (fp32)" in out and "activations" in out and "images/s" in out
     main(["--preset", "DiT-7B/2", "--zero", "2", "--gpus", "1", "--json"])
@@ -361,12 +419,15 @@ def test_cli_table_json_and_sweep(capsys):
     assert out.count("ZeRO-") == 24
 
 
-@pytest.mark.parametrize("argv,word", [
-    (["--checkpointing", "sometimes"], "--checkpointing"),
-    (["--zero", "1", "--offload", "optimizer+params"], "zero=3"),
-    (["--model-arg", "depth"], "--model-arg"),
-    (["--ds-config", "/nonexistent/ds.json"], "ds.json"),
-])
+@pytest.mark.parametrize(
+    "argv,word",
+    [
+        (["--checkpointing", "sometimes"], "--checkpointing"),
+        (["--zero", "1", "--offload", "optimizer+params"], "zero=3"),
+        (["--model-arg", "depth"], "--model-arg"),
+        (["--ds-config", "/nonexistent/ds.json"], "ds.json"),
+    ],
+)
 def test_cli_errors_name_the_flag(argv, word, capsys):
     with pytest.raises(SystemExit) as e:
         main(argv)

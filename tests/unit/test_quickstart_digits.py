@@ -1,4 +1,5 @@
 """The quickstart's quality checks must separate good samples from bad ones, on real digits."""
+
 import numpy as np
 import pytest
 

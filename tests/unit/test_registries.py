@@ -1,6 +1,7 @@
 """Registries keyed by name: data formats (reader, writer, merge, verify) and DiT block types. An unknown
 name is an error listing the known ones; a new entry is one registration, and every path that takes a
 name (data_prep writers, merge, verify, the reader, the config, the model, the planner) then accepts it."""
+
 import json
 import os
 
@@ -23,6 +24,7 @@ TOY_INDEX = "toy_index.json"
 # A third data format: one .npz per slice, a JSON index
 # --------------------------------------------------------------------------------------------------
 
+
 class ToyWriter:
     def __init__(self, output, latent_channels, latent_size, shard_size, image=None):
         self.dir, self.records = output.local, []
@@ -42,8 +44,11 @@ class ToyWriter:
 
 
 def toy_merge(root, names):
-    shards = [{**s, "basename": f"{n}/{s['basename']}"} for n in names
-              for s in json.load(open(os.path.join(root, n, TOY_INDEX)))["shards"]]
+    shards = [
+        {**s, "basename": f"{n}/{s['basename']}"}
+        for n in names
+        for s in json.load(open(os.path.join(root, n, TOY_INDEX)))["shards"]
+    ]
     with open(os.path.join(root, TOY_INDEX), "w") as f:
         json.dump({"shards": shards}, f)
 
@@ -65,22 +70,33 @@ def toy_reader(root, meta, *, batch_size, seed, shuffle, hflip, local, shuffle_b
     items = []
     for shard in json.load(open(os.path.join(root, TOY_INDEX)))["shards"]:
         data = _load(root, shard)
-        items += [{"mean": torch.from_numpy(data["mean"][i, 0]), "label": int(data["label"][i])}
-                  for i in range(len(data["label"]))]
+        items += [
+            {"mean": torch.from_numpy(data["mean"][i, 0]), "label": int(data["label"][i])}
+            for i in range(len(data["label"]))
+        ]
     return items
 
 
 @pytest.fixture
 def toy_format():
-    fmt = register_format(DataFormat("toy", TOY_INDEX, reader=f"{__name__}:toy_reader", writer=f"{__name__}:ToyWriter",
-                                     merge=f"{__name__}:toy_merge", verify=f"{__name__}:toy_verify"))
+    fmt = register_format(
+        DataFormat(
+            "toy",
+            TOY_INDEX,
+            reader=f"{__name__}:toy_reader",
+            writer=f"{__name__}:ToyWriter",
+            merge=f"{__name__}:toy_merge",
+            verify=f"{__name__}:toy_verify",
+        )
+    )
     yield fmt
     del FORMATS["toy"]
 
 
 def test_a_registered_format_goes_through_writer_merge_verify_reader_and_config(toy_format, tmp_path):
-    out = write_synthetic_latents(str(tmp_path / "ds"), 7, latent_channels=1, latent_size=2, num_classes=3,
-                                  format="toy", num_slices=2)
+    out = write_synthetic_latents(
+        str(tmp_path / "ds"), 7, latent_channels=1, latent_size=2, num_classes=3, format="toy", num_slices=2
+    )
     meta = json.load(open(tmp_path / "ds" / "dataset.json"))
     assert meta["format"] == "toy" and meta["num_samples"] == 7
     result = verify(out, records_per_shard=2)
@@ -94,8 +110,17 @@ def test_a_registered_format_goes_through_writer_merge_verify_reader_and_config(
 def test_unknown_format_names_the_known_ones():
     with pytest.raises(ValueError, match=r"--format: unknown data format 'parquet'; known: mds, wds"):
         data_format("parquet", "--format")
-    meta = {"format": "parquet", "resolution": 8, "latent_channels": 1, "latent_size": 1, "scale_factor": 1.0,
-            "vae": "none", "classes": [], "num_samples": 0, "slices": []}
+    meta = {
+        "format": "parquet",
+        "resolution": 8,
+        "latent_channels": 1,
+        "latent_size": 1,
+        "scale_factor": 1.0,
+        "vae": "none",
+        "classes": [],
+        "num_samples": 0,
+        "slices": [],
+    }
     with pytest.raises(ValueError, match=r"x/dataset.json: 'format': unknown data format 'parquet'; known: mds, wds"):
         validate_metadata(meta, "x/dataset.json")
     with pytest.raises(ValueError, match="already registered"):
@@ -112,10 +137,12 @@ def test_every_registered_format_role_resolves():
 # Block types
 # --------------------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def wide_mlp_block():
-    kind = register_block("adaln_zero_wide", BlockType(lambda d, h, r, q: DiTBlock(d, h, 2 * r, q, gated=True),
-                                                       "adaln", gated=True))
+    kind = register_block(
+        "adaln_zero_wide", BlockType(lambda d, h, r, q: DiTBlock(d, h, 2 * r, q, gated=True), "adaln", gated=True)
+    )
     yield kind
     del BLOCKS["adaln_zero_wide"]
 
@@ -130,12 +157,15 @@ def test_a_registered_block_builds_runs_validates_and_plans(wide_mlp_block):
     assert out.shape == (2, 4, 4, 4)
     ModelConfig(preset="DiT-S/2", block="adaln_zero_wide").validate()
     plain = activation_memory(model.config | {"block": "adaln_zero"}, 2, 2, 0)
-    assert activation_memory(model.config, 2, 2, 0) == plain        # same conditioning, same planned tensors
+    assert activation_memory(model.config, 2, 2, 0) == plain  # same conditioning, same planned tensors
 
 
 def test_unknown_block_names_the_known_ones():
-    with pytest.raises(ValueError, match=r"unknown block 'unet'; choose one of adaln_zero, adaln, cross_attention, "
-                                         r"in_context"):
+    with pytest.raises(
+        ValueError,
+        match=r"unknown block 'unet'; choose one of adaln_zero, adaln, cross_attention, "
+        r"in_context",
+    ):
         block_type("unet")
     with pytest.raises(ConfigError, match=r"model.block: 'unet' is not one of adaln_zero, adaln"):
         ModelConfig(preset="DiT-S/2", block="unet").validate()

@@ -1,6 +1,7 @@
 """REPA's parts: the frozen encoder from a local file (a tiny random ViT saved here, nothing downloaded),
 the alignment loss and token-grid match, the projector, the DiT's hidden state of block k, and the
 training module whose projector never reaches an export."""
+
 import numpy as np
 import pytest
 import torch
@@ -27,6 +28,7 @@ def tiny_vit_file(tmp_path_factory):
 
 # --- encoder -------------------------------------------------------------------------------------------
 
+
 def test_encoder_matches_timm_reference_computation(tiny_vit_file):
     """Our preprocessing + patch tokens equal torchvision's normalise/resize and timm's own forward."""
     import torchvision.transforms.functional as TF
@@ -40,20 +42,25 @@ def test_encoder_matches_timm_reference_computation(tiny_vit_file):
     assert size == 28 and tokens.shape == (3, (28 // 14) ** 2, 32) and tokens.dtype == torch.float32
     x = TF.normalize(images.float() / 255, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
     x = F.interpolate(x, size=(28, 28), mode="bicubic", align_corners=False)
-    ref = vit.eval().forward_features(x)[:, 1:]                                   # drop the class token
+    ref = vit.eval().forward_features(x)[:, 1:]  # drop the class token
     torch.testing.assert_close(tokens, ref)
-    grey = enc(images[:, :1], size)                                                # grey → RGB
+    grey = enc(images[:, :1], size)  # grey → RGB
     torch.testing.assert_close(grey, enc(images[:, :1].expand(-1, 3, -1, -1), size))
 
 
 def test_encoder_sizes_follow_repa():
     assert encoder_input_size(256) == 224 and encoder_input_size(512) == 448
-    assert [encoder_dim(n) for n in ("dinov2_vits14", "dinov2_vitb14", "dinov2_vitl14", "dinov2_vitg14")] == \
-        [384, 768, 1024, 1536]
+    assert [encoder_dim(n) for n in ("dinov2_vits14", "dinov2_vitb14", "dinov2_vitl14", "dinov2_vitg14")] == [
+        384,
+        768,
+        1024,
+        1536,
+    ]
 
 
-@pytest.mark.parametrize("name,timm_name", [("dinov2_vitb14", "vit_base_patch14_dinov2"),
-                                            ("dinov2_vitg14", "vit_giant_patch14_dinov2")])
+@pytest.mark.parametrize(
+    "name,timm_name", [("dinov2_vitb14", "vit_base_patch14_dinov2"), ("dinov2_vitg14", "vit_giant_patch14_dinov2")]
+)
 def test_encoder_architectures_are_timms_dinov2(name, timm_name):
     import timm
 
@@ -80,13 +87,14 @@ def test_encoder_refuses_bad_files(tiny_vit_file, tmp_path):
         load_encoder("dinov2_vits14", path, torch.device("cpu"))
     with pytest.raises(EncoderError, match="unknown encoder"):
         load_encoder("dinov3", path, torch.device("cpu"))
-    torch.save({"weights": np.zeros(3)}, tmp_path / "pickled.pt")               # needs unpickling: refused
+    torch.save({"weights": np.zeros(3)}, tmp_path / "pickled.pt")  # needs unpickling: refused
     with pytest.raises(EncoderError, match="cannot read"):
         load_encoder("vit_tiny_test", tmp_path / "pickled.pt", torch.device("cpu"))
     assert set(ENCODERS) >= {"dinov2_vits14", "dinov2_vitb14", "dinov2_vitl14", "dinov2_vitg14"}
 
 
 # --- loss, grid match, projector ------------------------------------------------------------------------
+
 
 def test_alignment_loss_is_mean_negative_cosine_per_sample():
     torch.manual_seed(0)
@@ -106,7 +114,7 @@ def test_match_tokens_interpolates_differing_grids():
     const = torch.ones(1, 16, 3) * torch.tensor([1.0, 2.0, 3.0])
     torch.testing.assert_close(match_tokens(const, 4), torch.ones(1, 4, 3) * torch.tensor([1.0, 2.0, 3.0]))
     grid = torch.arange(16.0).view(1, 4, 4, 1).expand(1, 4, 4, 2).reshape(1, 16, 2)
-    down = match_tokens(grid, 4).view(2, 2, 2)[..., 0]                            # 2x2 means of the 4x4 ramp
+    down = match_tokens(grid, 4).view(2, 2, 2)[..., 0]  # 2x2 means of the 4x4 ramp
     torch.testing.assert_close(down, torch.tensor([[2.5, 4.5], [10.5, 12.5]]))
     assert match_tokens(torch.randn(1, 4, 3), 64).shape == (1, 64, 3)
     with pytest.raises(ValueError, match="square"):
@@ -117,11 +125,15 @@ def test_projector_is_repas_mlp():
     proj = build_projector(1152, 768)
     kinds = [type(m).__name__ for m in proj]
     assert kinds == ["Linear", "SiLU", "Linear", "SiLU", "Linear"]
-    assert [(m.in_features, m.out_features) for m in proj if isinstance(m, torch.nn.Linear)] == \
-        [(1152, 2048), (2048, 2048), (2048, 768)]
+    assert [(m.in_features, m.out_features) for m in proj if isinstance(m, torch.nn.Linear)] == [
+        (1152, 2048),
+        (2048, 2048),
+        (2048, 768),
+    ]
 
 
 # --- model: hidden state of block k, training module ----------------------------------------------------
+
 
 def _inputs(n=3):
     g = torch.Generator().manual_seed(1)
@@ -132,7 +144,7 @@ def _inputs(n=3):
 def test_dit_returns_the_tokens_after_block_k_and_nothing_else_changes(block):
     torch.manual_seed(0)
     model = DiT(**TINY, block=block).eval()
-    for p in model.parameters():                              # zero-init gates would make every block the identity
+    for p in model.parameters():  # zero-init gates would make every block the identity
         p.data.normal_(0, 0.05)
     x, t, y = _inputs()
     out, hidden = model(x, t, y, hidden_block=2)
@@ -153,19 +165,19 @@ def test_training_module_projects_block_k_and_keeps_official_names():
     plain = DiT(**TINY)
     names = set(model.state_dict())
     assert {n for n in names if not is_training_only(n)} == set(plain.state_dict())
-    assert {n for n in names if is_training_only(n)} == {f"repa_projector.{i}.{w}" for i in (0, 2, 4)
-                                                         for w in ("weight", "bias")}
+    assert {n for n in names if is_training_only(n)} == {
+        f"repa_projector.{i}.{w}" for i in (0, 2, 4) for w in ("weight", "bias")
+    }
     x, t, y = _inputs()
     out, extras = model(x, t, y, align=True)
     assert extras["repa_tokens"].shape == (3, 16, 24)
     torch.testing.assert_close(out, model(x, t, y))
-    alignment_loss(extras["repa_tokens"], torch.randn(3, 16, 24)).sum().backward()   # through checkpointed blocks
+    alignment_loss(extras["repa_tokens"], torch.randn(3, 16, 24)).sum().backward()  # through checkpointed blocks
     assert model.repa_projector[0].weight.grad.abs().sum() > 0
-    assert model.blocks[0].adaLN_modulation[1].weight.grad.abs().sum() > 0         # zero-init gates learn
-    assert model.blocks[2].adaLN_modulation[1].weight.grad is None                 # after block k: untouched
+    assert model.blocks[0].adaLN_modulation[1].weight.grad.abs().sum() > 0  # zero-init gates learn
+    assert model.blocks[2].adaLN_modulation[1].weight.grad is None  # after block k: untouched
     with pytest.raises(ValueError, match="repa.block=4"):
         DiTWithProjector(align_block=4, encoder_dim=24, **TINY)
-
 
 
 def test_ema_follows_the_dit_and_not_the_projector():
@@ -176,4 +188,4 @@ def test_ema_follows_the_dit_and_not_the_projector():
     model = DiTWithProjector(align_block=1, encoder_dim=8, projector_width=16, **TINY)
     followed = [n for n, _ in _followed(SimpleNamespace(module=model))]
     assert followed == [n for n, p in DiT(**TINY).named_parameters()]
-    assert len(list(model.parameters())) == len(followed) + 6                      # 3 linears of the projector
+    assert len(list(model.parameters())) == len(followed) + 6  # 3 linears of the projector

@@ -1,4 +1,5 @@
 """bench/sample_bench.py in its CPU smoke mode: the report it writes is complete and consistent."""
+
 import importlib.util
 import json
 import sys
@@ -19,7 +20,7 @@ def test_smoke_report(tmp_path):
     base, bf16 = report["results"]
     assert [base["variant"], bf16["variant"]] == ["eager-autocast", "eager-bf16"]
     assert base["status"] == bf16["status"] == "ok" and base["ratio"] == 1.0 and base["max_rel_diff"] == 0.0
-    assert 0 < bf16["max_rel_diff"] < 0.05 and bf16["finite"]                     # bf16 weights: rounding only
+    assert 0 < bf16["max_rel_diff"] < 0.05 and bf16["finite"]  # bf16 weights: rounding only
     assert report["ours"]["variant"] == "eager-bf16"
     assert abs(bf16["images_per_s"] - report["batch"] / (bf16["step_s"] * 250)) < 1e-2 * bf16["images_per_s"]
     assert "**ours = eager-bf16" in (tmp_path / "sample_bench.md").read_text()

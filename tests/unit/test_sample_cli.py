@@ -1,4 +1,5 @@
 """`python -m ditscale.sample`: grids and .npz from a checkpoint file, seed-reproducible, resumable, across ranks."""
+
 import json
 import os
 import signal
@@ -27,12 +28,14 @@ def ckpt(tmp_path_factory):
     from safetensors.torch import save_file
 
     root = tmp_path_factory.mktemp("export")
-    model = randomize(build_dit("DiT-S/2", depth=2, hidden_size=32, num_heads=2, input_size=8, in_channels=3,
-                                num_classes=5))
+    model = randomize(
+        build_dit("DiT-S/2", depth=2, hidden_size=32, num_heads=2, input_size=8, in_channels=3, num_classes=5)
+    )
     save_file(model.state_dict(), root / "ema.safetensors")
     (root / "config.json").write_text(json.dumps({"model": {"num_heads": 2, "class_dropout_prob": 0.1}}))
-    (root / "dataset.json").write_text(json.dumps({"classes": ["zero", "one", "two", "three", "four"],
-                                                   "vae": "none", "scale_factor": 1.0}))
+    (root / "dataset.json").write_text(
+        json.dumps({"classes": ["zero", "one", "two", "three", "four"], "vae": "none", "scale_factor": 1.0})
+    )
     return root
 
 
@@ -58,12 +61,23 @@ def test_grid_is_seed_reproducible_and_labelled(ckpt, tmp_path):
     assert main([*grid, "--seed", "1", "--dataset", str(ckpt), "--out", str(tmp_path / "d.png")]) == 0
     a, b, c, d = (png(tmp_path / f"{k}.png") for k in "abcd")
     assert np.array_equal(a, b) and not np.array_equal(a, c)
-    assert d.shape[1] > a.shape[1] and np.array_equal(a[:, -100:], d[:, -100:])   # names widen the label column
+    assert d.shape[1] > a.shape[1] and np.array_equal(a[:, -100:], d[:, -100:])  # names widen the label column
 
 
 def test_npz_run_resumes_without_duplicates_or_gaps(ckpt, tmp_path):
-    run = common(ckpt, "--npz-out", str(tmp_path / "s"), "--num-samples", "10", "--batch-size", "4", "--cfg-scale",
-                 "1.5", "--seed", "3")
+    run = common(
+        ckpt,
+        "--npz-out",
+        str(tmp_path / "s"),
+        "--num-samples",
+        "10",
+        "--batch-size",
+        "4",
+        "--cfg-scale",
+        "1.5",
+        "--seed",
+        "3",
+    )
     assert main(run) == 0
     path, images, labels = npz(tmp_path / "s")
     assert path.name == "samples_10x8x8x3.npz" and images.shape == (10, 8, 8, 3) and images.dtype == np.uint8
@@ -74,18 +88,34 @@ def test_npz_run_resumes_without_duplicates_or_gaps(ckpt, tmp_path):
         p.unlink()
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "s" / "chunks").iterdir()}
     assert main(run) == 0
-    assert all(p.stat().st_mtime_ns == t for p, t in before.items())              # done chunks untouched
+    assert all(p.stat().st_mtime_ns == t for p, t in before.items())  # done chunks untouched
     _, again, again_labels = npz(tmp_path / "s")
     assert np.array_equal(images, again) and np.array_equal(labels, again_labels)
-    assert main([*run, "--labels", "random"]) == 2                                 # other settings: refused
+    assert main([*run, "--labels", "random"]) == 2  # other settings: refused
 
 
 def test_npz_feeds_the_evaluator(ckpt, tmp_path, capsys):
     from ditscale.evaluate.__main__ import main as evaluate
     from ditscale.evaluate.tiny import TinyFeatureNet
 
-    assert main(common(ckpt, "--npz-out", str(tmp_path), "--samples-per-class", "3", "--batch-size", "6",
-                       "--cfg-scale", "1.5", "--weights", "ema")) == 0
+    assert (
+        main(
+            common(
+                ckpt,
+                "--npz-out",
+                str(tmp_path),
+                "--samples-per-class",
+                "3",
+                "--batch-size",
+                "6",
+                "--cfg-scale",
+                "1.5",
+                "--weights",
+                "ema",
+            )
+        )
+        == 0
+    )
     path, _, labels = npz(tmp_path)
     assert np.bincount(labels).tolist() == [3] * 5
     capsys.readouterr()
@@ -93,11 +123,19 @@ def test_npz_feeds_the_evaluator(ckpt, tmp_path, capsys):
     assert evaluate(argv, net=TinyFeatureNet().eval()) == 0
     metrics = json.loads(path.with_suffix(".metrics.json").read_text())
     assert abs(metrics["fid"]) < 1e-3 and metrics["num_samples"] == 15
-    sampling = metrics["sampling"]                                  # the .npz's own record of how it was made
-    assert (sampling["cfg_scale"], sampling["sampler"], sampling["steps"], sampling["guide_channels"]) == \
-        (1.5, "ddpm", 4, 3)
-    assert (sampling["labels"], sampling["weights"], sampling["per_class_min"], sampling["per_class_max"]) == \
-        ("balanced", "ema", 3, 3)
+    sampling = metrics["sampling"]  # the .npz's own record of how it was made
+    assert (sampling["cfg_scale"], sampling["sampler"], sampling["steps"], sampling["guide_channels"]) == (
+        1.5,
+        "ddpm",
+        4,
+        3,
+    )
+    assert (sampling["labels"], sampling["weights"], sampling["per_class_min"], sampling["per_class_max"]) == (
+        "balanced",
+        "ema",
+        3,
+        3,
+    )
     with pytest.raises(SystemExit) as bad:
         main(common(ckpt, "--npz-out", str(tmp_path / "r"), "--samples-per-class", "3", "--labels", "random"))
     assert bad.value.code == 2
@@ -110,7 +148,7 @@ def test_random_labels_and_other_batch_sizes_give_the_same_samples(ckpt, tmp_pat
     _, a, la = npz(tmp_path / "a")
     _, b, lb = npz(tmp_path / "b")
     assert np.array_equal(la, lb) and len(set(la.tolist())) > 1
-    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1                         # float noise in batching only
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # float noise in batching only
 
 
 def test_latent_mode_decodes_with_the_local_vae(ckpt, tmp_path):
@@ -118,18 +156,39 @@ def test_latent_mode_decodes_with_the_local_vae(ckpt, tmp_path):
     from safetensors.torch import save_file
 
     torch.manual_seed(0)
-    AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
-                  layers_per_block=1).save_pretrained(tmp_path / "vae")
+    AutoencoderKL(
+        block_out_channels=(8, 16),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4,
+        norm_num_groups=8,
+        layers_per_block=1,
+    ).save_pretrained(tmp_path / "vae")
     model = randomize(build_dit("DiT-S/2", depth=1, input_size=4, num_classes=3))
     save_file(model.state_dict(), tmp_path / "w.safetensors")
-    (tmp_path / "dataset.json").write_text(json.dumps({"vae": str(tmp_path / "vae"), "scale_factor": 0.3,
-                                                       "classes": ["a", "b", "c"]}))
-    args = ["--ckpt", str(tmp_path / "w.safetensors"), "--dataset", str(tmp_path), "--steps", "3", "--no-progress",
-            "--classes", "0,2", "--num-per-class", "2", "--sampler", "ddim", "--guide-channels", "4"]
+    (tmp_path / "dataset.json").write_text(
+        json.dumps({"vae": str(tmp_path / "vae"), "scale_factor": 0.3, "classes": ["a", "b", "c"]})
+    )
+    args = [
+        "--ckpt",
+        str(tmp_path / "w.safetensors"),
+        "--dataset",
+        str(tmp_path),
+        "--steps",
+        "3",
+        "--no-progress",
+        "--classes",
+        "0,2",
+        "--num-per-class",
+        "2",
+        "--sampler",
+        "ddim",
+        "--guide-channels",
+        "4",
+    ]
     assert main([*args, "--out", str(tmp_path / "g.png")]) == 0
     grid = png(tmp_path / "g.png")
-    assert grid.shape[0] == 2 + 2 * (64 + 2)                                         # 8×8 images shown at 64 px
+    assert grid.shape[0] == 2 + 2 * (64 + 2)  # 8×8 images shown at 64 px
     assert main([*args, "--scale-factor", "0.6", "--out", str(tmp_path / "h.png")]) == 0
     assert not np.array_equal(grid, png(tmp_path / "h.png"))
 
@@ -151,16 +210,33 @@ def test_bad_inputs_exit_2(ckpt, tmp_path, capsys):
 
 def _launch(args, env_extra):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **env_extra}
-    return subprocess.Popen([sys.executable, "-m", "ditscale.sample", *args], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "ditscale.sample", *args],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 @pytest.mark.distributed
 def test_two_processes_and_a_kill(ckpt, tmp_path):
     """Two real ranks (torchrun-style variables) write the same .npz as one process; so does a run that is
     SIGKILLed after its first chunk, then rerun."""
-    run = lambda out: common(ckpt, "--npz-out", str(tmp_path / out), "--num-samples", "9", "--batch-size", "2",
-                             "--steps", "60", "--stall-timeout", "120")
+    run = lambda out: common(
+        ckpt,
+        "--npz-out",
+        str(tmp_path / out),
+        "--num-samples",
+        "9",
+        "--batch-size",
+        "2",
+        "--steps",
+        "60",
+        "--stall-timeout",
+        "120",
+    )
     assert main(run("one")) == 0
     _, reference, ref_labels = npz(tmp_path / "one")
     ranks = [_launch(run("two"), {"RANK": str(r), "WORLD_SIZE": "2", "LOCAL_RANK": str(r)}) for r in (1, 0)]

@@ -1,5 +1,6 @@
 """Guided DDPM / DDIM sampling: parity with the diffusion's own loops, the official CFG semantics,
 per-sample seeds, decoding."""
+
 import numpy as np
 import pytest
 import torch
@@ -24,8 +25,9 @@ torch.set_num_threads(1)
 
 def tiny(seed=0, **kw):
     """A DiT small enough for the CPU, with random (not zero-initialised) weights so outputs depend on x, t, y."""
-    model = build_dit("DiT-S/2", **{"depth": 2, "hidden_size": 32, "num_heads": 2, "input_size": 8,
-                                    "num_classes": 10, **kw}).eval()
+    model = build_dit(
+        "DiT-S/2", **{"depth": 2, "hidden_size": 32, "num_heads": 2, "input_size": 8, "num_classes": 10, **kw}
+    ).eval()
     return randomize(model, seed)
 
 
@@ -47,10 +49,12 @@ def test_unguided_ddpm_reproduces_the_diffusions_loop(model):
 @pytest.mark.parametrize("eta", [0.0, 0.6])
 def test_unguided_ddim_reproduces_the_diffusions_loop(model, eta):
     d = sampling_diffusion("ddim", 10)
-    ours = sample_latents(model, d, Y, cfg_scale=1.0, sampler="ddim", eta=eta,
-                          generator=torch.Generator().manual_seed(5))
-    ref = d.ddim_sample_loop(model, (3, 4, 8, 8), model_kwargs={"y": Y}, eta=eta,
-                             generator=torch.Generator().manual_seed(5))
+    ours = sample_latents(
+        model, d, Y, cfg_scale=1.0, sampler="ddim", eta=eta, generator=torch.Generator().manual_seed(5)
+    )
+    ref = d.ddim_sample_loop(
+        model, (3, 4, 8, 8), model_kwargs={"y": Y}, eta=eta, generator=torch.Generator().manual_seed(5)
+    )
     assert torch.allclose(ours, ref, atol=1e-6, rtol=0)
 
 
@@ -61,8 +65,9 @@ def test_guidance_is_the_official_doubled_batch_loop(model, channels):
     z = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(2))
     x2, y2 = prepare_cfg_inputs(z, Y, model.num_classes)
     ref = d.ddim_sample_loop(cfg_wrapper(model, 4.0, channels), x2.shape, noise=x2, model_kwargs={"y": y2})[:3]
-    ours = sample_latents(model, d, Y, cfg_scale=4.0, guide_channels=channels, sampler="ddim",
-                          generator=torch.Generator().manual_seed(2))
+    ours = sample_latents(
+        model, d, Y, cfg_scale=4.0, guide_channels=channels, sampler="ddim", generator=torch.Generator().manual_seed(2)
+    )
     assert torch.allclose(ours, ref, atol=1e-5, rtol=0)
     unguided = sample_latents(model, d, Y, cfg_scale=1.0, sampler="ddim", generator=torch.Generator().manual_seed(2))
     assert (ours - unguided).abs().max() > 1e-2
@@ -102,7 +107,7 @@ def test_index_labels_balanced_and_random():
 def test_respacing_for():
     assert respacing_for("ddpm", 250) == "250"
     assert respacing_for("ddim", 50) == "ddim50"
-    assert respacing_for("ddim", 300) == "300"                       # no stride gives exactly 300 of 1000
+    assert respacing_for("ddim", 300) == "300"  # no stride gives exactly 300 of 1000
     with pytest.raises(ValueError, match="unknown sampler 'plms'; choose one of ddpm, ddim, euler, heun"):
         respacing_for("plms", 10)
     with pytest.raises(ValueError, match="sampler 'euler' samples flow models.*choose one of ddpm, ddim"):
@@ -134,7 +139,7 @@ def test_bad_requests_are_refused(model):
         GuidedSampler(model, d, cfg_scale=-1.0)
     with pytest.raises(ValueError, match="no null class"):
         GuidedSampler(tiny(class_dropout_prob=0.0), d, cfg_scale=4.0)
-    GuidedSampler(tiny(class_dropout_prob=0.0), d, cfg_scale=1.0)                 # fine without guidance
+    GuidedSampler(tiny(class_dropout_prob=0.0), d, cfg_scale=1.0)  # fine without guidance
 
 
 def test_steps_default_to_250_for_the_models_sigma():
@@ -162,9 +167,14 @@ def test_decode_pixel_mode_and_uint8_rounding():
 def test_decode_with_a_vae_divides_by_the_scale_first():
     from diffusers import AutoencoderKL
 
-    vae = AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
-                        up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=8,
-                        layers_per_block=1).eval()
+    vae = AutoencoderKL(
+        block_out_channels=(8,),
+        down_block_types=("DownEncoderBlock2D",),
+        up_block_types=("UpDecoderBlock2D",),
+        latent_channels=4,
+        norm_num_groups=8,
+        layers_per_block=1,
+    ).eval()
     z = torch.randn(3, 4, 4, 4, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = vae.decode(z / 0.5).sample
@@ -186,4 +196,4 @@ def test_compiled_sampling_matches_eager(mode):
     eager = sample_latents(model, d, Y, sampler="ddim", eta=0.5, seeds=[4, 5, 6])
     compiled = sample_latents(copy.deepcopy(model), d, Y, sampler="ddim", eta=0.5, seeds=[4, 5, 6], compile=mode)
     assert torch.allclose(compiled, eager, atol=1e-4, rtol=1e-4)
-    assert counters["stats"]["unique_graphs"] == 1                               # one block graph serves all
+    assert counters["stats"]["unique_graphs"] == 1  # one block graph serves all

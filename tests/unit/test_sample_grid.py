@@ -1,4 +1,5 @@
 """Labelled PNG grids and the trainer's EMA grid (fixed noise and labels, PNG + TensorBoard)."""
+
 import numpy as np
 import pytest
 import torch
@@ -11,8 +12,10 @@ torch.set_num_threads(1)
 
 
 def pixel_model(**kw):
-    model = build_dit("DiT-S/2", **{"depth": 2, "hidden_size": 32, "num_heads": 2, "input_size": 8,
-                                    "in_channels": 3, "num_classes": 5, **kw})
+    model = build_dit(
+        "DiT-S/2",
+        **{"depth": 2, "hidden_size": 32, "num_heads": 2, "input_size": 8, "in_channels": 3, "num_classes": 5, **kw},
+    )
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in model.parameters():
@@ -22,24 +25,25 @@ def pixel_model(**kw):
 
 def test_one_row_per_class_in_order_with_labels(tmp_path):
     images = np.zeros((5, 8, 8, 3), np.uint8)
-    images[:, :, :, 0] = np.arange(5)[:, None, None] * 50                       # red level = position
-    grid = save_grid(images, [7, 7, 2, 7, 2], tmp_path / "g.png", class_names=[f"name{i}" for i in range(10)],
-                     min_cell=16)
+    images[:, :, :, 0] = np.arange(5)[:, None, None] * 50  # red level = position
+    grid = save_grid(
+        images, [7, 7, 2, 7, 2], tmp_path / "g.png", class_names=[f"name{i}" for i in range(10)], min_cell=16
+    )
     loaded = np.asarray(Image.open(tmp_path / "g.png"))
     assert loaded.shape == (2 + 2 * (16 + 2), grid.width, 3)
-    label_w = grid.width - 3 * (16 + 2) - 2                                       # 3 columns: class 7 has 3
-    tile = lambda r, c: loaded[2 + r * 18: 2 + r * 18 + 16, label_w + 2 + c * 18: label_w + 2 + c * 18 + 16]
-    assert [tile(0, c)[0, 0, 0] for c in range(3)] == [0, 50, 150]               # class 7 first, its images in order
+    label_w = grid.width - 3 * (16 + 2) - 2  # 3 columns: class 7 has 3
+    tile = lambda r, c: loaded[2 + r * 18 : 2 + r * 18 + 16, label_w + 2 + c * 18 : label_w + 2 + c * 18 + 16]
+    assert [tile(0, c)[0, 0, 0] for c in range(3)] == [0, 50, 150]  # class 7 first, its images in order
     assert [tile(1, c)[0, 0, 0] for c in range(2)] == [100, 200]
-    assert (tile(1, 2) == 255).all()                                              # short row padded white
-    assert (loaded[:, :label_w] < 128).any()                                      # text drawn in the label column
+    assert (tile(1, 2) == 255).all()  # short row padded white
+    assert (loaded[:, :label_w] < 128).any()  # text drawn in the label column
     unlabelled = save_grid(images, [7, 7, 2, 7, 2], tmp_path / "u.png", min_cell=16)
-    assert unlabelled.width < grid.width                                          # ids only: narrower column
+    assert unlabelled.width < grid.width  # ids only: narrower column
 
 
 def test_float_images_and_bad_inputs(tmp_path):
     grid = save_grid(torch.zeros(2, 3, 4, 4), [0, 1], tmp_path / "f.png", min_cell=4)
-    assert np.asarray(grid)[2, -3].tolist() == [128, 128, 128]                   # 0.0 → 128
+    assert np.asarray(grid)[2, -3].tolist() == [128, 128, 128]  # 0.0 → 128
     with pytest.raises(ValueError, match="2 images but 3 labels"):
         save_grid(np.zeros((2, 4, 4, 3), np.uint8), [0, 1, 2], tmp_path / "x.png")
     with pytest.raises(ValueError, match=r"expected images \(N, H, W, 3\) uint8"):
@@ -56,12 +60,12 @@ def test_ema_grid_is_fixed_across_calls_and_logs_to_tensorboard(tmp_path):
     first = ema_grid(model, cfg, 100, tmp_path / "grids", tb_writer=writer)
     second = ema_grid(model, GridConfig(**cfg), 200, tmp_path / "grids", tb_writer=writer)
     writer.close()
-    assert model.training                                                         # mode restored
+    assert model.training  # mode restored
     assert first.name == "grid_00000100.png" and second.name == "grid_00000200.png"
     a, b = np.asarray(Image.open(first)), np.asarray(Image.open(second))
     assert np.array_equal(a, b) and a.std() > 0
     with torch.no_grad():
-        model.final_layer.linear.bias.add_(0.5)                                   # new weights → new grid
+        model.final_layer.linear.bias.add_(0.5)  # new weights → new grid
     assert not np.array_equal(a, np.asarray(Image.open(ema_grid(model, cfg, 300, tmp_path / "grids"))))
     events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0})
     events.Reload()

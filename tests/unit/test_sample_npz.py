@@ -1,5 +1,6 @@
 """Resumable multi-rank .npz sampling (rank variables: test_runtime.py): chunk ownership, kill/resume without duplicates or gaps,
 streamed ADM .npz assembly (read back by numpy and by ditscale.evaluate)."""
+
 import json
 
 import numpy as np
@@ -9,7 +10,7 @@ from ditscale.evaluate.features import check_image_array, iter_npz_batches, npz_
 from ditscale.runtime import RankEnv
 from ditscale.sampling.npz import assemble, chunk_path, done_chunks, prepare_dir, run_chunks, write_chunk
 
-N, S = 23, 5                                                                     # 5 chunks, the last of 3
+N, S = 23, 5  # 5 chunks, the last of 3
 
 
 def produce(indices, calls=None):
@@ -44,7 +45,7 @@ def test_single_rank_writes_the_adm_npz(tmp_path):
 
 def test_ranks_split_the_chunks_and_rank0_assembles(tmp_path):
     calls = {r: [] for r in range(3)}
-    for r in (2, 1):                                                               # others finish first
+    for r in (2, 1):  # others finish first
         assert run_chunks(tmp_path, N, S, lambda i, r=r: produce(i, calls[r]), RankEnv(r, 3, 0)) is None
     out = run_chunks(tmp_path, N, S, lambda i: produce(i, calls[0]), RankEnv(0, 3, 0), stall_timeout=5)
     assert calls[0] == [*range(0, 5), *range(15, 20)] and calls[1] == [*range(5, 10), *range(20, 23)]
@@ -57,12 +58,12 @@ def test_resume_redoes_only_the_missing_chunks_on_any_world_size(tmp_path):
     run_chunks(tmp_path, N, S, produce)
     reference = load(next(tmp_path.glob("samples_*.npz")))
     for path in [next(tmp_path.glob("samples_*.npz")), chunk_path(tmp_path, 1), chunk_path(tmp_path, 4)]:
-        path.unlink()                                                               # "killed" before these
+        path.unlink()  # "killed" before these
     chunk_path(tmp_path, 4).with_suffix(".npz.tmp").write_bytes(b"half-written")  # a kill mid-write
     calls = []
     assert run_chunks(tmp_path, N, S, lambda i: produce(i, calls), RankEnv(1, 2, 0)) is None
     out = run_chunks(tmp_path, N, S, lambda i: produce(i, calls), RankEnv(0, 2, 0), stall_timeout=5)
-    assert sorted(calls) == [*range(5, 10), *range(20, 23)]                        # nothing twice
+    assert sorted(calls) == [*range(5, 10), *range(20, 23)]  # nothing twice
     again = load(out)
     assert all(np.array_equal(a, b) for a, b in zip(reference, again))
 
@@ -77,7 +78,7 @@ def test_assemble_checks_chunk_contents(tmp_path):
     for j, start in enumerate(range(0, N, S)):
         span = range(start, min(start + S, N))
         write_chunk(tmp_path, j, *produce(span), span)
-    write_chunk(tmp_path, 2, *produce(range(11, 16)), range(11, 16))              # wrong indices for chunk 2
+    write_chunk(tmp_path, 2, *produce(range(11, 16)), range(11, 16))  # wrong indices for chunk 2
     with pytest.raises(ValueError, match=r"000002\.npz: holds indices \[11, 12, 13\].*Delete it and rerun"):
         assemble(tmp_path, N, S)
     chunk_path(tmp_path, 3).unlink()
@@ -88,7 +89,7 @@ def test_assemble_checks_chunk_contents(tmp_path):
 def test_manifest_keeps_settings_and_first_chunk_size(tmp_path):
     settings = {"seed": 0, "cfg_scale": 1.5, "guide_channels": 3, "scale_factor": [0.2, 0.3]}
     assert prepare_dir(tmp_path, settings, 64) == 64
-    assert prepare_dir(tmp_path, dict(settings), 32) == 64                         # batch size may change
+    assert prepare_dir(tmp_path, dict(settings), 32) == 64  # batch size may change
     assert json.loads((tmp_path / "manifest.json").read_text())["chunk_size"] == 64
     with pytest.raises(ValueError, match=r"other settings \(cfg_scale: was 1\.5, now 4\.0\)"):
         prepare_dir(tmp_path, {**settings, "cfg_scale": 4.0}, 64)

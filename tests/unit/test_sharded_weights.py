@@ -1,6 +1,7 @@
 """Sharded exports (`<name>.safetensors.index.json` + numbered shards + `<name>.json`) as the trainer's
 export writes them (ditscale.weights' writer, without a checkpoint), read back as ditscale.sample and
 ditscale.interop read them."""
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,14 @@ def write_export(out, model, max_shard_bytes):
         asked.append(names)
         return {n: sd[n] for n in names}
 
-    files = write_weights(out, {k: tuple(v.shape) for k, v in sd.items()}, tensors, max_shard_bytes,
-                          {"format": "pt", "weights": "ema"}, log=lambda *_: None)
+    files = write_weights(
+        out,
+        {k: tuple(v.shape) for k, v in sd.items()},
+        tensors,
+        max_shard_bytes,
+        {"format": "pt", "weights": "ema"},
+        log=lambda *_: None,
+    )
     out.with_suffix(".json").write_text(json.dumps({"model": model.config, "weights": "ema"}))
     return files, asked
 
@@ -50,8 +57,10 @@ def test_writer_asks_one_shard_at_a_time(tmp_path):
     files, asked = write_export(tmp_path / "ema.safetensors", model, limit)
     index = json.loads(files[-1].read_text())
     assert files[-1].name == "ema.safetensors.index.json" and len(files) - 1 == len(asked) > 3
-    assert [f.name for f in files[:2]] == [f"ema-00001-of-{len(asked):05d}.safetensors",
-                                            f"ema-00002-of-{len(asked):05d}.safetensors"]
+    assert [f.name for f in files[:2]] == [
+        f"ema-00001-of-{len(asked):05d}.safetensors",
+        f"ema-00002-of-{len(asked):05d}.safetensors",
+    ]
     sd = model.state_dict()
     for names in asked:
         assert sum(4 * sd[n].numel() for n in names) <= limit or len(names) == 1
@@ -73,7 +82,7 @@ def test_load_model_reads_a_sharded_export(tmp_path, form):
 def test_directory_with_raw_and_ema_exports_picks_by_name(tmp_path, capsys):
     ema, raw = tiny_model(0), tiny_model(1)
     write_export(tmp_path / "ema.safetensors", ema, 20_000)
-    write_export(tmp_path / "raw.safetensors", raw, 10**9)                     # one file
+    write_export(tmp_path / "raw.safetensors", raw, 10**9)  # one file
     assert_same(load_model(tmp_path, "ema"), ema)
     assert_same(load_model(tmp_path, "raw"), raw)
     assert interop_main(["inspect", "--ckpt", str(tmp_path / "ema.safetensors.index.json")]) == 0
@@ -97,7 +106,7 @@ def test_broken_shard_sets_are_named(tmp_path):
     index = files[-1]
     weight_map = json.loads(index.read_text())["weight_map"]
     moved = next(iter(weight_map))
-    weight_map[moved] = files[-2].name                                      # listed in the wrong shard
+    weight_map[moved] = files[-2].name  # listed in the wrong shard
     index.write_text(json.dumps({"weight_map": weight_map}))
     with pytest.raises(ValueError, match=rf"shard .* holds .*{re.escape(moved)}"):
         read_state_dict(index)

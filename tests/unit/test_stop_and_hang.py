@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 # Stop signals
 # ----------------------------------------------------------------------------------------------------------
 
+
 def test_a_stop_signal_is_recorded_never_fatal_and_the_handlers_stay(tmp_path):
     """In a fresh interpreter (the handlers are process-wide): both signals are survived, the first is kept,
     and a test pause waits for a signal on the allocation it names only."""
@@ -49,6 +50,7 @@ print(signals.signal_name(signals.stop_received()), signals.stop_received() == s
 # Step watchdog
 # ----------------------------------------------------------------------------------------------------------
 
+
 class _Exit(Exception):
     pass
 
@@ -62,11 +64,11 @@ def _watchdog(timeout_s: float):
 def test_watchdog_fires_after_the_timeout_without_a_step_with_stacks(capfd):
     dog, fired = _watchdog(0.2)
     time.sleep(0.4)
-    assert fired == []                                   # not armed before the first step
+    assert fired == []  # not armed before the first step
     dog.beat(7)
     for _ in range(3):
         time.sleep(0.1)
-        dog.beat(8)                                      # steps keep coming: quiet
+        dog.beat(8)  # steps keep coming: quiet
     assert fired == []
     time.sleep(0.5)
     assert fired == [EXIT_HUNG]
@@ -100,6 +102,7 @@ def test_watchdog_off_and_closed():
 # ----------------------------------------------------------------------------------------------------------
 # Files follow the umask
 # ----------------------------------------------------------------------------------------------------------
+
 
 def test_safetensors_files_follow_the_umask(tmp_path):
     import torch
@@ -139,8 +142,13 @@ ROWS = [  # RC SIGNAL NEW_CKPT SLURM RETRIES MAX UNSTARTED -> action, retries, w
     ("85 1 1 requeued 0 3 0", "leave", 0, "SLURM has requeued the job itself"),
     ("1 0 0 requeued 3 3 0", "leave", 4, "SLURM has requeued the job itself"),
     ("none 1 0 requeued 0 3 2", "leave", 0, "SLURM has requeued the job itself"),
-    ("85 1 1 ended:CANCELLED 0 3 0", "leave", 0, "the job is CANCELLED (cancelled, past its time limit or preempted) "
-                                                 "and SLURM will not requeue it: not requeued; sbatch again"),
+    (
+        "85 1 1 ended:CANCELLED 0 3 0",
+        "leave",
+        0,
+        "the job is CANCELLED (cancelled, past its time limit or preempted) "
+        "and SLURM will not requeue it: not requeued; sbatch again",
+    ),
     ("85 0 1 ended:TIMEOUT 0 3 0", "leave", 0, "the job is TIMEOUT"),
     ("1 0 0 unknown 0 3 0", "leave", 1, "SLURM did not answer"),
 ]
@@ -148,8 +156,14 @@ ROWS = [  # RC SIGNAL NEW_CKPT SLURM RETRIES MAX UNSTARTED -> action, retries, w
 
 def test_decision_table_rows():
     script = "\n".join(f"slurm/train_xl.sh --decide {args}" for args, *_ in ROWS)
-    out = subprocess.run(["bash", "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60,
-                         env={k: v for k, v in os.environ.items() if not k.startswith("SLURM_")})
+    out = subprocess.run(
+        ["bash", "-c", script],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if not k.startswith("SLURM_")},
+    )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert len(lines) == len(ROWS), out.stdout
