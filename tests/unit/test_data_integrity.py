@@ -21,14 +21,7 @@ from ditscale.data.schema import MDS_INDEX, WDS_INDEX
 N = 40
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _streaming_shm():
-    from streaming.base.util import clean_stale_shared_memory
-
-    torch.set_num_threads(1)
-    clean_stale_shared_memory()
-    yield
-    clean_stale_shared_memory()
+pytestmark = pytest.mark.usefixtures("streaming_shm")
 
 
 @pytest.fixture(scope="module")

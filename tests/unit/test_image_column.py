@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_data_reader import _streaming_shm  # noqa: F401  (autouse: streaming's shared memory cleaned)
 
 from data_prep import images, make_dataset
 from data_prep.encode import EncodeConfig
@@ -20,6 +19,8 @@ from data_prep.testing import write_image_folder
 from data_prep.verify import verify
 from ditscale.data import build_dataset, flip_of
 from ditscale.data.image_column import ImageColumn
+
+pytestmark = pytest.mark.usefixtures("streaming_shm")
 
 RES = 16
 
