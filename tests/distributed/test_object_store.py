@@ -18,6 +18,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -61,12 +62,11 @@ def data_prep(*args: str, env: dict | None = None) -> subprocess.CompletedProces
 
 
 @pytest.fixture(scope="module")
-def bucket_dataset(s3, tmp_path_factory) -> str:
-    """digits64 encoded by 1 worker straight into the bucket as 8 slices (one shard each), the first
-    attempt SIGKILLed inside slice 2; then merged and verified there."""
-    from conftest import write_digits
-
-    images = write_digits(tmp_path_factory.mktemp("s3_images"), 64)
+def bucket_dataset(s3, digits64, tmp_path_factory) -> str:
+    """digits64's images encoded by 1 worker straight into the bucket as 8 slices (one shard each), the
+    first attempt SIGKILLed inside slice 2; then merged and verified there."""
+    images = Path(digits64).parent / "images"  # conftest.digits_dataset writes them there
+    assert len(list(images.glob("*/*.png"))) == 64
     encode = [
         "encode",
         "--input",
