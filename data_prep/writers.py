@@ -12,6 +12,7 @@ discards it and encodes the slice again.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -73,6 +74,8 @@ class SliceOutput:
                     f.write(files[name])
                 up.upload_file(name)
             shutil.rmtree(self.local, ignore_errors=True)
+            with contextlib.suppress(OSError):  # the output's staging folder, once its last slice is out
+                os.rmdir(os.path.dirname(self.local))
             return
         for name in names:
             with open(os.path.join(self.local, name), "wb") as f:
