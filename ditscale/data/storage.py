@@ -144,14 +144,19 @@ def _download(url: str, timeout: float) -> bytes:
             return f.read()
 
 
+def _s3_client():
+    """A boto3 S3 client configured as streaming configures its own (environment, S3_ENDPOINT_URL)."""
+    import boto3
+
+    return boto3.session.Session().client("s3", endpoint_url=os.environ.get("S3_ENDPOINT_URL"))
+
+
 def _s3_bucket_missing(url: str) -> bool:
     """For an absent s3:// object: whether its whole bucket is missing (a HEAD Object cannot tell)."""
     if urllib.parse.urlparse(url).scheme != "s3":
         return False
     try:
-        import boto3
-
-        client = boto3.session.Session().client("s3", endpoint_url=os.environ.get("S3_ENDPOINT_URL"))
+        client = _s3_client()
         client.head_bucket(Bucket=urllib.parse.urlparse(url).netloc)
         return False
     except Exception as e:
@@ -164,9 +169,7 @@ def list_sizes(prefix: str) -> dict[str, int] | None:
     parsed = urllib.parse.urlparse(str(prefix))
     if parsed.scheme != "s3":
         return None
-    import boto3
-
-    client = boto3.session.Session().client("s3", endpoint_url=os.environ.get("S3_ENDPOINT_URL"))
+    client = _s3_client()
     key = parsed.path.lstrip("/").rstrip("/") + "/"
     out = {}
     try:
