@@ -6,7 +6,7 @@
 
 Every key is typed. An unknown key (with the closest valid ones), a value of the wrong type or out of
 range is a `ConfigError` naming the dotted key; the trainer turns it into exit code 2. Sections:
-model, objective, diffusion, data, optim, train, engine, log, sample, eval; `run_dir` is top level.
+model, objective, diffusion, data, optim, train, engine, log, sample, eval, repa; `run_dir` is top level.
 """
 
 from __future__ import annotations
@@ -474,6 +474,43 @@ class EvalConfig:
 
 
 @dataclass
+class RepaConfig:
+    """REPA (ditscale.repa): align the tokens after DiT block `block`, through a 3-layer MLP projector, to
+    the patch features a frozen DINOv2 gives the clean image; `coeff` · mean negative cosine is added to the
+    loss. The paper's settings: DINOv2 ViT-B/14, block 8 for XL (4 for B and S), coeff 0.5. The dataset
+    must keep images (data_prep encode --keep-image)."""
+
+    enabled: bool = False
+    encoder: str = "dinov2_vitb14"  # dinov2_vits14 | dinov2_vitb14 | dinov2_vitl14 | dinov2_vitg14
+    encoder_weights: str = ""  # local .safetensors / .pth of that encoder (downloaded once)
+    encoder_resolution: int | None = None  # encoder input side; None: 224 per 256 px (REPA), whole patches
+    block: int = 8  # align the tokens after this block (1-based)
+    coeff: float = 0.5  # λ
+    projector_width: int = 2048
+
+    def validate(self) -> None:
+        if not self.enabled:
+            return
+        from ditscale.repa.encoder import ENCODERS, PATCH
+
+        _choice(self.encoder, "repa.encoder", tuple(ENCODERS))
+        _require(
+            bool(self.encoder_weights),
+            "repa.encoder_weights",
+            "is required with repa.enabled (a local weights file; README 'REPA')",
+        )
+        _require(self.block >= 1, "repa.block", f"must be >= 1, got {self.block}")
+        _require(self.coeff >= 0, "repa.coeff", f"must be >= 0 (0: the term is logged, not trained), got {self.coeff}")
+        _require(self.projector_width >= 1, "repa.projector_width", f"must be >= 1, got {self.projector_width}")
+        _require(
+            self.encoder_resolution is None
+            or (self.encoder_resolution >= PATCH and self.encoder_resolution % PATCH == 0),
+            "repa.encoder_resolution",
+            f"must be a multiple of the patch size {PATCH}, got {self.encoder_resolution}",
+        )
+
+
+@dataclass
 class ExperimentConfig:
     run_dir: str = "runs/default"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -486,6 +523,7 @@ class ExperimentConfig:
     log: LogConfig = field(default_factory=LogConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    repa: RepaConfig = field(default_factory=RepaConfig)
 
     def validate(self) -> ExperimentConfig:
         """Check every section and the keys that relate across sections; returns self."""
@@ -508,6 +546,11 @@ class ExperimentConfig:
         if self.sample.every and self.sample.classes and self.model.num_classes is not None:
             bad = [y for y in self.sample.classes if not 0 <= y < self.model.num_classes]
             _require(not bad, "sample.classes", f"{bad} outside the {self.model.num_classes} classes")
+        if self.repa.enabled:
+            from ditscale.models.dit import DIT_PRESETS
+
+            depth = self.model.depth or DIT_PRESETS[self.model.preset]["depth"]
+            _require(self.repa.block <= depth, "repa.block", f"{self.repa.block} is past the model's depth {depth}")
         unknown = [k for k in self.train.resume_ignore if k not in flatten(to_dict(self))]
         _require(not unknown, "train.resume_ignore", f"unknown key(s) {unknown}")
         return self
@@ -713,6 +756,11 @@ def resolve_with_dataset(cfg: ExperimentConfig, meta: dict) -> ExperimentConfig:
             raise ConfigError(f"model.{key}={given} but the dataset at {cfg.data.root} has {value}")
         elif key == "num_classes" and given < value:
             raise ConfigError(f"model.num_classes={given} but the dataset at {cfg.data.root} has {value} classes")
+    if cfg.repa.enabled and not meta.get("image"):
+        raise ConfigError(
+            f"repa.enabled: the dataset at {cfg.data.root} holds no images (dataset.json has no "
+            f"'image'); REPA needs the clean image: re-encode it with data_prep encode --keep-image"
+        )
     if cfg.data.format != "auto" and cfg.data.format != meta["format"]:
         raise ConfigError(f"data.format={cfg.data.format} but {cfg.data.root}/dataset.json says {meta['format']}")
     if cfg.data.cache_limit is not None and meta["format"] != "mds":
@@ -751,6 +799,7 @@ RESUME_MAY_CHANGE = (
     "log.",
     "sample.",
     "eval.",
+    "repa.encoder_weights",
 )
 
 

@@ -98,6 +98,8 @@ def prepare(args, world_size: int) -> tuple[ExperimentConfig, dict, dict]:
     except (OSError, ValueError) as e:
         raise ConfigError(f"data.root: {e}") from None
     cfg = resolve_with_dataset(cfg, meta)
+    if cfg.repa.enabled:
+        load_repa(cfg, meta, torch.device("cpu"))  # the encoder file fits its architecture, before any GPU work
     micro, _ = cfg.train.batch_split(world_size)
     try:
         found = check_dataset(cfg.data.root, meta, deep=args.check and args.deep)
@@ -172,17 +174,19 @@ def step_generator(device: torch.device, seed: int, step: int, rank: int, micro:
 
 
 def micro_step(
-    engine, objective, batch: dict, g: torch.Generator, scale_factor, drop_prob: float, device: torch.device, aux=()
+    engine, objective, batch: dict, g: torch.Generator, scale_factor, drop_prob: float, device: torch.device, extra=None
 ) -> dict[str, torch.Tensor]:
     """Forward + backward of one micro-batch; returns the objective's per-sample terms (N,) in fp32.
-    Draw order from g: the latent, then the objective's own draws (see its module)."""
+    Draw order from g: the latent, then the objective's own draws (see its module). `extra` (e.g. REPA's
+    ditscale.repa.term.Repa) gives per batch the model's extra kwargs and the terms added to the loss."""
     from ditscale.data import sample_latents
 
     mean = batch["mean"].to(device, non_blocking=True)
     logvar = batch["logvar"].to(device, non_blocking=True)
     y = batch["label"].to(device, non_blocking=True)
     x = sample_latents(mean, logvar, scale_factor, generator=g)  # (N, C, h, w) fp32
-    terms = objective.loss(engine, x, y, g, drop_prob=drop_prob, aux=aux)
+    model_kwargs, aux = extra.for_batch(batch) if extra is not None else (None, ())
+    terms = objective.loss(engine, x, y, g, drop_prob=drop_prob, model_kwargs=model_kwargs, aux=aux)
     engine.backward(terms["loss"].mean())
     engine.step()
     return terms
@@ -302,6 +306,21 @@ def start(cfg: ExperimentConfig, ds: dict, env, device: torch.device) -> Start:
     return Start(engine, ema, resume_meta["step"], resume_meta["images_seen"], client, resume_dir)
 
 
+def load_repa(cfg: ExperimentConfig, meta: dict, device: torch.device):
+    """REPA's frozen encoder and settings (ditscale.repa.term.Repa, the `extra` of micro_step) when
+    repa.enabled, else None; a weights file that is missing or does not fit the encoder is a ConfigError
+    naming it."""
+    if not cfg.repa.enabled:
+        return None
+    from ditscale.repa.encoder import EncoderError
+    from ditscale.repa.term import build_repa
+
+    try:
+        return build_repa(cfg.repa, meta["image"]["size"], device)
+    except EncoderError as e:
+        raise ConfigError(str(e)) from None
+
+
 def make_loader(cfg: ExperimentConfig, micro_batch: int, device: torch.device, client: dict | None):
     """The rank's loader over the shards, at the saved position when resuming."""
     from ditscale.data import build_dataloader, build_dataset
@@ -317,6 +336,7 @@ def make_loader(cfg: ExperimentConfig, micro_batch: int, device: torch.device, c
         shuffle=cfg.data.shuffle,
         local=cfg.data.cache,
         hflip=cfg.data.hflip,
+        with_image=cfg.repa.enabled,
         remote_wait_s=cfg.data.remote_wait_s,
         **({"cache_limit": limit} if limit else {}),
     )
@@ -352,6 +372,7 @@ def train(cfg: ExperimentConfig, meta: dict, ds: dict, env, device: torch.device
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     rss_before_model = process_memory()["rss_gib"]
+    repa = load_repa(cfg, meta, device)
     run = start(cfg, ds, env, device)
     engine, ema, step, images_seen = run.engine, run.ema, run.step, run.images_seen
     hooks = hooks or Hooks()
@@ -477,7 +498,7 @@ def train(cfg: ExperimentConfig, meta: dict, ds: dict, env, device: torch.device
                     return EXIT_PREEMPTED
                 data_wait += time.perf_counter() - t0
                 g = step_generator(device, tc.seed, step, env.rank, m)
-                metrics.add_losses(micro_step(engine, objective, batch, g, scale, drop, device))
+                metrics.add_losses(micro_step(engine, objective, batch, g, scale, drop, device, repa))
                 metrics.add_indices(batch["index"])
             applied = engine.was_step_applied()
             if applied:

@@ -122,16 +122,31 @@ def complete_ds_config(ds: dict, cfg: ExperimentConfig, world_size: int, *, univ
     return ds
 
 
+def training_module(cfg: ExperimentConfig) -> torch.nn.Module:
+    """What the engine trains: the DiT, or with REPA on the DiT plus its projector (ditscale.repa.model)."""
+    from ditscale.models import DiT
+
+    if not cfg.repa.enabled:
+        return DiT(**cfg.model.dit_kwargs())
+    from ditscale.repa.encoder import encoder_dim
+    from ditscale.repa.model import DiTWithProjector
+
+    return DiTWithProjector(
+        align_block=cfg.repa.block,
+        encoder_dim=encoder_dim(cfg.repa.encoder),
+        projector_width=cfg.repa.projector_width,
+        **cfg.model.dit_kwargs(),
+    )
+
+
 def build_model(cfg: ExperimentConfig, ds: dict) -> torch.nn.Module:
-    """The DiT in bf16 (fp32 when the JSON disables bf16); under ZeRO-3 built inside zero.Init,
+    """The training module in bf16 (fp32 when the JSON disables bf16); under ZeRO-3 built inside zero.Init,
     partitioned as each module is created."""
     import deepspeed
 
-    from ditscale.models import DiT
-
     dtype = torch.bfloat16 if is_bf16(ds) else torch.float32
     with deepspeed.zero.Init(config_dict_or_path=ds, enabled=zero_stage(ds) == 3, dtype=dtype):
-        model = DiT(**cfg.model.dit_kwargs())
+        model = training_module(cfg)
     # DeepSpeed casts parameters, not buffers: the fixed sin-cos positions follow the parameters' dtype.
     for buf in model.buffers():
         if buf.is_floating_point():

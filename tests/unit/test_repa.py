@@ -189,3 +189,114 @@ def test_ema_follows_the_dit_and_not_the_projector():
     followed = [n for n, _ in _followed(SimpleNamespace(module=model))]
     assert followed == [n for n, p in DiT(**TINY).named_parameters()]
     assert len(list(model.parameters())) == len(followed) + 6  # 3 linears of the projector
+
+
+# --- configuration ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides,key",
+    [
+        (["repa.encoder_weights="], "repa.encoder_weights: is required"),
+        (["repa.block=13"], "repa.block: 13 is past the model's depth 12"),
+        (["repa.encoder=dinov3_vitb16"], "repa.encoder: 'dinov3_vitb16' is not one of"),
+        (["repa.coeff=-0.5"], "repa.coeff: must be >= 0"),
+        (["repa.encoder_resolution=100"], "repa.encoder_resolution: must be a multiple of the patch size 14"),
+    ],
+)
+def test_repa_config_errors_name_the_key(overrides, key):
+    from ditscale.config import ConfigError, load_config
+
+    base = ["data.root=/d", "model.preset=DiT-B/2", "repa.enabled=true", "repa.encoder_weights=/w.safetensors"]
+    with pytest.raises(ConfigError, match=key.replace("(", r"\(")):
+        load_config(None, base + overrides)
+    assert load_config(None, base).repa.block == 8
+
+
+def test_repa_needs_a_dataset_with_images():
+    from ditscale.config import ConfigError, load_config, resolve_with_dataset
+
+    cfg = load_config(None, ["data.root=/d", "repa.enabled=true", "repa.encoder_weights=/w.pth"])
+    meta = {"latent_size": 32, "latent_channels": 4, "classes": ["a"] * 10, "format": "mds"}
+    with pytest.raises(ConfigError, match="repa.enabled: the dataset at /d holds no images.*--keep-image"):
+        resolve_with_dataset(cfg, meta)
+    image = {"codec": "png", "size": 256, "channels": 3, "quality": None}
+    assert resolve_with_dataset(cfg, {**meta, "image": image}).repa.enabled
+
+
+# --- the trainer: refusals before any work, the term through the objective seam ----------------------------
+
+
+def run_check(*args: str) -> int:
+    from ditscale.engine.signals import release_stop_signals
+    from ditscale.train import main
+
+    try:
+        return main(["--config", "configs/tiny_test.yaml", *args, "--check"])
+    finally:
+        release_stop_signals()
+
+
+@pytest.fixture(scope="module")
+def kept_images(tmp_path_factory):
+    from data_prep import make_dataset
+    from data_prep.testing import write_image_folder
+
+    base = tmp_path_factory.mktemp("kept")
+    src = write_image_folder(str(base / "images"), classes=2, per_class=4, min_side=16, max_side=24)
+    return make_dataset(src, str(base / "mds"), resolution=8, decode_workers=0, keep_image="png")
+
+
+def test_trainer_refuses_bad_repa_inputs_with_exit_2(kept_images, tiny_vit_file, tmp_path, capsys):
+    from data_prep.testing import write_synthetic_latents
+
+    path, _ = tiny_vit_file
+    ok = [f"data.root={kept_images}", f"run_dir={tmp_path / 'run'}", "repa.enabled=true", "repa.block=2"]
+    ok += ["repa.encoder=vit_tiny_test", f"repa.encoder_weights={path}"]
+    assert run_check(*ok) == 0
+    no_images = write_synthetic_latents(str(tmp_path / "plain"), 16, latent_channels=3, latent_size=8, num_classes=2)
+    for extra, message in [
+        ([f"repa.encoder_weights={tmp_path / 'none.pth'}"], f"repa.encoder_weights: {tmp_path / 'none.pth'} does not"),
+        (["repa.encoder=dinov2_vits14"], f"repa.encoder_weights: {path} does not fit repa.encoder=dinov2_vits14"),
+        (["repa.block=3"], "repa.block: 3 is past the model's depth 2"),
+        (["repa.coeff=-1"], "repa.coeff: must be >= 0"),
+        ([f"data.root={no_images}"], f"repa.enabled: the dataset at {no_images} holds no images"),
+    ]:
+        capsys.readouterr()
+        assert run_check(*ok, *extra) == 2, extra
+        assert message in capsys.readouterr().err, extra
+
+
+@pytest.mark.parametrize("kind", ["ddpm", "flow"])
+def test_alignment_term_goes_through_the_objective_seam(kind, tiny_vit_file):
+    """The objective with REPA's model kwargs and term: its own parts as without REPA (same draws, same
+    DiT), plus "repa" = λ · alignment loss inside "loss"; gradients reach the projector and the blocks
+    up to k, not the frozen encoder."""
+    from ditscale.objectives import DDPMObjective, FlowObjective
+    from ditscale.repa.term import Repa
+
+    objective = DDPMObjective() if kind == "ddpm" else FlowObjective()
+    torch.manual_seed(0)
+    model = DiTWithProjector(align_block=2, encoder_dim=32, projector_width=16, **TINY)
+    plain = DiT(**TINY)
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not is_training_only(k)})
+    encoder = load_encoder("vit_tiny_test", tiny_vit_file[0], torch.device("cpu"))
+    repa = Repa(encoder, coeff=0.5, encoder_size=56)
+    batch = {"image": torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)}
+    x0, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+
+    model_kwargs, aux = repa.for_batch(batch)
+    terms = objective.loss(
+        model, x0, y, torch.Generator().manual_seed(1), drop_prob=0.5, model_kwargs=model_kwargs, aux=aux
+    )
+    base = objective.loss(plain, x0, y, torch.Generator().manual_seed(1), drop_prob=0.5)
+    assert set(terms) == set(base) | {"repa"}
+    for k in base:
+        if k != "loss":
+            torch.testing.assert_close(terms[k], base[k])
+    torch.testing.assert_close(terms["loss"], base["loss"] + terms["repa"])
+    assert terms["repa"].shape == (4,) and ((-0.5 <= terms["repa"]) & (terms["repa"] <= 0.5)).all()
+    terms["repa"].mean().backward()
+    assert model.repa_projector[0].weight.grad.abs().sum() > 0 and model.blocks[1].attn.qkv.weight.grad is not None
+    assert model.blocks[2].attn.qkv.weight.grad is None and model.final_layer.linear.weight.grad is None
+    assert all(p.grad is None for p in encoder.parameters())
