@@ -2,12 +2,15 @@
 one test file uses (shared plain functions: tests/helpers.py, importable as `helpers`).
 
 Markers: tests/distributed → distributed, tests/slurm → slurm, tests/slow → slow (a test elsewhere may
-carry them too). Timeouts (pytest-timeout): 600 s per test (pyproject.toml); 3600 s for tests marked slow,
+carry them too). Timeouts (pytest-timeout): 600 s per test (pyproject.toml); 1200 s for tests marked slow,
 distributed or slurm, whose setup may train a reference run; a test's own @pytest.mark.timeout wins.
+Every test that takes over SLOW_REPORT_S is named on its own line with its time and the suite's elapsed
+time, so a CI log cut off by the job's time limit still shows where the time went.
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +18,9 @@ import pytest
 TESTS = Path(__file__).resolve().parent
 FOLDER_MARKERS = {"distributed": "distributed", "slurm": "slurm", "slow": "slow"}
 LONG_MARKERS = ("slow", "distributed", "slurm")
-LONG_TIMEOUT_S = 3600
+LONG_TIMEOUT_S = 1200
+SLOW_REPORT_S = 20.0
+_SUITE_START = time.monotonic()
 
 
 def pytest_collection_modifyitems(config, items):
@@ -28,6 +33,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(FOLDER_MARKERS[folder])
         if item.get_closest_marker("timeout") is None and any(item.get_closest_marker(m) for m in LONG_MARKERS):
             item.add_marker(pytest.mark.timeout(LONG_TIMEOUT_S))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    start = time.monotonic()
+    yield
+    took = time.monotonic() - start
+    if took >= SLOW_REPORT_S:
+        reporter = item.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            elapsed = time.monotonic() - _SUITE_START
+            reporter.write_line(f"[{took:6.0f} s, suite at {elapsed / 60:5.1f} min] {item.nodeid}")
 
 
 # --------------------------------------------------------------------------------------------------
