@@ -15,7 +15,7 @@ import json
 import sys
 
 from ditscale.sample import read_dataset_meta
-from ditscale.weights import WEIGHTS, export_diffusers, load_model, load_pipeline, preset_of
+from ditscale.weights import WEIGHTS, export_diffusers, load_model, load_objective, load_pipeline, preset_of
 
 __all__ = ["load_pipeline", "main"]
 
@@ -49,11 +49,19 @@ def main(argv=None) -> int:
     try:
         model = load_model(args.ckpt, args.weights, num_heads=args.num_heads)
         if args.command == "inspect":
-            print(json.dumps({"preset": preset_of(model.config), **model.config}, indent=2))
+            objective = load_objective(args.ckpt, args.weights)
+            print(json.dumps({"preset": preset_of(model.config), **model.config, "objective": objective}, indent=2))
             return 0
         meta = read_dataset_meta(args.dataset) if args.dataset else {}
         scale = args.scale_factor if args.scale_factor is not None else meta.get("scale_factor")
-        out = export_diffusers(model, args.out, vae=args.vae, scale_factor=scale, class_names=meta.get("classes"))
+        out = export_diffusers(
+            model,
+            args.out,
+            vae=args.vae,
+            scale_factor=scale,
+            class_names=meta.get("classes"),
+            objective=load_objective(args.ckpt, args.weights),
+        )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,7 +1,8 @@
 """`make quickstart`: the whole pipeline on a CPU, on real data that ships inside scikit-learn.
 
 digits → image folder → data_prep (pixel mode) → MDS shards → ditscale.train (DeepSpeed, configs/quickstart.yaml)
-→ EMA export → guided DDPM samples (one row per class) → PNG grid + loss curve → quality figures.
+→ EMA export → guided samples (one row per class) → PNG grid + loss curve → quality figures.
+`--flow` trains the same model with flow matching (configs/quickstart_flow.yaml) and samples it with Heun.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from pathlib import Path
 import torch
 
 OUT = Path(os.environ.get("DITSCALE_QUICKSTART_OUT", "quickstart_out"))
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+# Per objective: config, run dir under OUT, sampler and its steps (≈ 100 model calls either way)
+RECIPES = {"ddpm": ("quickstart.yaml", "run", "ddpm", 100), "flow": ("quickstart_flow.yaml", "run_flow", "heun", 50)}
 
 
 def loss_curve(metrics: Path, png: Path) -> None:
@@ -28,19 +31,24 @@ def loss_curve(metrics: Path, png: Path) -> None:
     pts = [(r["step"], r["loss"]) for r in rows if "loss" in r and "step" in r]
     plt.figure(figsize=(6, 4))
     plt.plot(*zip(*pts))
-    plt.xlabel("step"), plt.ylabel("loss (MSE + VLB)"), plt.yscale("log"), plt.title("quickstart training loss")
+    plt.xlabel("step"), plt.ylabel("training loss"), plt.yscale("log"), plt.title("quickstart training loss")
     plt.tight_layout(), plt.savefig(png, dpi=100), plt.close()
 
 
 def main(argv=None) -> int:
-    """argv: extra trainer overrides, e.g. train.max_steps=200 for a smoke run."""
+    """argv: [--flow] then extra trainer overrides, e.g. train.max_steps=200 for a smoke run."""
     from data_prep import make_dataset
     from ditscale import quickstart_digits as qd
     from ditscale.sampling import sample_latents, save_grid
-    from ditscale.weights import load_model
+    from ditscale.weights import load_model, load_objective
 
+    argv = list(argv if argv is not None else sys.argv[1:])
+    kind = "flow" if "--flow" in argv else "ddpm"
+    argv = [a for a in argv if a != "--flow"]
+    config, run_name, sampler, steps = RECIPES[kind]
+    tag = "" if kind == "ddpm" else "_flow"  # output names: samples{tag}.png, …
     OUT.mkdir(parents=True, exist_ok=True)
-    images, data, run = OUT / "digits_images", OUT / "digits_mds", OUT / "run"
+    images, data, run = OUT / "digits_images", OUT / "digits_mds", OUT / run_name
     print("[1/5] scikit-learn digits → image folder", images)
     if not images.exists():
         qd.write_image_folder(images)
@@ -54,16 +62,16 @@ def main(argv=None) -> int:
             "-m",
             "ditscale.train",
             "--config",
-            str(CONFIG),
+            str(CONFIGS / config),
             f"data.root={data}",
             f"run_dir={run}",
-            *(argv if argv is not None else sys.argv[1:]),
+            *argv,
         ]
     )
     if rc != 0:
         print(f"training failed with exit code {rc}; see {run}")
         return rc
-    print("[4/5] export EMA and sample 10 classes × 20 with guidance 3 (100 DDPM steps)")
+    print(f"[4/5] export EMA and sample 10 classes × 20 with guidance 3 ({steps} {sampler} steps)")
     export = run / "export" / "ema.safetensors"
     subprocess.check_call([sys.executable, "-m", "ditscale.engine.export", str(run), "--out", str(export)])
     model = load_model(export).eval()
@@ -74,8 +82,9 @@ def main(argv=None) -> int:
         labels,
         cfg_scale=3.0,
         guide_channels="all",
-        sampler="ddpm",
-        steps=100,
+        sampler=sampler,
+        steps=steps,
+        objective=load_objective(export, expected=kind),
         generator=torch.Generator().manual_seed(0),
         device="cpu",
         progress=True,
@@ -84,18 +93,20 @@ def main(argv=None) -> int:
     grid = save_grid(
         torch.from_numpy(samples[labels.numpy() % 20 < 10]).repeat(1, 3, 1, 1),
         labels[labels.numpy() % 20 < 10],
-        OUT / "samples.png",
+        OUT / f"samples{tag}.png",
         class_names=[str(i) for i in range(10)],
     )
     del grid
-    loss_curve(run / "metrics.jsonl", OUT / "loss.png")
+    loss_curve(run / "metrics.jsonl", OUT / f"loss{tag}.png")
     q = qd.digits_quality(samples, labels.numpy())
     print(
         "[5/5] quality: classifier accuracy {accuracy:.1%} (goal ≥ 90 %), diversity {diversity_mean:.2f} "
         "mean / {diversity_min:.2f} min (goals ≥ 0.6 / ≥ 0.4)".format(**q)
     )
-    (OUT / "quality.json").write_text(json.dumps(q, indent=2))
-    print(f"\nOutputs: {OUT / 'samples.png'}, {OUT / 'loss.png'}, {OUT / 'quality.json'}, run dir {run}")
+    (OUT / f"quality{tag}.json").write_text(json.dumps(q, indent=2))
+    print(
+        f"\nOutputs: {OUT / f'samples{tag}.png'}, {OUT / f'loss{tag}.png'}, {OUT / f'quality{tag}.json'}, run dir {run}"
+    )
     print("Next: encode ImageNet with a local VAE (slurm/prep_latents.sh), then sbatch slurm/train_xl.sh (README).")
     return 0
 

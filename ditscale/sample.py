@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ditscale.evaluate.inception import RESIZE_MODES
+from ditscale.objectives import OBJECTIVES, objective_class
 from ditscale.runtime import RankEnv, pick_device, rank_env
 from ditscale.sampling.core import (
     GuidedSampler,
@@ -30,14 +31,14 @@ from ditscale.sampling.core import (
     index_labels,
     index_seeds,
     sample_latents,
-    sampling_diffusion,
+    sampling_process,
     seeded_noise,
     to_uint8,
 )
 from ditscale.sampling.grid import GridConfig, ema_grid, save_grid, vae_and_scale
 from ditscale.sampling.npz import prepare_dir, run_chunks
-from ditscale.sampling.registry import SAMPLERS
-from ditscale.weights import WEIGHTS, load_model, preset_of
+from ditscale.sampling.registry import DIFFUSION_FORMS, LAST_STEPS, SAMPLERS, check_fits
+from ditscale.weights import WEIGHTS, load_model, load_objective, preset_of
 
 __all__ = [
     "GridConfig",
@@ -93,6 +94,13 @@ def _floats(text: str) -> float | list[float]:
     return values[0] if len(values) == 1 else values
 
 
+def _interval(text: str) -> tuple[float, float]:
+    values = _floats(text)
+    if not isinstance(values, list) or len(values) != 2 or not 0 <= values[0] <= values[1] <= 1:
+        raise argparse.ArgumentTypeError(f"expected lo,hi with 0 <= lo <= hi <= 1, got {text!r}")
+    return values[0], values[1]
+
+
 def _guide(text: str) -> int | str:
     if text == "all":
         return text
@@ -143,12 +151,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s = p.add_argument_group("sampler")
     s.add_argument(
-        "--sampler",
-        default="ddpm",
-        choices=[n for n, i in SAMPLERS.items() if i.kind == "ddpm"],
-        help="ancestral DDPM or DDIM (flow models' samplers: not in this CLI yet)",
+        "--objective",
+        default=None,
+        choices=tuple(OBJECTIVES),
+        help="refuse a checkpoint trained with another objective (default: take the recorded one)",
     )
-    s.add_argument("--steps", type=int, default=250, help="sampling steps")
+    s.add_argument(
+        "--sampler",
+        default=None,
+        choices=tuple(SAMPLERS),
+        help="ddpm / ddim for DDPM models; euler / heun / dopri5 / euler_maruyama for flow models "
+        "(default: ddpm, or heun for flow)",
+    )
+    s.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="sampling steps (default 250; 50 for the flow ODEs; dopri5 chooses its own)",
+    )
     s.add_argument("--respacing", default=None, help="explicit timestep respacing (e.g. 'ddim50', '10,10,10')")
     s.add_argument("--eta", type=float, default=0.0, help="DDIM η")
     s.add_argument(
@@ -158,8 +178,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="classifier-free guidance scale; 1 = none (the paper: 4.0 for images, 1.5 for FID)",
     )
     s.add_argument("--guide-channels", type=_guide, default=3, help="guided channels: 3 (paper), 4 or 'all'")
-    s.add_argument("--noise-schedule", default="linear", choices=("linear", "cosine"), help="the training schedule")
-    s.add_argument("--diffusion-steps", type=int, default=1000, help="training diffusion steps")
+    s.add_argument(
+        "--cfg-interval",
+        type=_interval,
+        default=None,
+        help="lo,hi: guide only where the noise fraction (1 = noise, 0 = data) is in [lo, hi]",
+    )
+    s.add_argument(
+        "--noise-schedule",
+        default=None,
+        choices=("linear", "cosine"),
+        help="DDPM training schedule of weights that record no objective (default: linear, the paper's)",
+    )
+    s.add_argument(
+        "--diffusion-steps",
+        type=int,
+        default=None,
+        help="DDPM training steps of weights that record no objective (default: 1000)",
+    )
+    s.add_argument("--atol", type=float, default=None, help="dopri5 absolute tolerance (SiT: 1e-6)")
+    s.add_argument("--rtol", type=float, default=None, help="dopri5 relative tolerance (SiT: 1e-3)")
+    s.add_argument(
+        "--diffusion-form",
+        default=None,
+        choices=DIFFUSION_FORMS,
+        help="euler_maruyama diffusion coefficient (SiT: sigma)",
+    )
+    s.add_argument("--diffusion-norm", type=float, default=None, help="euler_maruyama coefficient scale (1.0)")
+    s.add_argument("--last-step", default=None, choices=LAST_STEPS, help="euler_maruyama last step (SiT: mean)")
+    s.add_argument("--last-step-size", type=float, default=None, help="euler_maruyama last step size (0.04)")
     s.add_argument("--seed", type=int, default=0, help="sample i's noise and label come from (seed, i)")
     r = p.add_argument_group("run")
     r.add_argument("--batch-size", type=int, default=64, help="images per model call (per GPU; doubled for guidance)")
@@ -228,10 +275,31 @@ def _check_args(args, parser):
     if args.samples_per_class is not None and args.labels != "balanced":
         parser.error("--samples-per-class needs --labels balanced")
     for flag in ("batch_size", "num_per_class", "num_samples", "steps"):
-        if getattr(args, flag) < 1:
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be >= 1")
     if args.eval_ref and not args.inception:
         parser.error("--eval-ref needs --inception (the Inception weights file)")
+
+
+SAMPLER_OPTIONS = ("atol", "rtol", "diffusion_form", "diffusion_norm", "last_step", "last_step_size")
+
+
+def _objective(args, model) -> dict:
+    """The objective record the weights carry (checked against --objective); DDPM weights that record no
+    schedule (the paper's) take the model's learn_sigma and --noise-schedule / --diffusion-steps."""
+    record = load_objective(args.ckpt, args.weights, args.objective)
+    if record["kind"] == "ddpm":
+        record.setdefault("learn_sigma", model.learn_sigma)
+    for key in ("noise_schedule", "diffusion_steps"):
+        value, flag = getattr(args, key), "--" + key.replace("_", "-")
+        if value is None:
+            continue
+        if record["kind"] != "ddpm":
+            raise ValueError(f"{flag} is for DDPM weights; {args.ckpt} records objective {record['kind']!r}")
+        if key in record and record[key] != value:
+            raise ValueError(f"{flag} {value} contradicts {args.ckpt}'s recorded objective ({key}={record[key]})")
+        record[key] = value
+    return record
 
 
 def _setup(args, env: RankEnv) -> SimpleNamespace:
@@ -250,23 +318,25 @@ def _setup(args, env: RankEnv) -> SimpleNamespace:
     compile_mode = args.compile
     if compile_mode == "auto":
         compile_mode = "blocks" if device.type == "cuda" and args.npz_out else "off"
-    diffusion = sampling_diffusion(
-        args.sampler,
-        args.steps,
-        respacing=args.respacing,
-        learn_sigma=model.learn_sigma,
-        noise_schedule=args.noise_schedule,
-        diffusion_steps=args.diffusion_steps,
-    )
+    record = _objective(args, model)
+    args.sampler = args.sampler or objective_class(record["kind"]).default_sampler
+    flow = check_fits(args.sampler, record["kind"]).kind == "flow"
+    if args.steps is None:
+        args.steps = 250 if not flow or args.sampler == "euler_maruyama" else 50
+    options = {k: getattr(args, k) for k in SAMPLER_OPTIONS if getattr(args, k) is not None}
+    process = sampling_process(record, args.sampler, args.steps, respacing=args.respacing)
     sampler = GuidedSampler(
         model,
-        diffusion,
+        process,
         args.sampler,
         args.cfg_scale,
         args.guide_channels,
         args.eta,
         autocast=torch.bfloat16 if precision == "bf16" else None,
         compile=False if compile_mode == "off" else compile_mode,
+        steps=args.steps if flow else None,
+        cfg_interval=args.cfg_interval,
+        options=options,
     )
     scale = args.scale_factor if args.scale_factor is not None else meta.get("scale_factor")
     vae, scale = vae_and_scale(vae_path, scale, device)
@@ -277,7 +347,14 @@ def _setup(args, env: RankEnv) -> SimpleNamespace:
     if names is not None and len(names) != model.num_classes:
         raise ValueError(f"--dataset has {len(names)} classes, the model {model.num_classes}")
     return SimpleNamespace(
-        device=device, model=model, sampler=sampler, vae=vae, vae_path=str(vae_path), scale=scale, names=names
+        device=device,
+        model=model,
+        objective=record,
+        sampler=sampler,
+        vae=vae,
+        vae_path=str(vae_path),
+        scale=scale,
+        names=names,
     )
 
 
@@ -316,14 +393,15 @@ def _npz(args, env, run):
     settings = {
         "ckpt": str(Path(args.ckpt).resolve()),
         "weights": args.weights,
+        "objective": run.objective,
         "sampler": args.sampler,
+        "sampler_options": run.sampler.options,
         "steps": args.steps,
         "respacing": args.respacing,
         "eta": args.eta,
         "cfg_scale": args.cfg_scale,
+        "cfg_interval": args.cfg_interval,
         "guide_channels": args.guide_channels,
-        "noise_schedule": args.noise_schedule,
-        "diffusion_steps": args.diffusion_steps,
         "seed": args.seed,
         "num_samples": args.num_samples,
         "labels": args.labels,

@@ -10,8 +10,9 @@ at a time. Training-only parameters (REPA's projector) are left out. Output is f
 sin-cos `pos_embed`, so `DiT(**config).load_state_dict(..., strict=True)` takes it. Past --max-shard-size the weights go into numbered shards
 plus a `<name>.safetensors.index.json` (the Hugging Face layout), written one shard at a time: no
 process holds more than one shard (raw weights of ZeRO-1/2: the fp32 model, which zero_to_fp32 joins
-whole; such models fit one GPU). A `<name>.json` beside the weights holds the DiT kwargs, the step
-and the dataset's vae / scale factor / classes (what `ditscale.sample` reads).
+whole; such models fit one GPU). A `<name>.json` beside the weights holds the DiT kwargs, the step,
+the dataset's vae / scale factor / classes and the training objective's record (what `ditscale.sample`
+reads); the objective is also in the safetensors / index metadata, so the weights alone carry it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Callable
 import torch
 
 from ditscale.engine.checkpoint import POINTER, CheckpointError, read_meta
+from ditscale.objectives import build_objective
 from ditscale.weights import sidecar, write_weights
 
 
@@ -128,7 +130,7 @@ def export(
 ) -> list[Path]:
     """Write the weights of a checkpoint (`write_weights`) and the `<stem>.json` sidecar; returns the
     weights files written (weights, then the index if any)."""
-    from ditscale.config import model_from_dict
+    from ditscale.config import config_from_dict, model_from_dict
 
     ckpt, out = find_checkpoint(ckpt), Path(out)
     meta = read_meta(ckpt)
@@ -149,7 +151,14 @@ def export(
         trained = read([n for n in names if n not in fixed])
         return {n: fixed[n] if n in fixed else trained[n] for n in names}
 
-    file_meta = {"format": "pt", "weights": weights, "step": str(meta["step"]), "layout": "official-dit"}
+    objective = meta.get("objective") or build_objective(config_from_dict(meta["config"])).record()  # pre-seam runs
+    file_meta = {
+        "format": "pt",
+        "weights": weights,
+        "step": str(meta["step"]),
+        "layout": "official-dit",
+        "objective": json.dumps(objective),
+    }
     files = write_weights(out, shapes, tensors, max_shard_bytes, file_meta, log)
     side = {
         "model": dit_kwargs,
@@ -159,6 +168,7 @@ def export(
         "checkpoint": str(ckpt),
         "config_hash": meta.get("config_hash"),
         "dataset": meta.get("dataset", {}),
+        "objective": objective,
     }
     sidecar(out).write_text(json.dumps(side, indent=1))
     return files

@@ -3,13 +3,15 @@ export), the DiT configuration their shapes imply, and diffusers DiTPipeline dir
 
     model = load_model("DiT-XL-2-256x256.pt")            # preset inferred from the tensor shapes
     model = load_model("runs/x/export")                  # an export directory: its ema weights + sidecar
+    record = load_objective("runs/x/export", expected="flow")   # its training objective, checked
     export_diffusers(model, "out/pipe", vae="sd-vae-ft-ema", class_names=names)
     pipe = load_pipeline("out/pipe")                     # DiTPipeline.from_pretrained + match_dit_timesteps
 
 files: reading and writing weights files (`read_tensors`: any model's, e.g. the REPA encoder's or
 Inception's), shard names, which file of a directory, the sidecar;
-load: shapes → DiT kwargs → model; pipeline: diffusers. Used by the trainer's export, `ditscale.sample`
-and `ditscale.interop`; imports only `ditscale.models` (and `ditscale.sampling.core.load_vae` for a VAE).
+load: shapes → DiT kwargs → model, and the objective recorded with the weights; pipeline: diffusers.
+Used by the trainer's export, `ditscale.sample` and `ditscale.interop`; imports only `ditscale.models`,
+`ditscale.objectives` (to check a record) and `ditscale.sampling.core.load_vae` (for a VAE).
 """
 
 from ditscale.weights.files import (
@@ -17,6 +19,7 @@ from ditscale.weights.files import (
     WEIGHTS,
     config_near,
     plan_shards,
+    read_objective,
     read_sharded,
     read_state_dict,
     read_tensors,
@@ -27,7 +30,7 @@ from ditscale.weights.files import (
     weights_stem,
     write_weights,
 )
-from ditscale.weights.load import infer_dit_config, load_dit, load_model, preset_of
+from ditscale.weights.load import infer_dit_config, load_dit, load_model, load_objective, preset_of
 from ditscale.weights.pipeline import export_diffusers, load_pipeline, scheduler_for
 
 __all__ = [
@@ -38,9 +41,11 @@ __all__ = [
     "infer_dit_config",
     "load_dit",
     "load_model",
+    "load_objective",
     "load_pipeline",
     "plan_shards",
     "preset_of",
+    "read_objective",
     "read_sharded",
     "read_state_dict",
     "read_tensors",

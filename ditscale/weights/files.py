@@ -138,6 +138,31 @@ def read_state_dict(path, weights: str = "ema") -> dict[str, torch.Tensor]:
     return out
 
 
+def read_objective(path) -> dict | None:
+    """The training objective recorded with a weights file (`ditscale.objectives` record): in the
+    safetensors metadata or a sharded index's "metadata" under "objective" (JSON), else in the sidecar
+    `<stem>.json` beside it. None when nothing records one (the paper's checkpoints: DDPM)."""
+    path = Path(path)
+    text = None
+    try:
+        if path.name.endswith(SHARD_INDEX):
+            text = json.loads(path.read_text()).get("metadata", {}).get("objective")
+        elif path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                text = (f.metadata() or {}).get("objective")
+        if text is None and sidecar(path).is_file():
+            record = json.loads(sidecar(path).read_text()).get("objective")
+            text = json.dumps(record) if record is not None else None
+        record = json.loads(text) if text is not None else None
+    except (OSError, ValueError, AttributeError) as e:
+        raise ValueError(f"{path}: unreadable objective record ({type(e).__name__}: {e})") from e
+    if record is not None and not (isinstance(record, dict) and isinstance(record.get("kind"), str)):
+        raise ValueError(f"{path}: the recorded objective {record!r} is not a record with a 'kind'")
+    return record
+
+
 # --------------------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from ditscale.models import DIT_PRESETS, DiT, dit_config
-from ditscale.weights.files import config_near, read_state_dict, weights_file
+from ditscale.weights.files import config_near, read_objective, read_state_dict, weights_file
 
 _HEADS_BY_WIDTH = {p["hidden_size"]: p["num_heads"] for p in DIT_PRESETS.values()}
 
@@ -117,7 +117,8 @@ def _read_config(path: Path) -> dict:
 
 def load_model(ckpt, weights: str = "ema", config=None, num_heads: int | None = None):
     """DiT from a checkpoint file or export directory. config: a JSON/YAML path, inline JSON or a dict of DiT
-    kwargs (top level or under "model"); by default one found next to the weights; shapes supply the rest."""
+    kwargs (top level or under "model"); by default one found next to the weights; shapes supply the rest.
+    The training objective it records: `load_objective`."""
     file = weights_file(Path(ckpt), weights)
     if config is None and (near := config_near(file)) is not None:
         config = near
@@ -129,3 +130,12 @@ def load_model(ckpt, weights: str = "ema", config=None, num_heads: int | None = 
     if config is not None and not isinstance(config, dict):
         config = _read_config(Path(config))
     return load_dit(file, weights, config=config, num_heads=num_heads)
+
+
+def load_objective(ckpt, weights: str = "ema", expected: str | None = None) -> dict:
+    """The objective record of a checkpoint file or export directory (the paper's DDPM when none is
+    recorded); ObjectiveMismatch (a ValueError) naming both kinds when `expected` is another kind."""
+    from ditscale.objectives import check_record
+
+    file = weights_file(Path(ckpt), weights)
+    return check_record(read_objective(file), expected, str(file))

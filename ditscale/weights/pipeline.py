@@ -7,16 +7,22 @@ About the exported pipeline (also written to its README.md):
   null class id 1000, so its guidance (guidance_scale > 1) is only right for 1000-class models.
 - Its scheduler is DDIM on our linear schedule with "leading" spacing: num_inference_steps=N walks the
   same steps as our sampler's "ddimN".
+- That scheduler samples DDPM ε-prediction models only: a model trained with another objective (flow
+  matching, x0-prediction) is refused on export, and the objective record written beside the pipeline
+  (ditscale_objective.json) is checked again by `load_pipeline`.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 from pathlib import Path
 
 from ditscale.models import DiT
 from ditscale.weights.load import preset_of
+
+OBJECTIVE_FILE = "ditscale_objective.json"
 
 _README = """# DiT exported by ditscale
 
@@ -65,16 +71,29 @@ def export_diffusers(
     class_names=None,
     noise_schedule: str = "linear",
     diffusion_steps: int = 1000,
+    objective: dict | None = None,
 ):
     """Write `model` as a DiTPipeline directory (transformer, vae, scheduler, id2label) that
     `DiTPipeline.from_pretrained(out_dir)` loads offline. vae: a local AutoencoderKL directory or module
-    (copied; its scaling_factor set to `scale_factor` when given). Returns the output Path."""
+    (copied; its scaling_factor set to `scale_factor` when given). objective: the model's training
+    objective record (None: the paper's DDPM); its noise schedule and steps override the arguments, and
+    anything but DDPM ε-prediction is refused (DiTPipeline's scheduler samples nothing else). Returns the
+    output Path."""
     from diffusers import AutoencoderKL, DiTPipeline, DiTTransformer2DModel
 
     from ditscale.files import follow_umask
     from ditscale.models.convert import diffusers_config_for, official_to_diffusers
+    from ditscale.objectives import check_record
     from ditscale.sampling.core import load_vae
 
+    record = check_record(objective, "ddpm", "the model")
+    if record.get("prediction") != "epsilon":
+        raise ValueError(
+            f"the model predicts {record.get('prediction')!r}: DiTPipeline's scheduler is set up for "
+            "'epsilon' prediction only"
+        )
+    noise_schedule = record.get("noise_schedule", noise_schedule)
+    diffusion_steps = record.get("diffusion_steps", diffusion_steps)
     if isinstance(vae, AutoencoderKL):
         vae = copy.deepcopy(vae)  # scaling_factor may change
     elif vae is None or str(vae) == "none":
@@ -112,6 +131,8 @@ def export_diffusers(
     out_dir = Path(out_dir)
     pipe.save_pretrained(str(out_dir), safe_serialization=True)
     follow_umask(*out_dir.rglob("*.safetensors"))
+    record = {**record, "noise_schedule": noise_schedule, "diffusion_steps": diffusion_steps}
+    (out_dir / OBJECTIVE_FILE).write_text(json.dumps(record, indent=1))
     (out_dir / "README.md").write_text(
         _README.format(
             dir=out_dir,
@@ -126,13 +147,21 @@ def export_diffusers(
 
 
 def load_pipeline(path, **kwargs):
-    """DiTPipeline.from_pretrained on a local directory (no download), with `match_dit_timesteps` applied."""
+    """DiTPipeline.from_pretrained on a local directory (no download), with `match_dit_timesteps` applied;
+    ObjectiveMismatch (a ValueError) when the directory records a model trained with another objective."""
     from diffusers import DiTPipeline
 
     from ditscale.models.convert import match_dit_timesteps
+    from ditscale.objectives import check_record
 
     if not Path(path).is_dir():
         raise ValueError(f"{path} is not a local DiTPipeline directory")
+    recorded = Path(path) / OBJECTIVE_FILE
+    try:
+        record = json.loads(recorded.read_text()) if recorded.is_file() else None
+    except ValueError as e:
+        raise ValueError(f"{recorded}: not valid JSON ({e})") from None
+    check_record(record, "ddpm", str(path))
     pipe = DiTPipeline.from_pretrained(str(path), local_files_only=True, **kwargs)
     match_dit_timesteps(pipe.transformer)
     return pipe

@@ -1,0 +1,112 @@
+"""The objective travels with the weights: exports record it, loaders and samplers refuse a mismatch
+(exit 2 naming the objective), a resume with another objective is refused naming the key."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ditscale.config import config_diff, load_config, to_dict
+from ditscale.models import DiT
+from ditscale.objectives import FlowObjective, ObjectiveMismatch
+from ditscale.sample import main as sample_main
+from ditscale.weights import export_diffusers, load_objective, load_pipeline, read_objective
+
+FLOW = FlowObjective(path="gvp", prediction="velocity").record()
+
+
+@pytest.fixture
+def flow_weights(tmp_path):
+    torch.manual_seed(0)
+    model = DiT(
+        input_size=8,
+        patch_size=2,
+        in_channels=1,
+        hidden_size=32,
+        depth=1,
+        num_heads=2,
+        num_classes=3,
+        learn_sigma=False,
+    )
+    path = tmp_path / "ema.safetensors"
+    save_file(model.state_dict(), str(path), metadata={"objective": json.dumps(FLOW)})
+    return path
+
+
+def test_records_are_read_from_metadata_sidecar_or_absent(flow_weights, tmp_path):
+    assert read_objective(flow_weights) == FLOW
+    plain = tmp_path / "plain.safetensors"
+    save_file({"a": torch.zeros(1)}, str(plain))
+    assert read_objective(plain) is None
+    (tmp_path / "plain.json").write_text(json.dumps({"objective": FLOW}))
+    assert read_objective(plain) == FLOW
+    assert load_objective(flow_weights) == FLOW
+    with pytest.raises(ObjectiveMismatch, match="trained with objective 'flow'"):
+        load_objective(flow_weights, expected="ddpm")
+
+
+def grid_args(ckpt, tmp_path, *extra):
+    return [
+        "--ckpt",
+        str(ckpt),
+        "--vae",
+        "none",
+        "--num-heads",
+        "2",
+        "--classes",
+        "0,2",
+        "--num-per-class",
+        "2",
+        "--no-progress",
+        "--guide-channels",
+        "all",
+        "--out",
+        str(tmp_path / "grid.png"),
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun", "dopri5", "euler_maruyama"])
+def test_flow_checkpoints_sample_with_every_flow_sampler(flow_weights, tmp_path, sampler):
+    extra = ["--steps", "3"] if sampler != "dopri5" else ["--rtol", "1e-2", "--atol", "1e-3"]
+    assert (
+        sample_main(grid_args(flow_weights, tmp_path, "--sampler", sampler, "--cfg-interval", "0.2,0.9", *extra)) == 0
+    )
+    assert (tmp_path / "grid.png").is_file()
+
+
+def test_flow_checkpoint_refuses_ddpm_sampling(flow_weights, tmp_path, capsys):
+    assert sample_main(grid_args(flow_weights, tmp_path, "--sampler", "ddpm", "--steps", "3")) == 2
+    err = capsys.readouterr().err
+    assert "sampler 'ddpm' samples ddpm models" in err and "'flow'" in err and "heun" in err
+    assert sample_main(grid_args(flow_weights, tmp_path, "--objective", "ddpm")) == 2
+    assert "trained with objective 'flow'" in capsys.readouterr().err
+    assert sample_main(grid_args(flow_weights, tmp_path, "--sampler", "heun", "--last-step", "mean")) == 2
+    assert "takes no option last_step" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as bad:
+        sample_main(grid_args(flow_weights, tmp_path, "--sampler", "plms"))
+    assert bad.value.code == 2
+    assert "invalid choice: 'plms'" in capsys.readouterr().err
+
+
+def test_diffusers_export_records_ddpm_and_refuses_flow(tmp_path):
+    model = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2, num_classes=3)
+    with pytest.raises(ObjectiveMismatch, match="trained with objective 'flow'"):
+        export_diffusers(model, tmp_path / "p", vae=None, objective=FLOW)
+    fake = tmp_path / "flow_pipe"
+    fake.mkdir()
+    (fake / "ditscale_objective.json").write_text(json.dumps(FLOW))
+    with pytest.raises(ObjectiveMismatch, match="cannot be sampled as a ddpm model"):
+        load_pipeline(fake)
+
+
+def test_resume_with_another_objective_names_the_key():
+    ddpm = load_config(None, ["data.root=x"])
+    flow = load_config(None, ["data.root=x", "objective.kind=flow"])
+    assert "objective.kind: checkpoint 'ddpm', now 'flow'" in config_diff(to_dict(ddpm), flow)
+    pre_seam = {k: v for k, v in to_dict(ddpm).items() if k != "objective"}  # a checkpoint from before the seam
+    assert config_diff(pre_seam, ddpm) == []
+    assert any(line.startswith("objective.kind") for line in config_diff(pre_seam, flow))
