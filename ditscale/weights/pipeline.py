@@ -79,12 +79,7 @@ def export_diffusers(
     objective record (None: the paper's DDPM); its noise schedule and steps override the arguments, and
     anything but DDPM ε-prediction is refused (DiTPipeline's scheduler samples nothing else). Returns the
     output Path."""
-    from diffusers import AutoencoderKL, DiTPipeline, DiTTransformer2DModel
-
-    from ditscale.files import follow_umask
-    from ditscale.models.convert import diffusers_config_for, official_to_diffusers
     from ditscale.objectives import check_record
-    from ditscale.sampling.core import load_vae
 
     record = check_record(objective, "ddpm", "the model")
     if record.get("prediction") != "epsilon":
@@ -92,6 +87,13 @@ def export_diffusers(
             f"the model predicts {record.get('prediction')!r}: DiTPipeline's scheduler is set up for "
             "'epsilon' prediction only"
         )
+
+    from diffusers import AutoencoderKL, DiTPipeline, DiTTransformer2DModel
+
+    from ditscale.files import follow_umask
+    from ditscale.models.convert import diffusers_config_for, official_to_diffusers
+    from ditscale.sampling.core import load_vae
+
     noise_schedule = record.get("noise_schedule", noise_schedule)
     diffusion_steps = record.get("diffusion_steps", diffusion_steps)
     if isinstance(vae, AutoencoderKL):
@@ -149,9 +151,6 @@ def export_diffusers(
 def load_pipeline(path, **kwargs):
     """DiTPipeline.from_pretrained on a local directory (no download), with `match_dit_timesteps` applied;
     ObjectiveMismatch (a ValueError) when the directory records a model trained with another objective."""
-    from diffusers import DiTPipeline
-
-    from ditscale.models.convert import match_dit_timesteps
     from ditscale.objectives import check_record
 
     if not Path(path).is_dir():
@@ -162,6 +161,11 @@ def load_pipeline(path, **kwargs):
     except ValueError as e:
         raise ValueError(f"{recorded}: not valid JSON ({e})") from None
     check_record(record, "ddpm", str(path))
+
+    from diffusers import DiTPipeline
+
+    from ditscale.models.convert import match_dit_timesteps
+
     pipe = DiTPipeline.from_pretrained(str(path), local_files_only=True, **kwargs)
     match_dit_timesteps(pipe.transformer)
     return pipe

@@ -307,6 +307,8 @@ def test_bad_config_is_exit_2_naming_the_key(capsys, tmp_path):
     assert run_main(f"run_dir={tmp_path}", "data.root=/x", "train.max_step=10") == 2
     err = capsys.readouterr().err
     assert "unknown config key 'train.max_step'" in err and "train.max_steps" in err
+    assert run_main(f"run_dir={tmp_path}", "data.root=/x", "objective.kind=flow", "objective.flow.path=cosine") == 2
+    assert "objective.flow.path: 'cosine' is not one of linear, gvp, vp" in capsys.readouterr().err
     assert run_main(f"run_dir={tmp_path}", f"data.root={tmp_path / 'nowhere'}") == 2
     err = capsys.readouterr().err
     assert "data.root:" in err and "dataset.json not found" in err

@@ -234,4 +234,6 @@ def test_cli_inspect_and_export(tmp_path, capsys):
     )
     pipe = load_pipeline(tmp_path / "pipe")
     assert pipe.vae.config.scaling_factor == 0.25 and pipe.get_label_ids(["c5"]) == [5]
+    recorded = json.loads((tmp_path / "pipe" / "ditscale_objective.json").read_text())  # no record: the paper's
+    assert (recorded["kind"], recorded["prediction"], recorded["noise_schedule"]) == ("ddpm", "epsilon", "linear")
     assert interop_main(["inspect", "--ckpt", str(tmp_path / "nope.pt")]) == 2

@@ -5,21 +5,23 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from ditscale.config import config_diff, load_config, to_dict
+from ditscale.interop import main as interop_main
 from ditscale.models import DiT
-from ditscale.objectives import FlowObjective, ObjectiveMismatch
+from ditscale.objectives import DDPMObjective, FlowObjective, ObjectiveMismatch
 from ditscale.sample import main as sample_main
 from ditscale.weights import export_diffusers, load_objective, load_pipeline, read_objective
 
 FLOW = FlowObjective(path="gvp", prediction="velocity").record()
 
 
-@pytest.fixture
-def flow_weights(tmp_path):
+def tiny_weights(path, record, learn_sigma=False):
+    """A tiny DiT's weights at `path` with `record` in the safetensors metadata, as the export writes it."""
     torch.manual_seed(0)
     model = DiT(
         input_size=8,
@@ -29,11 +31,15 @@ def flow_weights(tmp_path):
         depth=1,
         num_heads=2,
         num_classes=3,
-        learn_sigma=False,
+        learn_sigma=learn_sigma,
     )
-    path = tmp_path / "ema.safetensors"
-    save_file(model.state_dict(), str(path), metadata={"objective": json.dumps(FLOW)})
+    save_file(model.state_dict(), str(path), metadata={"objective": json.dumps(record)})
     return path
+
+
+@pytest.fixture
+def flow_weights(tmp_path):
+    return tiny_weights(tmp_path / "ema.safetensors", FLOW)
 
 
 def test_records_are_read_from_metadata_sidecar_or_absent(flow_weights, tmp_path):
@@ -92,10 +98,54 @@ def test_flow_checkpoint_refuses_ddpm_sampling(flow_weights, tmp_path, capsys):
     assert "invalid choice: 'plms'" in capsys.readouterr().err
 
 
+def test_flow_checkpoint_writes_the_adm_npz_with_its_objective(flow_weights, tmp_path, capsys):
+    out = tmp_path / "fid"
+    run = ["--ckpt", str(flow_weights), "--vae", "none", "--num-heads", "2", "--no-progress", "--npz-out", str(out)]
+    run += ["--num-samples", "5", "--batch-size", "4", "--steps", "2", "--cfg-scale", "1.5", "--cfg-interval", "0,0.8"]
+    run += ["--guide-channels", "all"]
+    assert sample_main(run) == 0
+    (path,) = out.glob("samples_*.npz")
+    with np.load(path) as data:
+        images, labels = data["arr_0"], data["arr_1"]
+    assert path.name == "samples_5x8x8x3.npz" and images.shape == (5, 8, 8, 3) and images.dtype == np.uint8
+    assert labels.tolist() == [0, 1, 2, 0, 1]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["objective"] == FLOW and (manifest["sampler"], manifest["steps"]) == ("heun", 2)  # the default
+    assert manifest["cfg_interval"] == [0, 0.8]
+    capsys.readouterr()
+    assert sample_main([*run, "--sampler", "euler"]) == 2  # a resume with another sampler: refused
+    assert "sampler: was 'heun', now 'euler'" in capsys.readouterr().err
+
+
+def test_ddpm_schedule_flags_only_complete_what_the_weights_do_not_record(flow_weights, tmp_path, capsys):
+    ddpm = tiny_weights(tmp_path / "ddpm.safetensors", DDPMObjective(learn_sigma=False).record())
+    common = ["--steps", "2", "--sampler", "ddim", "--noise-schedule", "cosine"]
+    assert sample_main(grid_args(ddpm, tmp_path, *common)) == 2
+    err = capsys.readouterr().err
+    assert "--noise-schedule cosine contradicts" in err and "(noise_schedule=linear)" in err
+    assert sample_main(grid_args(flow_weights, tmp_path, "--diffusion-steps", "500")) == 2
+    assert "--diffusion-steps is for DDPM weights" in capsys.readouterr().err
+    legacy = tmp_path / "legacy.safetensors"
+    save_file(load_file(str(ddpm)), str(legacy))  # no record: the paper's weights
+    assert sample_main(grid_args(legacy, tmp_path, *common)) == 0
+
+
+def test_interop_cli_shows_the_objective_and_will_not_export_a_flow_model(flow_weights, tmp_path, capsys):
+    assert interop_main(["inspect", "--ckpt", str(flow_weights), "--num-heads", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["objective"] == FLOW
+    argv = ["export", "--ckpt", str(flow_weights), "--num-heads", "2", "--vae", str(tmp_path / "vae")]
+    assert interop_main([*argv, "--out", str(tmp_path / "pipe")]) == 2
+    err = capsys.readouterr().err
+    assert "trained with objective 'flow'" in err and "cannot be sampled as a ddpm model" in err
+    assert not (tmp_path / "pipe").exists()
+
+
 def test_diffusers_export_records_ddpm_and_refuses_flow(tmp_path):
     model = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2, num_classes=3)
     with pytest.raises(ObjectiveMismatch, match="trained with objective 'flow'"):
         export_diffusers(model, tmp_path / "p", vae=None, objective=FLOW)
+    with pytest.raises(ValueError, match="predicts 'x0'.*'epsilon' prediction only"):
+        export_diffusers(model, tmp_path / "p", vae=None, objective=DDPMObjective(predict_xstart=True).record())
     fake = tmp_path / "flow_pipe"
     fake.mkdir()
     (fake / "ditscale_objective.json").write_text(json.dumps(FLOW))

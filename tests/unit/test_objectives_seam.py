@@ -100,6 +100,40 @@ def test_config_picks_the_objective_and_refuses_the_other_kinds_keys():
         cfg("objective.timesteps.sampling=beta")
     with pytest.raises(ConfigError, match="objective.timesteps.mean: applies to"):
         cfg("objective.timesteps.mean=0.5")
+    with pytest.raises(ConfigError, match="unknown config key 'objective.flow.pth'; did you mean objective.flow.path"):
+        cfg("objective.kind=flow", "objective.flow.pth=gvp")
+    with pytest.raises(ConfigError, match="sample.sampler: sampler 'ddim' samples ddpm models"):
+        cfg("objective.kind=flow", "sample.sampler=ddim")
+    with pytest.raises(ConfigError, match="sample.sampler: sampler 'heun' samples flow models"):
+        cfg("sample.sampler=heun")
+
+
+def test_a_yaml_objective_section_with_a_bad_key_is_named(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text("data: {root: x}\nobjective:\n  kind: flow\n  flow: {path: linear, predicton: velocity}\n")
+    with pytest.raises(ConfigError, match="unknown config key 'objective.flow.predicton'.*objective.flow.prediction"):
+        load_config(str(path), [])
+    path.write_text("data: {root: x}\nobjective: {kind: flow, timesteps: {sampling: logit_normal, std: 0}}\n")
+    with pytest.raises(ConfigError, match="objective.timesteps.std: must be > 0"):
+        load_config(str(path), [])
+
+
+def test_flow_loss_draws_from_its_generator_only():
+    """What exact resume needs of an objective (the trainer seeds one generator per micro-batch): the
+    terms are a function of the generator's state, the global RNG is neither read nor advanced."""
+    model = tiny_dit(learn_sigma=False)
+    x, y = torch.randn(6, 2, 4, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+    flow = FlowObjective(path="gvp", prediction="noise", loss_weight="likelihood")
+    torch.manual_seed(1)
+    a = flow.loss(model, x, y, torch.Generator().manual_seed(5), drop_prob=0.3)
+    after = torch.random.get_rng_state()
+    torch.manual_seed(2)
+    b = flow.loss(model, x, y, torch.Generator().manual_seed(5), drop_prob=0.3)
+    c = flow.loss(model, x, y, torch.Generator().manual_seed(6), drop_prob=0.3)
+    assert list(a) == ["loss", "mse"] and all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["loss"], c["loss"])
+    torch.manual_seed(1)
+    assert torch.equal(torch.random.get_rng_state(), after)
 
 
 def test_records_round_trip_and_mismatches_are_refused():
