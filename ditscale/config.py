@@ -433,7 +433,7 @@ class SampleConfig:
 class EvalConfig:
     """FID (and IS / sFID / precision-recall) of the EMA during training, every `every` steps and at
     train.max_steps (0 = off): num_samples images sampled over all ranks, compared with `ref` in the
-    features of `network` (ditscale.evaluate.in_training). Defaults: the paper's training-curve setting
+    features of `network` (ditscale.engine.evaluation). Defaults: the paper's training-curve setting
     (250 DDPM steps, no guidance) and ADM's metric conventions."""
 
     every: int = 0

@@ -15,15 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-DIGIT_MAX = 16.0  # scikit-learn's digits hold integer intensities 0..16
-
-
-def load_real_digits() -> tuple[np.ndarray, np.ndarray]:
-    """(images (N, 8, 8) float in [0, 16], labels (N,) int64)."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    return d.images.astype(np.float64), d.target.astype(np.int64)
+from ditscale.evaluate.digits import DIGIT_MAX, load_real_digits
 
 
 def write_image_folder(root: str | Path) -> Path:

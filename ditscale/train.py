@@ -120,7 +120,7 @@ def prepare(args, world_size: int) -> tuple[ExperimentConfig, dict, dict]:
     if cfg.sample.every and vae != "none" and not Path(vae).exists():
         raise ConfigError(f"sample.vae: {vae} does not exist (needed for sample grids; sample.every=0 turns them off)")
     if cfg.eval.every:
-        from ditscale.evaluate.in_training import check_inputs
+        from ditscale.engine.evaluation import check_inputs
 
         check_inputs(cfg.eval)
     run_dir = Path(cfg.run_dir)
@@ -212,7 +212,7 @@ def report_memory(engine, ema, metrics, step: int, rss_before_model_gib: float |
 
 def sample_grid(cfg: ExperimentConfig, meta: dict, ema, step: int, device, tb) -> None:
     """An EMA sample grid in run_dir/samples (rank 0 samples; every rank contributes its EMA shards)."""
-    from ditscale.evaluate.in_training import ema_model
+    from ditscale.engine.evaluation import ema_model
     from ditscale.objectives import build_objective
     from ditscale.sampling.grid import GridConfig, ema_grid
 
@@ -403,7 +403,7 @@ def train(cfg: ExperimentConfig, meta: dict, ds: dict, env, device: torch.device
     )
     evaluator = None
     if cfg.eval.every:
-        from ditscale.evaluate.in_training import TrainingEval
+        from ditscale.engine.evaluation import TrainingEval
 
         evaluator = TrainingEval(cfg, meta, env.rank, env.world_size, device, metrics, log=say)
     say(

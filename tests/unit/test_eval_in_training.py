@@ -10,8 +10,8 @@ import torch
 
 from ditscale.config import ConfigError, config_from_dict
 from ditscale.engine.ema import ShardedEMA, module_shards
+from ditscale.engine.evaluation import TrainingEval, check_inputs, ema_model
 from ditscale.evaluate.digits import real_digit_images, save_digits_net, train_digits_net
-from ditscale.evaluate.in_training import TrainingEval, check_inputs, ema_model
 from ditscale.models import DiT
 
 torch.set_num_threads(1)

@@ -69,11 +69,6 @@ RULES = [
 EXEMPT = {
     ("ditscale.quickstart", "data_prep"),  # CLIs that run the whole pipeline
     ("ditscale.study_digits", "data_prep"),
-    # Debt (issue 18 landed after this test): in-training evaluation belongs beside the trainer, and the
-    # digits loader in a leaf; move them and delete these three lines.
-    ("ditscale.evaluate.in_training", "ditscale.engine.ema"),
-    ("ditscale.evaluate.in_training", "ditscale.engine.export"),
-    ("ditscale.evaluate.digits", "ditscale.quickstart_digits"),
 }
 THIRD_PARTY = [
     ("deepspeed", ENGINE),
