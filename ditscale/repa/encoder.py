@@ -120,7 +120,8 @@ def load_encoder(name: str, path: str | Path, device: torch.device, dtype: torch
     unless `dtype` is given). EncoderError names the file when it does not fit the architecture."""
     from timm.models.vision_transformer import checkpoint_filter_fn
 
-    vit = build_vit(name)
+    with torch.device("meta"):  # shapes only: the file gives every tensor (no random init of a ViT-G)
+        vit = build_vit(name)
     state = read_encoder_weights(path)
     patch = state.get("patch_embed.proj.weight")
     if patch is None or tuple(patch.shape) != tuple(vit.patch_embed.proj.weight.shape):
@@ -131,11 +132,14 @@ def load_encoder(name: str, path: str | Path, device: torch.device, dtype: torch
         )
     try:
         state = checkpoint_filter_fn(state, vit)  # Meta's DINOv2 layout → timm's; resized positions
-        vit.load_state_dict(state, strict=True)
+        vit.load_state_dict(state, strict=True, assign=True)
     except (RuntimeError, KeyError, ValueError) as e:
         first = str(e).strip().splitlines()
         raise EncoderError(
             f"repa.encoder_weights: {path} does not fit repa.encoder={name} ({' '.join(first[:3])[:400]})"
         ) from None
+    left = [n for n, t in [*vit.named_parameters(), *vit.named_buffers()] if t.is_meta]
+    if left:
+        raise EncoderError(f"repa.encoder_weights: {path} leaves {left[:5]} of repa.encoder={name} unset")
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     return FrozenEncoder(vit.to(device=device, dtype=dtype), name).to(device)  # normalisation stays fp32
