@@ -273,6 +273,7 @@ def read_all(root: str, cache, **kwargs) -> int:
     return sum(len(b["label"]) for b in open_reader(root, cache, **kwargs))
 
 
+@pytest.mark.timeout(240)  # in this process: a hang fails here, with its stack, not at the suite's limit
 def test_a_corrupted_object_is_caught_by_its_hash_and_named(s3, bucket_dataset, tmp_path):
     from ditscale.data.integrity import DataError
 
@@ -282,6 +283,7 @@ def test_a_corrupted_object_is_caught_by_its_hash_and_named(s3, bucket_dataset, 
     assert read_all(URL, tmp_path / "cache2") == 64
 
 
+@pytest.mark.timeout(240)  # in this process: a hang fails here, with its stack, not at the suite's limit
 def test_a_store_that_stays_away_stops_the_reader_naming_endpoint_and_shard(s3, bucket_dataset, tmp_path):
     from ditscale.data.storage import RemoteError
 
