@@ -7,8 +7,10 @@ import json
 import torch
 from safetensors.torch import load_file
 
+from ditscale.engine.checkpoint import read_meta
 from ditscale.engine.export import export, main
 from ditscale.models import DiT
+from ditscale.weights import read_objective
 
 from ds_launch import TOTAL, N, ckpt
 
@@ -52,6 +54,10 @@ def test_sharded_export_matches_the_single_file(reference_run, tmp_path):
     assert merged.keys() == single.keys() == set(index["weight_map"])
     assert all(torch.equal(merged[k], single[k]) for k in single)
     load_exported(one[0])
+    recorded = read_meta(ckpt(run, N))["objective"]  # the trainer's record, carried by every form of export
+    assert recorded["kind"] == "ddpm" and recorded["prediction"] == "epsilon"
+    assert read_objective(one[0]) == read_objective(many[-1]) == recorded
+    assert json.loads((tmp_path / "one" / "ema.json").read_text())["objective"] == recorded
 
 
 def test_export_names_a_missing_checkpoint(tmp_path, capsys):

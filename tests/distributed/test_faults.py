@@ -132,6 +132,7 @@ def test_config_that_does_not_match_the_checkpoint_is_exit_2_naming_the_keys(ref
             f"train.resume={ckpt(ref, N)}",
             "optim.lr=5e-4",
             "model.class_dropout_prob=0.2",
+            "objective.kind=flow",
         ),
         tmp_path,
     )
@@ -139,6 +140,7 @@ def test_config_that_does_not_match_the_checkpoint_is_exit_2_naming_the_keys(ref
     assert f"does not match checkpoint {ckpt(ref, N)}" in out.stderr
     assert "optim.lr: checkpoint 0.001, now 0.0005" in out.stderr
     assert "model.class_dropout_prob: checkpoint 0.1, now 0.2" in out.stderr
+    assert "objective.kind: checkpoint 'ddpm', now 'flow'" in out.stderr
 
 
 def test_unreadable_checkpoint_is_exit_2_naming_the_file(reference_run, digits64, tmp_path):
