@@ -113,7 +113,8 @@ class TrainingEval:
         )
         tag = hashlib.sha256(json.dumps(self.settings, sort_keys=True).encode()).hexdigest()[:8]
         self.tag, self.root = tag, Path(cfg.run_dir) / "eval"
-        self.since = time.perf_counter()  # wall time of training between evaluations
+        self.since: float | None = None  # end of this process's last evaluation (None: none yet)
+        self.kept = (0, 0)  # (chunks found written by an interrupted evaluation, chunks in all)
 
     @property
     def guide_channels(self):
@@ -165,13 +166,15 @@ class TrainingEval:
         return {**feats, "labels": labels, "indices": np.asarray(list(indices), np.int64)}
 
     def _sample_all(self, step: int, ema, should_stop: Callable[[], bool]) -> bool:
-        """This rank's missing chunks, round by round (one stop agreement per round); False if stopped."""
+        """This rank's missing chunks, round by round (one stop agreement per round); False if stopped.
+        Sets self.kept: how many chunks an interrupted evaluation had already written."""
         from ditscale.sampling.npz import atomic_write
 
         root = self.step_dir(step)
         chunk = prepare_dir(root, self.settings, self.ec.batch_size)
         ranges = chunk_ranges(self.ec.num_samples, chunk)
-        if all(chunk_path(root, j).is_file() for j in range(len(ranges))):
+        self.kept = (sum(chunk_path(root, j).is_file() for j in range(len(ranges))), len(ranges))
+        if self.kept[0] == len(ranges):
             return True  # the same answer on every rank: none writes yet
         sampler = self._sampler(ema)  # a collective: every rank, before any chunk
         for first in range(0, len(ranges), self.world):
@@ -223,8 +226,8 @@ class TrainingEval:
     def run(self, step: int, ema, should_stop: Callable[[], bool]) -> dict | None:
         """Evaluate the EMA at `step` (a collective: every rank calls it). Returns the result on rank 0 ({} on
         the others), or None when a stop signal interrupted the sampling (finished chunks are kept)."""
-        train_s = time.perf_counter() - self.since
         t0 = time.perf_counter()
+        train_s = t0 - self.since if self.since is not None else None
         if not self._sample_all(step, ema, should_stop):
             return None
         _collective(lambda: torch.distributed.barrier())
@@ -242,7 +245,10 @@ class TrainingEval:
         self.since = time.perf_counter()
         return result
 
-    def _report(self, step: int, result: dict, train_s: float) -> None:
+    def _report(self, step: int, result: dict, train_s: float | None) -> None:
+        """The numbers, and what they cost. The share of training time only between two evaluations of this
+        process, all of whose chunks it sampled: a first evaluation after a (re)start, or one that finishes an
+        interrupted evaluation's chunks, has no honest denominator."""
         numbers = {k: result[k] for k in NUMBERS if k in result}
         self.metrics.write_event(
             event="eval",
@@ -259,11 +265,13 @@ class TrainingEval:
                 self.metrics.tb.add_scalar(f"eval/{k}", v, step)
             self.metrics.tb.flush()
         shown = " | ".join(f"{k} {v:.4g}" for k, v in numbers.items())
-        share = (
-            f", {result['seconds'] / train_s:.1%} of the {train_s:.0f} s trained since the last one"
-            if train_s > 0
-            else ""
-        )
+        kept, total = self.kept
+        if kept:
+            share = f"; {kept} of {total} chunks were kept from an interrupted evaluation"
+        elif train_s:
+            share = f", {result['seconds'] / train_s:.1%} of the {train_s:.0f} s trained since the last one"
+        else:
+            share = ""
         self.log(
             f"eval at step {step}: {shown} | cost {result['seconds']:.1f} s for {result['num_samples']} "
             f"samples (sampling {result['sampling_s']:.1f} s, metrics {result['metrics_s']:.1f} s{share})"

@@ -101,6 +101,9 @@ def test_stop_between_rounds_then_finish_only_the_missing_chunks(tmp_path, files
     assert event["settings"]["labels"] == "balanced" and event["settings"]["is_chunk_size"] == 5000
     assert json.loads((ev.step_dir(10) / "result.json").read_text())["fid"] == result["fid"]
     assert "eval at step 10: fid" in lines[-1] and "cost" in lines[-1]
+    assert "2 of 5 chunks were kept from an interrupted evaluation" in lines[-1], lines[-1]
+    assert ev.run(20, ema, lambda: False)["num_samples"] == 40  # the second of this process: a share of training
+    assert "% of the" in lines[-1] and "trained since the last one" in lines[-1], lines[-1]
 
 
 def test_ema_model_is_the_ema(tmp_path, files):
