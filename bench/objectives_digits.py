@@ -18,40 +18,21 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = {"ddpm": ("quickstart.yaml", "ddpm", 100), "flow": ("quickstart_flow.yaml", "heun", 50)}
 
 
 def evaluate(run: Path, kind: str, classifier) -> list[dict]:
+    """Quality of every checkpoint of a run: its EMA exported and sampled as the quickstart does."""
     from ditscale import quickstart_digits as qd
     from ditscale.engine.export import export
-    from ditscale.sampling import sample_latents
-    from ditscale.weights import load_model, load_objective
 
-    _, sampler, steps = RECIPES[kind]
     rows = []
     for ckpt in sorted((run / "ckpt").glob("step_*")):
         out = run / "export" / f"{ckpt.name}.safetensors"
         if not out.exists():
             export(ckpt, out, log=lambda *_: None)
-        model = load_model(out).eval()
-        labels = torch.arange(10).repeat_interleave(20)
-        z = sample_latents(
-            model,
-            None,
-            labels,
-            cfg_scale=3.0,
-            guide_channels="all",
-            sampler=sampler,
-            steps=steps,
-            objective=load_objective(out, expected=kind),
-            generator=torch.Generator().manual_seed(0),
-            device="cpu",
-        )
-        q = qd.digits_quality(z.clamp(-1, 1).numpy(), labels.numpy(), classifier)
-        rows.append({"step": int(ckpt.name.split("_")[1]), **q})
+        samples, labels = qd.sample_digits(out, kind)
+        rows.append({"step": int(ckpt.name.split("_")[1]), **qd.digits_quality(samples, labels, classifier)})
     return rows
 
 
@@ -82,7 +63,7 @@ def main(argv=None) -> int:
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     for seed in [int(s) for s in args.seeds.split(",")]:
-        for kind, (config, _, _) in RECIPES.items():
+        for kind, (config, _, _) in qd.RECIPES.items():
             key = f"{kind}/seed{seed}"
             if key in results:
                 continue
@@ -116,7 +97,7 @@ def main(argv=None) -> int:
                 f"{key}: steps to 90 % = {first}; " + ", ".join(f"{r['step']}: {r['accuracy']:.0%}" for r in rows),
                 flush=True,
             )
-    for kind in RECIPES:
+    for kind in qd.RECIPES:
         firsts = [v["steps_to_90"] for k, v in results.items() if k.startswith(kind)]
         print(f"{kind}: steps to 90 % per seed {firsts}")
     return 0

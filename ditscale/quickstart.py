@@ -17,8 +17,6 @@ import torch
 
 OUT = Path(os.environ.get("DITSCALE_QUICKSTART_OUT", "quickstart_out"))
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-# Per objective: config, run dir under OUT, sampler and its steps (≈ 100 model calls either way)
-RECIPES = {"ddpm": ("quickstart.yaml", "run", "ddpm", 100), "flow": ("quickstart_flow.yaml", "run_flow", "heun", 50)}
 
 
 def loss_curve(metrics: Path, png: Path) -> None:
@@ -39,16 +37,15 @@ def main(argv=None) -> int:
     """argv: [--flow] then extra trainer overrides, e.g. train.max_steps=200 for a smoke run."""
     from data_prep import make_dataset
     from ditscale import quickstart_digits as qd
-    from ditscale.sampling import sample_latents, save_grid
-    from ditscale.weights import load_model, load_objective
+    from ditscale.sampling import save_grid
 
     argv = list(argv if argv is not None else sys.argv[1:])
     kind = "flow" if "--flow" in argv else "ddpm"
     argv = [a for a in argv if a != "--flow"]
-    config, run_name, sampler, steps = RECIPES[kind]
-    tag = "" if kind == "ddpm" else "_flow"  # output names: samples{tag}.png, …
+    config, sampler, steps = qd.RECIPES[kind]
+    tag = "" if kind == "ddpm" else "_flow"  # output names: run{tag}/, samples{tag}.png, …
     OUT.mkdir(parents=True, exist_ok=True)
-    images, data, run = OUT / "digits_images", OUT / "digits_mds", OUT / run_name
+    images, data, run = OUT / "digits_images", OUT / "digits_mds", OUT / f"run{tag}"
     print("[1/5] scikit-learn digits → image folder", images)
     if not images.exists():
         qd.write_image_folder(images)
@@ -74,31 +71,17 @@ def main(argv=None) -> int:
     print(f"[4/5] export EMA and sample 10 classes × 20 with guidance 3 ({steps} {sampler} steps)")
     export = run / "export" / "ema.safetensors"
     subprocess.check_call([sys.executable, "-m", "ditscale.engine.export", str(run), "--out", str(export)])
-    model = load_model(export).eval()
-    labels = torch.arange(10).repeat_interleave(20)
-    z = sample_latents(
-        model,
-        None,
-        labels,
-        cfg_scale=3.0,
-        guide_channels="all",
-        sampler=sampler,
-        steps=steps,
-        objective=load_objective(export, expected=kind),
-        generator=torch.Generator().manual_seed(0),
-        device="cpu",
-        progress=True,
-    )
-    samples = z.clamp(-1, 1).numpy()
+    samples, labels = qd.sample_digits(export, kind, progress=True)
+    shown = labels % 20 < 10
     grid = save_grid(
-        torch.from_numpy(samples[labels.numpy() % 20 < 10]).repeat(1, 3, 1, 1),
-        labels[labels.numpy() % 20 < 10],
+        torch.from_numpy(samples[shown]).repeat(1, 3, 1, 1),
+        labels[shown],
         OUT / f"samples{tag}.png",
         class_names=[str(i) for i in range(10)],
     )
     del grid
     loss_curve(run / "metrics.jsonl", OUT / f"loss{tag}.png")
-    q = qd.digits_quality(samples, labels.numpy())
+    q = qd.digits_quality(samples, labels)
     print(
         "[5/5] quality: classifier accuracy {accuracy:.1%} (goal ≥ 90 %), diversity {diversity_mean:.2f} "
         "mean / {diversity_min:.2f} min (goals ≥ 0.6 / ≥ 0.4)".format(**q)

@@ -58,6 +58,38 @@ def fit_classifier():
     return SVC(gamma=0.001, C=10.0).fit(images.reshape(len(images), -1), labels)
 
 
+# Per objective: its config (configs/), sampler and steps (≈ 100 model calls either way)
+RECIPES = {"ddpm": ("quickstart.yaml", "ddpm", 100), "flow": ("quickstart_flow.yaml", "heun", 50)}
+
+
+def sample_digits(export, kind: str, per_class: int = 20, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(samples (N, 1, 8, 8) in [-1, 1], labels (N,)) of an exported digits model, `per_class` of each class,
+    guided (scale 3, every channel) with its objective's recipe sampler; noise from seed 0. A model trained
+    with another objective than `kind` is refused (ObjectiveMismatch)."""
+    import torch
+
+    from ditscale.sampling import sample_latents
+    from ditscale.weights import load_model, load_objective
+
+    _, sampler, steps = RECIPES[kind]
+    objective = load_objective(export, expected=kind)
+    labels = torch.arange(10).repeat_interleave(per_class)
+    z = sample_latents(
+        load_model(export).eval(),
+        None,
+        labels,
+        cfg_scale=3.0,
+        guide_channels="all",
+        sampler=sampler,
+        steps=steps,
+        objective=objective,
+        generator=torch.Generator().manual_seed(0),
+        device="cpu",
+        progress=progress,
+    )
+    return z.clamp(-1, 1).numpy(), labels.numpy()
+
+
 def digits_quality(samples: np.ndarray, labels: np.ndarray, classifier=None) -> dict:
     """Accuracy and per-class diversity ratio of generated digits (samples in [-1, 1])."""
     x = to_digit_scale(samples)

@@ -20,7 +20,7 @@ from ditscale.weights import export_diffusers, load_objective, load_pipeline, re
 FLOW = FlowObjective(path="gvp", prediction="velocity").record()
 
 
-def tiny_weights(path, record, learn_sigma=False):
+def tiny_weights(path, record, learn_sigma=False, num_classes=3):
     """A tiny DiT's weights at `path` with `record` in the safetensors metadata, as the export writes it."""
     torch.manual_seed(0)
     model = DiT(
@@ -30,7 +30,7 @@ def tiny_weights(path, record, learn_sigma=False):
         hidden_size=32,
         depth=1,
         num_heads=2,
-        num_classes=3,
+        num_classes=num_classes,
         learn_sigma=learn_sigma,
     )
     save_file(model.state_dict(), str(path), metadata={"objective": json.dumps(record)})
@@ -151,6 +151,17 @@ def test_diffusers_export_records_ddpm_and_refuses_flow(tmp_path):
     (fake / "ditscale_objective.json").write_text(json.dumps(FLOW))
     with pytest.raises(ObjectiveMismatch, match="cannot be sampled as a ddpm model"):
         load_pipeline(fake)
+
+
+def test_quickstart_samples_with_the_recipe_of_the_recorded_objective(tmp_path):
+    from ditscale.quickstart_digits import sample_digits
+
+    weights = tiny_weights(tmp_path / "digits.safetensors", FLOW, num_classes=10)
+    (tmp_path / "digits.json").write_text(json.dumps({"model": {"num_heads": 2}}))  # the export's sidecar
+    samples, labels = sample_digits(weights, "flow", per_class=2)
+    assert samples.shape == (20, 1, 8, 8) and np.abs(samples).max() <= 1 and labels.tolist() == sorted(labels)
+    with pytest.raises(ObjectiveMismatch, match="trained with objective 'flow'"):
+        sample_digits(weights, "ddpm", per_class=2)
 
 
 def test_resume_with_another_objective_names_the_key():
