@@ -6,7 +6,9 @@ Both objectives train the same model with the same trainer, data, optimizer and 
 vs configs/quickstart_flow.yaml); one run per (objective, seed) keeps a checkpoint every --every steps, and
 each checkpoint's EMA is exported and sampled as the quickstart does (10 classes × 20, guidance 3, ≈100 model
 calls: 100 DDPM steps / 50 Heun steps), then scored by the quickstart's classifier. Runs alternate
-objectives so a cut-short sweep stays balanced. Results: <out>/results.json and a table on stdout.
+objectives so a cut-short sweep stays balanced; a stopped run resumes from its last checkpoint when the
+command is rerun, also with a larger --max-steps (the learning rate is constant). Results:
+<out>/results.json and a table on stdout.
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ def main(argv=None) -> int:
                     f"train.max_steps={args.max_steps}",
                     f"train.ckpt_every={args.every}",
                     "train.keep_last=1000",
+                    "train.resume_ignore=[train.max_steps]",  # rerun with another --max-steps: runs go on
                     "log.every=250",
                 ],
                 env=env,

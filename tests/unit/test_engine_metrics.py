@@ -100,11 +100,14 @@ def test_peak_flops_defaults():
     assert peak_tflops(torch.device("cpu"), 123.0) == 123.0
 
 
-def test_ema_feeds_the_sample_grid(tmp_path):
-    """The in-training hook: EMA shards → a DiT with the official state dict → a PNG grid."""
+@pytest.mark.parametrize("objective", [[], ["objective.kind=flow", "model.learn_sigma=false"]], ids=["ddpm", "flow"])
+def test_ema_feeds_the_sample_grid(tmp_path, objective, monkeypatch):
+    """The in-training hook: EMA shards → a DiT with the official state dict → a PNG grid, drawn with the
+    run's objective and its default grid sampler (ddim / heun)."""
     from ditscale.config import load_config, resolve_with_dataset
     from ditscale.engine.ema import ShardedEMA, module_shards
     from ditscale.models import DiT
+    from ditscale.sampling import grid as grid_module
     from ditscale.train import sample_grid
 
     meta = {
@@ -130,9 +133,19 @@ def test_ema_feeds_the_sample_grid(tmp_path):
             "sample.classes=[0,2]",
             "sample.num_per_class=1",
             "sample.steps=2",
+            *objective,
         ],
     )
     cfg = resolve_with_dataset(cfg, meta)
     model = DiT(**cfg.model.dit_kwargs())
+    drawn, real_ema_grid = [], grid_module.ema_grid
+
+    def ema_grid(model, grid, *args, **kwargs):
+        drawn.append(grid)
+        return real_ema_grid(model, grid, *args, **kwargs)
+
+    monkeypatch.setattr(grid_module, "ema_grid", ema_grid)
     sample_grid(cfg, meta, ShardedEMA(module_shards(model), 0.9), step=7, device=torch.device("cpu"), tb=None)
     assert (tmp_path / "samples" / "grid_00000007.png").is_file()
+    (grid,) = drawn
+    assert (grid.sampler, grid.objective["kind"]) == (("heun", "flow") if objective else ("ddim", "ddpm"))
