@@ -443,12 +443,18 @@ class EvalConfig:
     weights: str = ""  # the network's weights file (pt_inception-2015-12-05-6726825d.pth)
     resize: str = "tf1"  # Inception input resize: tf1 (ADM) | torch (pytorch-fid)
     metrics: list[str] = field(default_factory=lambda: ["fid"])  # of fid, sfid, is, pr
-    sampler: str = "ddpm"
+    sampler: str | None = None  # None: the objective's default (ddpm, the paper's; heun for flow)
     steps: int = 250
     cfg_scale: float = 1.0  # 1 = no guidance (the paper's FID-vs-training curves)
     labels: str = "balanced"  # balanced (num_samples / classes each) | random (the DiT paper)
     seed: int = 0
     batch_size: int = 64  # images per rank per model call (also the chunk size)
+
+    def sampler_for(self, kind: str) -> str:
+        """The sampler for objective `kind`: the configured one, else the objective's default."""
+        from ditscale.objectives import objective_class
+
+        return self.sampler or objective_class(kind).default_sampler
 
     def validate(self) -> None:
         from ditscale.evaluate.metrics import METRICS
@@ -456,7 +462,10 @@ class EvalConfig:
         _require(self.every >= 0, "eval.every", f"must be >= 0 (0 = off), got {self.every}")
         _choice(self.network, "eval.network", ("inception", "digits"))
         _choice(self.resize, "eval.resize", ("tf1", "torch"))
-        _choice(self.sampler, "eval.sampler", ("ddpm", "ddim"))
+        if self.sampler is not None:
+            from ditscale.sampling.registry import SAMPLERS
+
+            _choice(self.sampler, "eval.sampler", tuple(SAMPLERS))
         _choice(self.labels, "eval.labels", ("balanced", "random"))
         bad = [m for m in self.metrics if m not in METRICS]
         _require(bool(self.metrics) and not bad, "eval.metrics", f"{bad or '[]'}: choose from {', '.join(METRICS)}")
@@ -532,13 +541,14 @@ class ExperimentConfig:
             section = getattr(self, f.name)
             if dataclasses.is_dataclass(section):
                 section.validate()
-        if self.sample.sampler is not None:
-            from ditscale.sampling.registry import check_fits
+        from ditscale.sampling.registry import check_fits
 
+        for key, sampler in (("sample.sampler", self.sample.sampler), ("eval.sampler", self.eval.sampler)):
             try:
-                check_fits(self.sample.sampler, self.objective.kind)
+                if sampler is not None:
+                    check_fits(sampler, self.objective.kind)
             except ValueError as e:
-                raise ConfigError(f"sample.sampler: {e}") from None
+                raise ConfigError(f"{key}: {e}") from None
         if self.objective.kind != "ddpm":
             _untouched(self.diffusion, "diffusion", self.objective.kind, "ddpm")
         if self.objective.kind != "flow":

@@ -94,6 +94,7 @@ class TrainingEval:
             raise ConfigError(f"eval.weights: {e}") from None
         self.vae, self.scale = vae_and_scale(cfg.sample.vae or meta["vae"], meta["scale_factor"], device)
         self.reference = None  # rank 0, loaded at the first evaluation
+        self.sampler = self.ec.sampler_for(cfg.objective.kind)
         self.settings = {
             k: getattr(self.ec, k)
             for k in (
@@ -109,7 +110,10 @@ class TrainingEval:
             )
         }
         self.settings.update(
-            weights=str(Path(self.ec.weights).resolve()), model_weights="ema", guide_channels=self.guide_channels
+            sampler=self.sampler,
+            weights=str(Path(self.ec.weights).resolve()),
+            model_weights="ema",
+            guide_channels=self.guide_channels,
         )
         tag = hashlib.sha256(json.dumps(self.settings, sort_keys=True).encode()).hexdigest()[:8]
         self.tag, self.root = tag, Path(cfg.run_dir) / "eval"
@@ -133,24 +137,20 @@ class TrainingEval:
     # ---------------------------------------------------------------------------------------- sampling
 
     def _sampler(self, ema):
-        from ditscale.sampling.core import GuidedSampler, sampling_diffusion
+        from ditscale.objectives import build_objective
+        from ditscale.sampling.core import GuidedSampler, sampling_process
+        from ditscale.sampling.registry import sampler_info
 
         model = ema_model(self.cfg, ema, all_ranks=True).to(self.device).eval()
-        dc = self.cfg.diffusion
-        diffusion = sampling_diffusion(
-            self.ec.sampler,
-            self.ec.steps,
-            learn_sigma=model.learn_sigma,
-            noise_schedule=dc.noise_schedule,
-            diffusion_steps=dc.diffusion_steps,
-        )
+        process = sampling_process(build_objective(self.cfg), self.sampler, self.ec.steps)
         return GuidedSampler(
             model,
-            diffusion,
-            self.ec.sampler,
+            process,
+            self.sampler,
             self.ec.cfg_scale,
             self.guide_channels,
             autocast=torch.bfloat16 if self.device.type == "cuda" else None,
+            steps=self.ec.steps if sampler_info(self.sampler).kind == "flow" else None,
         )
 
     def _chunk(self, sampler, indices: range) -> dict[str, np.ndarray]:

@@ -83,6 +83,7 @@ class DDPMObjective(Objective):
             "noise_schedule": s["noise_schedule"],
             "diffusion_steps": s["diffusion_steps"],
             "learn_sigma": s["learn_sigma"],
+            "sigma_small": s["sigma_small"],
         }
 
     @classmethod
@@ -92,4 +93,5 @@ class DDPMObjective(Objective):
             diffusion_steps=rec.get("diffusion_steps", 1000),
             predict_xstart=rec.get("prediction") == "x0",
             learn_sigma=rec.get("learn_sigma", True),
+            sigma_small=rec.get("sigma_small", False),
         )

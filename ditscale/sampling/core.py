@@ -46,12 +46,27 @@ def respacing_for(sampler: str, steps: int, diffusion_steps: int = 1000) -> str:
 
 
 def sampling_diffusion(
-    sampler="ddpm", steps=250, *, respacing=None, learn_sigma=True, noise_schedule="linear", diffusion_steps=1000
+    sampler="ddpm",
+    steps=250,
+    *,
+    respacing=None,
+    learn_sigma=True,
+    noise_schedule="linear",
+    diffusion_steps=1000,
+    predict_xstart=False,
+    sigma_small=False,
 ):
-    """The respaced diffusion a sampler walks (the paper's linear schedule over 1000 steps by default)."""
+    """The respaced diffusion a sampler walks (the paper's linear schedule over 1000 steps by default);
+    predict_xstart / sigma_small: the model's prediction (x0 instead of ε) and fixed variance (β̃ instead of
+    β, for learn_sigma=False), as trained."""
     spec = respacing if respacing else respacing_for(sampler, steps, diffusion_steps)
     return create_diffusion(
-        spec, noise_schedule=noise_schedule, learn_sigma=learn_sigma, diffusion_steps=diffusion_steps
+        spec,
+        noise_schedule=noise_schedule,
+        learn_sigma=learn_sigma,
+        diffusion_steps=diffusion_steps,
+        predict_xstart=predict_xstart,
+        sigma_small=sigma_small,
     )
 
 
@@ -126,6 +141,8 @@ def sampling_process(objective, sampler: str, steps: int = 250, respacing: str |
         learn_sigma=s["learn_sigma"],
         noise_schedule=s["noise_schedule"],
         diffusion_steps=s["diffusion_steps"],
+        predict_xstart=s["predict_xstart"],
+        sigma_small=s["sigma_small"],
     )
 
 

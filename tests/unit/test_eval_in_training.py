@@ -36,7 +36,7 @@ class Events:
         self.events.append(fields)
 
 
-def setup(tmp_path, files, **eval_overrides):
+def setup(tmp_path, files, sections=None, **eval_overrides):
     weights, ref = files
     cfg = config_from_dict(
         {
@@ -63,6 +63,7 @@ def setup(tmp_path, files, **eval_overrides):
                 "metrics": ["fid", "is", "pr"],
                 **eval_overrides,
             },
+            **(sections or {}),
         }
     )
     torch.manual_seed(0)
@@ -104,6 +105,17 @@ def test_stop_between_rounds_then_finish_only_the_missing_chunks(tmp_path, files
     assert "2 of 5 chunks were kept from an interrupted evaluation" in lines[-1], lines[-1]
     assert ev.run(20, ema, lambda: False)["num_samples"] == 40  # the second of this process: a share of training
     assert "% of the" in lines[-1] and "trained since the last one" in lines[-1], lines[-1]
+
+
+def test_each_objective_is_evaluated_with_its_own_sampler(tmp_path, files):
+    ddpm, *_ = setup(tmp_path / "ddpm", files)
+    assert ddpm.sampler == ddpm.settings["sampler"] == "ddpm"  # the paper's; the tag of earlier runs
+    ev, ema, *_ = setup(tmp_path / "flow", files, {"objective": {"kind": "flow"}})
+    run = ev._sampler(ema)
+    assert (ev.sampler, run.sampler, run.process.record()["kind"], run.plan.num_steps) == ("heun", "heun", "flow", 5)
+    assert ev.run(10, ema, lambda: False)["num_samples"] == 40
+    with pytest.raises(ConfigError, match="eval.sampler: sampler 'ddpm' samples ddpm models"):
+        setup(tmp_path / "bad", files, {"objective": {"kind": "flow"}}, sampler="ddpm")
 
 
 def test_ema_model_is_the_ema(tmp_path, files):

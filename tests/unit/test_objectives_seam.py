@@ -136,6 +136,21 @@ def test_flow_loss_draws_from_its_generator_only():
     assert torch.equal(torch.random.get_rng_state(), after)
 
 
+def test_a_ddpm_record_samples_with_its_prediction_and_variance():
+    from ditscale.diffusion.gaussian import ModelMeanType, ModelVarType
+    from ditscale.sampling import sampling_process
+
+    x0 = DDPMObjective(predict_xstart=True, learn_sigma=False, sigma_small=True).record()
+    d = sampling_process(objective_from_record(x0).record(), "ddim", 10)
+    assert (d.model_mean_type, d.model_var_type, d.num_timesteps) == (
+        ModelMeanType.START_X,
+        ModelVarType.FIXED_SMALL,
+        10,
+    )
+    paper = sampling_process(None, "ddpm", 10)  # no record: ε, learned variance
+    assert (paper.model_mean_type, paper.model_var_type) == (ModelMeanType.EPSILON, ModelVarType.LEARNED_RANGE)
+
+
 def test_records_round_trip_and_mismatches_are_refused():
     flow = FlowObjective(path="vp", prediction="score", loss_weight="likelihood")
     back = objective_from_record(flow.record())
