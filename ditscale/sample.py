@@ -321,6 +321,8 @@ def _setup(args, env: RankEnv) -> SimpleNamespace:
     record = _objective(args, model)
     args.sampler = args.sampler or objective_class(record["kind"]).default_sampler
     flow = check_fits(args.sampler, record["kind"]).kind == "flow"
+    if flow and args.respacing:
+        raise ValueError(f"--respacing respaces a DDPM schedule; the {args.sampler} sampler takes --steps")
     if args.steps is None:
         args.steps = 250 if not flow or args.sampler == "euler_maruyama" else 50
     options = {k: getattr(args, k) for k in SAMPLER_OPTIONS if getattr(args, k) is not None}

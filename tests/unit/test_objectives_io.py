@@ -92,6 +92,8 @@ def test_flow_checkpoint_refuses_ddpm_sampling(flow_weights, tmp_path, capsys):
     assert "trained with objective 'flow'" in capsys.readouterr().err
     assert sample_main(grid_args(flow_weights, tmp_path, "--sampler", "heun", "--last-step", "mean")) == 2
     assert "takes no option last_step" in capsys.readouterr().err
+    assert sample_main(grid_args(flow_weights, tmp_path, "--respacing", "ddim10")) == 2
+    assert "--respacing respaces a DDPM schedule; the heun sampler takes --steps" in capsys.readouterr().err
     with pytest.raises(SystemExit) as bad:
         sample_main(grid_args(flow_weights, tmp_path, "--sampler", "plms"))
     assert bad.value.code == 2
