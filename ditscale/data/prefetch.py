@@ -22,15 +22,19 @@ import torch
 
 
 def endless(loader) -> Iterator[dict]:
-    """Batches across epoch ends (the loader's state_dict knows the epoch and position); an epoch without
-    a single batch raises DataError instead of looping forever."""
+    """Batches across epoch ends (the loader's state_dict knows the epoch and position). The rest of an
+    epoch resumed after its last full batch (a checkpoint at an epoch's end) gives no batch and is passed;
+    two epochs in a row without a batch, so one read from its start, raise DataError instead of looping
+    forever."""
     from ditscale.data import DataError
 
+    empty = 0
     while True:
         got = 0
         for got, batch in enumerate(loader, 1):
             yield batch
-        if not got:
+        empty = 0 if got else empty + 1
+        if empty == 2:
             raise DataError(
                 f"an epoch of {loader.dataset.metadata['num_samples']} samples gave this rank no "
                 f"batch of {loader.batch_size} (drop_last; {loader.num_workers} workers)"

@@ -173,6 +173,26 @@ def test_resume_mid_epoch_continues_exactly(roots, tmp_path, fmt, workers, head)
     assert_same_batches(done + batches(resumed), reference)
 
 
+@pytest.mark.parametrize("fmt", ["mds", "wds"])
+def test_resume_after_the_last_full_batch_of_an_epoch_goes_on_with_the_next(roots, tmp_path, fmt):
+    """A checkpoint at an epoch's last full batch (drop_last, as the trainer): the rest of that epoch
+    gives no batch, and the trainer's endless batches go on with the next epoch as if uninterrupted."""
+    from ditscale.data.prefetch import endless
+
+    def loader():
+        return build_dataloader(dataset(roots[fmt], tmp_path, seed=1), batch_size=BATCH, num_workers=0)
+
+    per_epoch = 30 // BATCH  # 2 samples left over
+    reference = list(itertools.islice(endless(loader()), per_epoch + 2))
+    first = loader()
+    head = list(itertools.islice(endless(first), per_epoch))
+    state = first.state_dict()
+    assert state["sample_in_epoch"] == per_epoch * BATCH
+    resumed = loader()
+    resumed.load_state_dict(json.loads(json.dumps(state)))
+    assert_same_batches(head + list(itertools.islice(endless(resumed), 2)), reference)
+
+
 def test_loader_workers_forked_after_parent_iterated(roots, tmp_path):
     ds = dataset(roots["mds"], tmp_path, shuffle=False)
     direct = list(ds)
