@@ -229,7 +229,14 @@ class LatentMDSDataset(StreamingDataset):
 
     def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
         """streaming's fetch / decompress, with any failure turned into a DataError naming the dataset's
-        file, the shard marked absent again (so no one waits for it) and the error kept for `__iter__`."""
+        file, the shard marked absent again (so no one waits for it) and the error kept for `__iter__`.
+        streaming's download thread calls this for every sample ahead of the reader, and streaming takes its
+        cache file lock before it looks at the shard's state: with no cache limit (nothing is ever evicted) a
+        shard already on local disk returns at once, without that lock."""
+        from streaming.base.dataset import _ShardState
+
+        if not self.cache_limit and self._shard_states[shard_id] == _ShardState.LOCAL:
+            return
         try:
             super().prepare_shard(shard_id, blocking)
         except Exception as e:
