@@ -33,6 +33,7 @@ class S3Server:
         self._thread: threading.Thread | None = None
         self._app = None
         self._outage: tuple[str, int] | None = None
+        self._connections: set[socket.socket] = set()  # open client connections (HTTP/1.1 keep-alive)
 
     @property
     def endpoint(self) -> str:
@@ -57,7 +58,19 @@ class S3Server:
             self._app = DomainDispatcherApplication(create_backend_app)
         from moto.moto_server.werkzeug_app import MotoRequestHandler
 
+        connections, lock = self._connections, self._lock
+
         class Quiet(MotoRequestHandler):
+            def setup(self):
+                super().setup()
+                with lock:
+                    connections.add(self.connection)
+
+            def finish(self):
+                with lock:
+                    connections.discard(self.connection)
+                super().finish()
+
             def log_request(self, *args, **kwargs):
                 pass
 
@@ -98,10 +111,19 @@ class S3Server:
         settings.INITIAL_NO_AUTH_ACTION_COUNT = 0
 
     def stop(self) -> None:
+        """An outage: new connections are refused, and the ones clients keep alive are reset (else a
+        client's pooled connection would go on being served)."""
         server, self._server = self._server, None
         if server is not None:
             server.shutdown()
             server.server_close()
+            with self._lock:
+                alive = list(self._connections)
+            for conn in alive:
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
     @property
     def running(self) -> bool:
