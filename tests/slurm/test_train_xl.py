@@ -170,11 +170,6 @@ def test_crash_at_start_requeues_a_bounded_number_of_times(slurm_cluster, tiny_d
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="failed once after issue 21's new decision table in train_xl.sh (session 3, not yet "
-    "diagnosed: resubmission on fewer nodes or the scancel row); see the session note",
-    strict=False,
-)
 def test_resubmitted_on_one_node_continues_and_scancel_stops_for_good(
     slurm_cluster, tiny_dataset, tmp_path, two_node_run
 ):
