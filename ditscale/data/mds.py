@@ -232,10 +232,15 @@ class LatentMDSDataset(StreamingDataset):
         file, the shard marked absent again (so no one waits for it) and the error kept for `__iter__`.
         streaming's download thread calls this for every sample ahead of the reader, and streaming takes its
         cache file lock before it looks at the shard's state: with no cache limit (nothing is ever evicted) a
-        shard already on local disk returns at once, without that lock."""
+        shard whose decompressed file is on local disk (streaming renames it into place whole) returns at
+        once, without that lock. LOCAL alone is not enough: it also means "only the zip is here"."""
         from streaming.base.dataset import _ShardState
 
-        if not self.cache_limit and self._shard_states[shard_id] == _ShardState.LOCAL:
+        if (
+            not self.cache_limit
+            and self._shard_states[shard_id] == _ShardState.LOCAL
+            and os.path.isfile(self._local_file(shard_id))
+        ):
             return
         try:
             super().prepare_shard(shard_id, blocking)
