@@ -1,14 +1,15 @@
 """DDPM vs flow matching on the quickstart digits: steps to reach 90 % recognised samples.
 
-    OMP_NUM_THREADS=1 python bench/objectives_digits.py --out bench_out/objectives --seeds 0,1,2 --max-steps 2000
+    python bench/objectives_digits.py --out bench_out/objectives --seeds 0,1,2 --max-steps 3000 --jobs 2
 
 Both objectives train the same model with the same trainer, data, optimizer and seeds (configs/quickstart.yaml
 vs configs/quickstart_flow.yaml); one run per (objective, seed) keeps a checkpoint every --every steps, and
 each checkpoint's EMA is exported and sampled as the quickstart does (10 classes × 20, guidance 3, ≈100 model
 calls: 100 DDPM steps / 50 Heun steps), then scored by the quickstart's classifier. Runs alternate
-objectives so a cut-short sweep stays balanced; a stopped run resumes from its last checkpoint when the
-command is rerun, also with a larger --max-steps (the learning rate is constant). Results:
-<out>/results.json and a table on stdout.
+objectives so a cut-short sweep stays balanced, --jobs at a time with one thread each; checkpoints are scored
+while their run trains, and a run stops at its first checkpoint with >= 90 % (its answer). A stopped run
+resumes from its last checkpoint when the command is rerun, also with a larger --max-steps (the learning rate
+is constant). Results: <out>/results.json and a table on stdout.
 """
 
 from __future__ import annotations
@@ -18,24 +19,39 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def evaluate(run: Path, kind: str, classifier) -> list[dict]:
-    """Quality of every checkpoint of a run: its EMA exported and sampled as the quickstart does."""
+    """Quality of every complete checkpoint of a run (<= its `latest`): its EMA exported and sampled as the
+    quickstart does. Scores are kept in <run>/quality.json, so each checkpoint is sampled once."""
     from ditscale import quickstart_digits as qd
     from ditscale.engine.export import export
 
-    rows = []
+    cache_path = run / "quality.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    pointer = run / "ckpt" / "latest"
+    if not pointer.exists():
+        return []
+    latest = int(pointer.read_text().strip().split("_")[1])
     for ckpt in sorted((run / "ckpt").glob("step_*")):
+        step = int(ckpt.name.split("_")[1])
+        if step > latest or str(step) in cache:
+            continue
         out = run / "export" / f"{ckpt.name}.safetensors"
         if not out.exists():
             export(ckpt, out, log=lambda *_: None)
         samples, labels = qd.sample_digits(out, kind)
-        rows.append({"step": int(ckpt.name.split("_")[1]), **qd.digits_quality(samples, labels, classifier)})
-    return rows
+        cache[str(step)] = {"step": step, **qd.digits_quality(samples, labels, classifier)}
+        cache_path.write_text(json.dumps(cache, indent=1))
+    return sorted(cache.values(), key=lambda r: r["step"])
+
+
+def _steps_to_90(rows: list[dict]) -> int | None:
+    return next((r["step"] for r in rows if r["accuracy"] >= 0.9), None)
 
 
 def main(argv=None) -> int:
@@ -44,6 +60,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--max-steps", type=int, default=2000)
     ap.add_argument("--every", type=int, default=250, help="checkpoint (and evaluation) interval")
+    ap.add_argument("--jobs", type=int, default=2, help="trainings at once, one thread each (one per core)")
     args = ap.parse_args(argv)
     from data_prep import make_dataset
     from ditscale import quickstart_digits as qd
@@ -60,17 +77,31 @@ def main(argv=None) -> int:
             image_channels=1,
             progress=False,
         )
+    import torch
+
+    torch.set_num_threads(1)  # the evaluations share the cores with --jobs trainings
     classifier = qd.fit_classifier()
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    for seed in [int(s) for s in args.seeds.split(",")]:
-        for kind, (config, _, _) in qd.RECIPES.items():
-            key = f"{kind}/seed{seed}"
-            if key in results:
-                continue
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    todo = [
+        (f"{kind}/seed{seed}", kind, config, seed)
+        for seed in [int(s) for s in args.seeds.split(",")]
+        for kind, (config, _, _) in qd.RECIPES.items()
+    ]
+    todo = [
+        t
+        for t in todo
+        if t[0] not in results
+        or (results[t[0]]["steps_to_90"] is None and results[t[0]]["curve"][-1]["step"] < args.max_steps)
+    ]
+    running: dict[str, subprocess.Popen] = {}
+    while todo or running:
+        while todo and len(running) < args.jobs:
+            key, kind, config, seed = todo.pop(0)
             run = out / key
-            rc = subprocess.call(
+            run.mkdir(parents=True, exist_ok=True)
+            running[key] = subprocess.Popen(
                 [
                     sys.executable,
                     "-m",
@@ -88,16 +119,30 @@ def main(argv=None) -> int:
                 ],
                 env=env,
                 cwd=ROOT,
+                stdout=open(run / "train.log", "a"),
+                stderr=subprocess.STDOUT,
             )
+        time.sleep(5)
+        for key, proc in list(running.items()):
+            rows = evaluate(out / key, key.split("/")[0], classifier)
+            rc = proc.poll()
+            if rc is None and _steps_to_90(rows) is None:
+                continue
+            if rc is None:  # reached 90 %: the rest of the run would not change the answer
+                proc.terminate()
+                rc = 0 if proc.wait() in (0, 85) else proc.returncode
+            del running[key]
             if rc != 0:
-                print(f"{key}: training failed ({rc})")
+                print(f"{key}: training failed ({rc}); see {out / key / 'train.log'}")
+                for p in running.values():
+                    p.terminate()
                 return rc
-            rows = evaluate(run, kind, classifier)
-            first = next((r["step"] for r in rows if r["accuracy"] >= 0.9), None)
-            results[key] = {"steps_to_90": first, "curve": rows}
+            rows = evaluate(out / key, key.split("/")[0], classifier)
+            results[key] = {"steps_to_90": _steps_to_90(rows), "curve": rows}
             results_path.write_text(json.dumps(results, indent=1))
             print(
-                f"{key}: steps to 90 % = {first}; " + ", ".join(f"{r['step']}: {r['accuracy']:.0%}" for r in rows),
+                f"{key}: steps to 90 % = {results[key]['steps_to_90']}; "
+                + ", ".join(f"{r['step']}: {r['accuracy']:.0%}" for r in rows),
                 flush=True,
             )
     for kind in qd.RECIPES:
