@@ -6,7 +6,9 @@ handler removes them, which a kill -9, an OOM kill or a node-wide SLURM kill nev
 hold RAM, and a new job on the node with the same cache directory fails ("Reused local directory").
 streaming's own `clean_stale_shared_memory` removes every prefix, including those of other live jobs
 on the node. `release_stale_loader_shm` removes a prefix only when no live process holds any of its
-segments open or mapped, and only segments owned by this user.
+segments open or mapped, and only segments owned by this user. Segments are matched by device and inode,
+not by name: a process in another mount namespace (a container, or a node of slurm/local_cluster.sh) maps
+a segment of the same name in its own /dev/shm, which says nothing about ours.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ def _streaming_names() -> tuple[list[str], list[str]]:
     return list(SHM_TO_CLEAN), [BARRIER_FILELOCK, CACHE_FILELOCK]
 
 
-def _segments(shm_root: Path) -> dict[str, list[Path]]:
+def _segments(shm_root: Path) -> dict[str, list[os.DirEntry]]:
     """This user's streaming segments in shm_root, by prefix ("000003" -> [000003_locals, ...])."""
     names, _ = _streaming_names()
     pattern = re.compile(r"^(\d{6})_(" + "|".join(map(re.escape, names)) + r")$")
@@ -38,30 +40,38 @@ def _segments(shm_root: Path) -> dict[str, list[Path]]:
         m = pattern.match(entry.name)
         try:
             if m and entry.is_file(follow_symlinks=False) and entry.stat(follow_symlinks=False).st_uid == uid:
-                found.setdefault(m.group(1), []).append(Path(entry.path))
+                found.setdefault(m.group(1), []).append(entry)
         except OSError:
             continue
     return found
 
 
-def _in_use(shm_root: Path) -> set[str]:
-    """Names under shm_root that some process we can inspect has open or mapped."""
+def _in_use(shm_root: Path) -> set[tuple[int, int]]:
+    """(device, inode) of the files under a path like shm_root that some process we can inspect has open
+    or mapped (its shm_root may be another mount namespace's: the identity tells)."""
     root = str(shm_root).rstrip("/") + "/"
     used = set()
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/maps") as f:
                 for line in f:
-                    at = line.find(root)
-                    if at >= 0:
-                        used.add(line[at + len(root) :].split()[0])
+                    if root in line:  # "start-end perms offset MAJOR:MINOR INODE path"
+                        dev, inode = line.split()[3:5]
+                        major, minor = dev.split(":")
+                        used.add((os.makedev(int(major, 16), int(minor, 16)), int(inode)))
             for fd in os.listdir(f"/proc/{pid}/fd"):
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                if target.startswith(root):
-                    used.add(target[len(root) :].split()[0])
-        except OSError:  # gone meanwhile, or another user's process (not ours to free)
+                link = f"/proc/{pid}/fd/{fd}"
+                if os.readlink(link).startswith(root):
+                    st = os.stat(link)
+                    used.add((st.st_dev, st.st_ino))
+        except (OSError, ValueError):  # gone meanwhile, or another user's process (not ours to free)
             continue
     return used
+
+
+def _identity(entry: os.DirEntry) -> tuple[int, int]:
+    st = entry.stat(follow_symlinks=False)
+    return st.st_dev, st.st_ino
 
 
 def release_stale_loader_shm(
@@ -78,10 +88,11 @@ def release_stale_loader_shm(
     used = _in_use(shm_root)
     _, locks = _streaming_names()
     removed = []
-    for prefix, paths in sorted(by_prefix.items()):
-        if any(p.name in used for p in paths):
+    for prefix, entries in sorted(by_prefix.items()):
+        if any(_identity(e) in used for e in entries):
             continue
         lock_files = [lock_root / f"{prefix}_{name}" for name in locks]
+        paths = [Path(e.path) for e in entries]
         for p in paths + [f for f in lock_files if f.is_file() and f.stat().st_uid == os.getuid()]:
             try:
                 p.unlink()

@@ -73,3 +73,29 @@ def test_a_killed_readers_shm_is_released_and_its_cache_dir_works_again(tmp_path
         os.killpg(live.pid, signal.SIGKILL)
         live.wait()
     assert live_prefix in {n.split("_")[0] for n in release_stale_loader_shm()}  # now dead: released too
+
+
+@pytest.mark.skipif(
+    not SHM_ROOT.is_dir() or os.geteuid() != 0 or shutil.which("unshare") is None,
+    reason="needs /dev/shm, root and unshare (a mount namespace with its own /dev/shm)",
+)
+def test_a_segment_of_the_same_name_in_another_mount_namespace_does_not_hold_ours():
+    """A container or a node of slurm/local_cluster.sh has its own /dev/shm: a live process there holding
+    "/dev/shm/999999_locals" says nothing about the dead segment of that name in ours."""
+    name = "999999_locals"
+    holder = (
+        f"mount -t tmpfs tmpfs /dev/shm && : >/dev/shm/{name} && exec {sys.executable} -c "
+        f"\"f = open('/dev/shm/{name}'); print('ready', flush=True); import time; time.sleep(600)\""
+    )
+    proc = subprocess.Popen(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", holder], stdout=subprocess.PIPE, text=True
+    )
+    ours = SHM_ROOT / name
+    try:
+        assert proc.stdout.readline().strip() == "ready", f"holder did not start (exit {proc.poll()})"
+        ours.write_bytes(b"left by a killed loader")
+        assert name in release_stale_loader_shm() and not ours.exists()
+    finally:
+        proc.kill()
+        proc.wait()
+        ours.unlink(missing_ok=True)
