@@ -12,11 +12,14 @@ twice (itself and its mirror). Rows, in one run:
     python bench/data_prep_bench.py --budget 30 --out /tmp/res    # fit in 30 s, write the table there
     python bench/data_prep_bench.py --vs-plain-loop --images 500  # CPU pixel mode vs a plain PIL loop
 
---vs-plain-loop (issue 20's goal: the job ≥ 1.0x the plain loop per worker, ≥ 1.8x with 2 decode workers
-on 2 cores): the same JPEGs through a plain loop (PIL open + ADM crop + numpy to [-1, 1], one process,
-then 2 processes) and through the whole pixel-mode job (`--vae none`: decode, mirror, statistics, MDS
-shards with hashes) with 0, 1 and 2 decode workers, side by side in one run. Each job row is its
-steady rate (summary images_per_s: after listing and worker start).
+--vs-plain-loop (issue 20's goal: ≥ 1.0x the plain loop per worker, ≥ 1.8x with 2 workers on 2 cores): the
+same JPEGs through a plain loop (PIL open + ADM crop + numpy to [-1, 1], one process, then 2 processes),
+through data_prep's decode path alone (FolderImages in 1 and 2 DataLoader workers: open, EXIF, checks,
+crop, value counts, batching, hand-over to the main process), and through the whole pixel-mode job
+(`--vae none`: decode, mirror, statistics, MDS shards with hashes) with 0, 1 and 2 decode workers, side
+by side in one run. Each row has images/s (job rows: the summary's rate, worker start included) and CPU
+time per image over all its processes and threads: the ratio of the latter does not depend on what else
+the machine runs, the former does.
 """
 
 from __future__ import annotations
@@ -104,12 +107,19 @@ def bare_encoder(enc: VaeEncoder, res: int, batch: int, repeats: int, seconds: f
     return batch * done / (time.perf_counter() - start)
 
 
-def decode_only(root: str, res: int, batch: int, workers: int, seconds: float) -> float:
+def cpu_seconds() -> float:
+    """CPU time of this process (all threads) and of its children that have exited."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def decode_only(root: str, res: int, batch: int, workers: int, seconds: float, histograms: bool = False) -> float:
+    """images/s of data_prep's decode path alone: FolderImages in `workers` DataLoader workers."""
     from torch.utils.data import DataLoader
 
     items, _ = image_io.list_image_folder(root)
     loader = DataLoader(
-        image_io.FolderImages(root, items, res, 3),
+        image_io.FolderImages(root, items, res, 3, histograms=histograms),
         batch_size=batch,
         num_workers=workers,
         collate_fn=image_io.collate,
@@ -152,28 +162,47 @@ def plain_loop(root: str, res: int, processes: int) -> float:
     return done / (time.perf_counter() - start)
 
 
-def vs_plain_loop(args, jpegs: str, work: str) -> list[tuple[str, float]]:
-    rows = [
-        ("plain loop: PIL open + ADM crop + numpy, 1 process", plain_loop(jpegs, args.resolution, 1)),
-        ("plain loop, 2 processes", plain_loop(jpegs, args.resolution, 2)),
-    ]
+def vs_plain_loop(args, jpegs: str, work: str) -> list[tuple[str, float, float]]:
+    """(setting, images/s, CPU ms per image) rows."""
+    count = len(image_io.list_image_folder(jpegs)[0])
+    rows = []
+
+    def measure(name: str, images: int, fn, *fn_args, **fn_kwargs) -> None:
+        cpu = cpu_seconds()
+        rate = fn(*fn_args, **fn_kwargs)
+        rows.append((name, rate, 1e3 * (cpu_seconds() - cpu) / images))
+
+    measure("plain loop: PIL open + ADM crop + numpy, 1 process", count, plain_loop, jpegs, args.resolution, 1)
+    measure("plain loop, 2 processes", count + 2, plain_loop, jpegs, args.resolution, 2)
+    for workers in (1, 2):
+        measure(
+            f"data_prep decode path only, {workers} DataLoader worker(s)",
+            count,
+            decode_only,
+            jpegs,
+            args.resolution,
+            32,
+            workers,
+            float("inf"),
+            histograms=True,
+        )
     for workers in (0, 1, 2):
         out = os.path.join(work, f"pixel-{workers}")
         shutil.rmtree(out, ignore_errors=True)
-        [summary] = run(
-            EncodeConfig(
-                input=jpegs,
-                out=out,
-                vae="none",
-                resolution=args.resolution,
-                format=args.format,
-                decode_workers=workers,
-                worker=0,
-                num_workers=1,
-                progress=False,
-            )
+        cfg = EncodeConfig(
+            input=jpegs,
+            out=out,
+            vae="none",
+            resolution=args.resolution,
+            format=args.format,
+            decode_workers=workers,
+            worker=0,
+            num_workers=1,
+            progress=False,
         )
-        rows.append((f"data_prep encode --vae none, {workers} decode worker(s)", summary["images_per_s"]))
+        measure(
+            f"data_prep encode --vae none, {workers} decode worker(s)", count, lambda c: run(c)[0]["images_per_s"], cfg
+        )
     return rows
 
 
@@ -200,11 +229,18 @@ def main() -> None:
             make_jpegs(jpegs, args.images or 200)
         rows = vs_plain_loop(args, jpegs, work)
         title = (
-            f"data_prep vs a plain loop: {args.images or 200} JPEGs, {args.resolution}px, "
-            f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}, {time.strftime('%Y-%m-%d %H:%M')}"
+            f"data_prep vs a plain loop: {args.images or 200} JPEGs, {args.resolution}px, {args.format}, "
+            f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end, {time.strftime('%Y-%m-%d %H:%M')}"
         )
-        lines = [title, "| setting | images/s | vs plain loop (1 process) |", "|---|---|---|"]
-        lines += [f"| {name} | {rate:,.3g} | {rate / rows[0][1]:.2f}x |" for name, rate in rows]
+        lines = [
+            title,
+            "| setting | images/s | vs plain loop (1 process) | CPU ms per image | plain loop's CPU / this CPU |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {name} | {rate:,.3g} | {rate / rows[0][1]:.2f}x | {cpu:.1f} | {rows[0][2] / cpu:.2f} |"
+            for name, rate, cpu in rows
+        ]
         print("\n" + "\n".join(lines))
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

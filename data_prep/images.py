@@ -150,18 +150,40 @@ def decode_image(source, size: int, channels: int, checks: ImageChecks | None = 
     return arr.reshape(size, size, channels), notes
 
 
+def channel_histogram(image: np.ndarray) -> np.ndarray:
+    """(C, 256) int64: how often each uint8 value occurs in each channel of an (H, W, C) image
+    (PIL's one pass in C; numpy's bincount per channel costs several times more)."""
+    channels = image.shape[-1]
+    pil = Image.fromarray(np.ascontiguousarray(image[..., 0] if channels == 1 else image))  # a crop is a view
+    return np.asarray(pil.histogram(), np.int64).reshape(channels, 256)
+
+
+def _good(image: np.ndarray, label: int, key: str, notes: list[str], histogram: bool) -> dict[str, Any]:
+    item = {"ok": True, "image": image, "label": label, "key": key, "notes": notes}
+    if histogram:
+        item["histogram"] = channel_histogram(image)
+    return item
+
+
 def _bad(key: str, error: BaseException) -> dict[str, Any]:
     return {"ok": False, "key": key, "reason": f"{type(error).__name__}: {error}"}
 
 
 class FolderImages(Dataset):
-    """Map-style dataset over (relative path, label) items of an image folder."""
+    """Map-style dataset over (relative path, label) items of an image folder. histograms: each good
+    item also carries its `channel_histogram` (pixel mode's statistics)."""
 
     def __init__(
-        self, root: str, items: list[tuple[str, int]], size: int, channels: int, checks: ImageChecks | None = None
+        self,
+        root: str,
+        items: list[tuple[str, int]],
+        size: int,
+        channels: int,
+        checks: ImageChecks | None = None,
+        histograms: bool = False,
     ):
         self.root, self.items, self.size, self.channels = root, items, size, channels
-        self.checks = checks or ImageChecks(size)
+        self.checks, self.histograms = checks or ImageChecks(size), histograms
 
     def __len__(self) -> int:
         return len(self.items)
@@ -172,7 +194,7 @@ class FolderImages(Dataset):
             image, notes = decode_image(os.path.join(self.root, rel), self.size, self.channels, self.checks)
         except Exception as e:  # any failure of one file makes it a skipped input
             return _bad(rel, e)
-        return {"ok": True, "image": image, "label": label, "key": rel, "notes": notes}
+        return _good(image, label, rel, notes, self.histograms)
 
 
 class TarImages(IterableDataset):
@@ -186,9 +208,10 @@ class TarImages(IterableDataset):
         channels: int,
         num_classes: int | None = None,
         checks: ImageChecks | None = None,
+        histograms: bool = False,
     ):
         self.tars, self.size, self.channels, self.num_classes = tars, size, channels, num_classes
-        self.checks = checks or ImageChecks(size)
+        self.checks, self.histograms = checks or ImageChecks(size), histograms
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -222,7 +245,7 @@ class TarImages(IterableDataset):
             array, notes = decode_image(io.BytesIO(image), self.size, self.channels, self.checks)
         except Exception as e:
             return _bad(key, e)
-        return {"ok": True, "image": array, "label": label, "key": key, "notes": notes}
+        return _good(array, label, key, notes, self.histograms)
 
 
 def _check_end_of_archive(path: str, offset: int) -> None:
@@ -257,8 +280,9 @@ def _group_by_key(stream: tarfile.TarFile) -> Iterator[tuple[str, dict[str, byte
 
 def collate(batch: list[dict[str, Any]], keep=None) -> dict[str, Any]:
     """Good images stacked (n, H, W, C) uint8 with labels and keys; bad ones as (key, reason); notes on
-    good ones as (key, note). keep: an ImageColumn to encode the crops with (in the decode worker) as
-    "kept", else kept is None."""
+    good ones as (key, note); "histogram": the (C, 256) counts summed over the good images when the
+    dataset took them, else None. keep: an ImageColumn to encode the crops with (in the decode worker)
+    as "kept", else kept is None."""
     good = [b for b in batch if b["ok"]]
     images = torch.from_numpy(np.stack([b["image"] for b in good])) if good else None
     return {
@@ -268,4 +292,5 @@ def collate(batch: list[dict[str, Any]], keep=None) -> dict[str, Any]:
         "kept": [keep.encode(b["image"]) for b in good] if keep is not None else None,
         "bad": [(b["key"], b["reason"]) for b in batch if not b["ok"]],
         "notes": [(b["key"], note) for b in good for note in b["notes"]],
+        "histogram": np.sum([b["histogram"] for b in good], 0) if good and "histogram" in good[0] else None,
     }

@@ -127,8 +127,6 @@ def write_synthetic_latents(
     `nan_samples` (indices) are NaN, for the trainer's fault tests. Returns `out`."""
     import time
 
-    import torch
-
     from data_prep.encode import LatentStats, publish_slice
     from data_prep.merge import merge
     from data_prep.slices import take_slice
@@ -159,7 +157,7 @@ def write_synthetic_latents(
             n = min(256, len(indices) - lo)
             mean = rng.standard_normal((n, *shape), dtype=np.float32).astype(np.float16) * 5
             logvar = rng.uniform(-12, -4, (n, *shape)).astype(np.float16)
-            stats.update(torch.from_numpy(mean), torch.from_numpy(logvar))
+            stats.update(mean, logvar)
             for j, i in enumerate(indices[lo : lo + n]):
                 if i in nan_samples:
                     mean[j] = np.nan

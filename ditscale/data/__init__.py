@@ -21,7 +21,9 @@ from ditscale.data.integrity import DataError
 from ditscale.data.posterior import sample_latents
 from ditscale.data.schema import DATASET_JSON, data_format, validate_metadata
 from ditscale.data.storage import join, read_bytes
+from ditscale.data.streaming_zoo import defer as _defer_streaming_zoo
 
+_defer_streaming_zoo()  # before anything imports streaming: its dataset zoo costs seconds per command
 __all__ = ["read_metadata", "build_dataset", "build_dataloader", "sample_latents", "flip_of", "DataError"]
 
 

@@ -158,19 +158,26 @@ def test_vae_round_trip_equals_direct_encoding(src, vae_mds):
     assert meta["scale_factor"] == pytest.approx(0.18215) and meta["latent_size"] == RES // 2
 
 
-def test_pixel_mode_stores_the_image(src, tmp_path):
-    root = make_dataset(src["images"], str(tmp_path / "px"), resolution=RES, format="wds", decode_workers=0)
+@pytest.mark.parametrize("fmt,channels", [("wds", 3), ("mds", 1)])
+def test_pixel_mode_stores_the_image(src, tmp_path, fmt, channels):
+    root = make_dataset(
+        src["images"], str(tmp_path / "px"), resolution=RES, format=fmt, image_channels=channels, decode_workers=0
+    )
     records = read_records(root)
     rel = sorted(records)[0]
     with Image.open(os.path.join(src["images"], rel)) as im:
-        crop = images.center_crop_arr(im.convert("RGB"), RES).astype(np.float32)
-    x = crop.transpose(2, 0, 1) / 127.5 - 1.0
+        crop = images.center_crop_arr(im.convert("RGB" if channels == 3 else "L"), RES).astype(np.float32)
+    x = crop.reshape(RES, RES, channels).transpose(2, 0, 1) / 127.5 - 1.0
     mean, logvar, _ = records[rel]
     np.testing.assert_allclose(mean[0], x, atol=1e-3)
     np.testing.assert_allclose(mean[1], x[:, :, ::-1], atol=1e-3)
     assert np.isneginf(logvar).all()
     meta = json.load(open(os.path.join(root, "dataset.json")))
-    assert meta["vae"] == "none" and meta["scale_factor"] == 1.0 and meta["latent_channels"] == 3
+    assert meta["vae"] == "none" and meta["scale_factor"] == 1.0 and meta["latent_channels"] == channels
+    # the statistics (taken from value counts in the decode workers) are those of the stored values
+    stored = np.stack([r[0] for r in records.values()]).astype(np.float64)  # (N, 2, C, H, W)
+    np.testing.assert_allclose(meta["latent_stats"]["mean"], stored.mean((0, 1, 3, 4)), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(meta["latent_stats"]["std"], stored.std((0, 1, 3, 4)), rtol=1e-9)
 
 
 def test_webdataset_image_input(src, tmp_path):
