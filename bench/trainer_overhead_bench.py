@@ -8,8 +8,9 @@ one thread, in the same run (the ratios are what to compare across machines):
   parameter, a fixed batch in memory; with the weights cast to bf16 as DeepSpeed does, and in fp32;
 - trainer: `python -m ditscale.train` on one rank: DeepSpeed, data from MDS shards through the streaming
   loader, posterior sampling, sharded EMA, metrics accumulated on the device, stop-signal check every
-  step; ZeRO-2 bf16 (the GPU configs) against the bf16 loop, and ZeRO-1 fp32 (ds_configs/
-  zero1_fp32_cpu.json, what CPU demos such as the quickstart use) against the fp32 loop. Timed from its
+  step; ZeRO-2 bf16 (the GPU configs) against the bf16 loop, and against the fp32 loop both ZeRO-1 fp32
+  (ds_configs/zero1_fp32_cpu.json) and stage 0 fp32 (ds_configs/zero0_fp32_cpu.json, plain data
+  parallel: what CPU demos such as the quickstart use). Timed from its
   hooks (ditscale.train.Hooks, in this process) over the second half of the run, so start-up and
   checkpoints are not counted.
 Prints one table: CPU and wall ms/step, images/s and the CPU-time ratio to the bare loop of the same precision.
@@ -32,8 +33,8 @@ MODELS = {
     "small": ("d4 w128", dict(depth=4, hidden_size=128, num_heads=4)),
 }
 TRAINERS = {
-    "bf16": ("ZeRO-2 bf16", "ds_configs/zero2_bf16.json"),
-    "fp32": ("ZeRO-1 fp32", "ds_configs/zero1_fp32_cpu.json"),
+    "bf16": [("ZeRO-2 bf16", "ds_configs/zero2_bf16.json")],
+    "fp32": [("ZeRO-1 fp32", "ds_configs/zero1_fp32_cpu.json"), ("stage 0 fp32", "ds_configs/zero0_fp32_cpu.json")],
 }
 
 
@@ -91,7 +92,7 @@ def bare_loop(shape: dict, resolution: int, batch: int, steps: int, bf16_weights
     return clock.stop(steps - warm)
 
 
-def trainer(shape: dict, data: str, run_dir: Path, batch: int, steps: int, ds_config: str) -> dict:
+def trainer(shape: dict, data: str, run_dir: Path, batch: int, steps: int, ds_config: str, workers: int) -> dict:
     """Seconds per step of ditscale.train.train (in this process, one rank on gloo) over the second half of
     the run, timed from its hooks: start-up and the final checkpoint are not counted."""
     from ditscale import train as T
@@ -108,7 +109,7 @@ def trainer(shape: dict, data: str, run_dir: Path, batch: int, steps: int, ds_co
         "train.ema_decay=0.9999",
         f"engine.ds_config={REPO / ds_config}",
         "engine.device=cpu",
-        "data.num_workers=0",
+        f"data.num_workers={workers}",
         *[f"model.{k}={v}" for k, v in shape.items()],
     ]
     cfg, meta, ds = T.prepare(T.parse_args(["--config", str(REPO / "configs/tiny_test.yaml"), *overrides]), 1)
@@ -135,6 +136,9 @@ def main(argv=None) -> int:
     ap.add_argument("--resolution", type=int, default=16, help="pixel-mode image side (latent side)")
     ap.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     ap.add_argument("--precisions", nargs="+", choices=list(TRAINERS), default=list(TRAINERS))
+    ap.add_argument(
+        "--num-workers", type=int, default=0, help="the trainer's loader processes (their CPU time is not counted)"
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     os.environ["DITSCALE_DS_LOG_LEVEL"] = "ERROR"
@@ -145,15 +149,18 @@ def main(argv=None) -> int:
         for name in args.models:
             label, shape = MODELS[name]
             for precision in args.precisions:
-                zero, ds_config = TRAINERS[precision]
-                bare = bare_loop(shape, args.resolution, args.batch, args.steps, precision == "bf16")
-                run = trainer(shape, data, Path(tmp) / f"{name}-{precision}", args.batch, args.steps, ds_config)
-                rows.append((f"{name} ({label})", precision, {"bare": bare, f"ditscale.train ({zero})": run}))
+                times = {"bare": bare_loop(shape, args.resolution, args.batch, args.steps, precision == "bf16")}
+                for i, (zero, ds_config) in enumerate(TRAINERS[precision]):
+                    run_dir = Path(tmp) / f"{name}-{precision}-{i}"
+                    times[f"ditscale.train ({zero})"] = trainer(
+                        shape, data, run_dir, args.batch, args.steps, ds_config, args.num_workers
+                    )
+                rows.append((f"{name} ({label})", precision, times))
     launch.shutdown()
     print(
         f"\ntrainer overhead on CPU ({torch.get_num_threads()} thread, batch {args.batch}, "
-        f"{args.resolution}x{args.resolution}x3, {args.steps} steps, second half timed; CPU time is the figure "
-        f"to compare on a shared machine)"
+        f"{args.resolution}x{args.resolution}x3, {args.steps} steps, second half timed, loader workers "
+        f"{args.num_workers}; CPU time is the figure to compare on a shared machine)"
     )
     print("| model | weights | loop | CPU ms/step | wall ms/step | images/s (CPU) | CPU time / bare |")
     print("|---|---|---|---|---|---|---|")

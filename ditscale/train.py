@@ -275,12 +275,12 @@ def start(cfg: ExperimentConfig, ds: dict, env, device: torch.device) -> Start:
     resume_dir, resume_meta = check_resume(cfg)
     stage = zero_stage(ds)
     universal = resume_meta is not None and checkpoint.needs_universal(resume_meta, env.world_size, stage)
-    if universal and (resume_meta["zero_stage"] == 3) != (stage == 3):
-        raise ConfigError(
-            f"engine.ds_config: {resume_dir} was written under ZeRO-{resume_meta['zero_stage']}, this "
-            f"run uses ZeRO-{stage} ({cfg.engine.ds_config}); DeepSpeed cannot move a checkpoint "
-            f"between ZeRO-3 and ZeRO-1/2: keep the stage (the world size may change)"
-        )
+    if resume_meta is not None and (problem := checkpoint.stage_change_problem(resume_meta, stage)):
+        raise ConfigError(f"engine.ds_config: {resume_dir} {problem} ({cfg.engine.ds_config})")
+    relaid = resume_meta is not None and (resume_meta["world_size"], resume_meta["zero_stage"]) != (
+        env.world_size,
+        stage,
+    )
     if resume_dir is not None and resume_dir.parent.resolve() == (Path(cfg.run_dir) / checkpoint.CKPT_DIR).resolve():
         if env.rank == 0:
             checkpoint.abandon_newer(resume_dir.parent, resume_meta["step"], log=say)
@@ -293,13 +293,14 @@ def start(cfg: ExperimentConfig, ds: dict, env, device: torch.device) -> Start:
         return Start(engine, ShardedEMA(master_shards(engine), cfg.train.ema_decay))
     client = checkpoint.load(engine, resume_dir, resume_meta, universal_dir=universal_dir, log=say)
     ema = ShardedEMA(master_shards(engine), cfg.train.ema_decay)
-    checkpoint.load_ema(ema, resume_dir, resume_meta, same_layout=not universal)
+    checkpoint.load_ema(ema, resume_dir, resume_meta, same_layout=not relaid)
+    how = "universal" if universal else "stage 0, loaded as is"
     say(
         f"resumed from {resume_dir} at step {resume_meta['step']}"
         + (
-            f" (universal: {resume_meta['world_size']} -> {env.world_size} ranks, ZeRO-{resume_meta['zero_stage']} -> "
+            f" ({how}: {resume_meta['world_size']} -> {env.world_size} ranks, ZeRO-{resume_meta['zero_stage']} -> "
             f"ZeRO-{stage})"
-            if universal
+            if relaid
             else ""
         )
     )

@@ -2,12 +2,14 @@
 (under zero.Init for ZeRO-3, so no process ever holds the whole model), the optimizer, initialize.
 
 The JSON owns how DeepSpeed works (ZeRO stage, offload, bf16, buckets); the experiment YAML owns what is
-trained (batch, optimizer, clipping). bf16 is the precision of every GPU config; fp32 (bf16 disabled,
-ZeRO-1/2: ds_configs/zero1_fp32_cpu.json) is for CPUs without bf16 units, where it is ~8x faster; that JSON
-turns overlap_comm and contiguous_gradients off (a CPU has no communication stream to overlap with, and the
-bucket copies cost ~10 ms of a tiny model's ~60 ms step: bench/RESULTS.md). Keys of the second kind in
-the JSON must be "auto" (or absent, or equal to the YAML's value): a conflicting number there is an error
-naming the file and the key.
+trained (batch, optimizer, clipping). bf16 is the precision of every GPU config; fp32 (bf16 disabled) is for
+CPUs without bf16 units, where it is ~8x faster: ZeRO-1/2 (ds_configs/zero1_fp32_cpu.json, overlap_comm and
+contiguous_gradients off: a CPU has no communication stream to overlap with) or stage 0
+(ds_configs/zero0_fp32_cpu.json: plain data parallel, the module's fp32 parameters are the master weights,
+no per-parameter gradient hooks, flat-buffer copies or flat optimizer step: the CPU demos' config,
+bench/RESULTS.md). Under stage 0 DeepSpeed computes no gradient norm, so `StepGradNorm` computes (and clips
+by) it before the optimizer step. Keys of the second kind in the JSON must be "auto" (or absent, or equal
+to the YAML's value): a conflicting number there is an error naming the file and the key.
 """
 
 from __future__ import annotations
@@ -34,15 +36,17 @@ def read_ds_config(path: str | Path) -> dict:
     if not isinstance(ds, dict):
         raise ConfigError(f"engine.ds_config: {path} must hold a JSON object")
     stage = ds.get("zero_optimization", {}).get("stage")
-    if stage not in (1, 2, 3):
-        raise ConfigError(
-            f"{path}: zero_optimization.stage must be 1, 2 or 3 (the EMA reads ZeRO's fp32 "
-            f"master weights), got {stage!r}"
-        )
+    if stage not in (0, 1, 2, 3) or isinstance(stage, bool):
+        raise ConfigError(f"{path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
     if ds.get("fp16", {}).get("enabled", False):
         raise ConfigError(f"{path}: fp16 is not supported: use bf16 (or fp32 on CPUs without bf16 units)")
     if not is_bf16(ds) and stage == 3:
         raise ConfigError(f"{path}: fp32 (bf16.enabled false) is supported with ZeRO-1/2 only; enable bf16")
+    if is_bf16(ds) and stage == 0:
+        raise ConfigError(
+            f"{path}: zero_optimization.stage 0 is supported with fp32 only (bf16.enabled false: the EMA "
+            f"follows the module's own fp32 parameters); for bf16 use ZeRO-1 (ds_configs/zero1_bf16.json)"
+        )
     return ds
 
 
@@ -83,6 +87,8 @@ def complete_ds_config(ds: dict, cfg: ExperimentConfig, world_size: int, *, univ
     _fill(ds, "train_micro_batch_size_per_gpu", micro, where)
     _fill(ds, "gradient_accumulation_steps", accum, where)
     _fill(ds, "gradient_clipping", cfg.optim.grad_clip, where)
+    if zero_stage(ds) == 0:
+        ds["gradient_clipping"] = 0.0  # StepGradNorm clips (DeepSpeed's stage-0 clipping keeps no norm)
     if "optimizer" in ds:  # DeepSpeed's own (e.g. DeepSpeedCPUAdam for offload)
         kind = ds["optimizer"].get("type", "")
         if kind.lower() not in ("adamw", "adam"):
@@ -187,6 +193,24 @@ def _cxx_compiler() -> str | None:
     return next((path for path in map(shutil.which, names) if path), None)
 
 
+class StepGradNorm:
+    """An optimizer step pre-hook for stage 0: the global gradient norm before clipping (the gradients are
+    already all-reduced, whole on every rank), clipped to optim.grad_clip when it is set, left on the device
+    (no host sync) where DeepSpeed's engine reads an optimizer's norm after its step
+    (`_global_grad_norm`, as ZeRO's optimizers keep it): engine.get_global_grad_norm() then answers as
+    under ZeRO."""
+
+    def __init__(self, max_norm: float):
+        self.max_norm = max_norm
+
+    def __call__(self, optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)  # ()
+        if self.max_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, self.max_norm, norm, foreach=True)
+        optimizer._global_grad_norm = norm
+
+
 def build_engine(cfg: ExperimentConfig, ds: dict, device: torch.device):
     """The DeepSpeed engine for `ds` completed by `complete_ds_config`; with engine.compile=blocks every
     block is compiled before DeepSpeed wraps the model (ZeRO-1/2 only add gradient hooks, which compiled
@@ -205,4 +229,8 @@ def build_engine(cfg: ExperimentConfig, ds: dict, device: torch.device):
         model=model, optimizer=optimizer, model_parameters=None if optimizer else model.parameters(), config=ds
     )
     zero_partition_padding(engine)
+    if zero_stage(ds) == 0:
+        engine.optimizer.register_step_pre_hook(StepGradNorm(cfg.optim.grad_clip))
+        if engine.dp_world_size == 1:  # one replica: no gradients to average (~4 ms of a tiny CPU step)
+            engine.enable_backward_allreduce = False
     return engine

@@ -432,7 +432,30 @@ def save(engine, ema, run_dir: str | Path, step: int, *, client: dict, meta: dic
 
 
 def needs_universal(meta: dict, world_size: int, zero_stage: int) -> bool:
+    """Whether DeepSpeed must load `meta`'s checkpoint through its universal form. Never between stage-0
+    checkpoints: each holds the whole fp32 model and optimizer state, which any world size loads as is."""
+    if meta["zero_stage"] == 0 and zero_stage == 0:
+        return False
     return meta["world_size"] != world_size or meta["zero_stage"] != zero_stage
+
+
+def stage_change_problem(meta: dict, zero_stage: int) -> str | None:
+    """Why a checkpoint of `meta`'s ZeRO stage cannot be resumed under `zero_stage`, or None. DeepSpeed
+    converts between ZeRO-1 and 2 (universal form) but not to or from ZeRO-3, and a stage-0 checkpoint
+    (no ZeRO files) has no universal form at all."""
+    saved = meta["zero_stage"]
+    if saved == zero_stage or {saved, zero_stage} <= {1, 2}:
+        return None
+    if 0 in (saved, zero_stage):
+        return (
+            f"was written under zero_optimization.stage {saved}, this run's is {zero_stage}: a stage-0 "
+            f"checkpoint (plain data parallel) has no universal form, and DeepSpeed cannot load a ZeRO one "
+            f"without ZeRO; keep zero_optimization.stage (the world size may change), or start a new run_dir"
+        )
+    return (
+        f"was written under ZeRO-{saved}, this run uses ZeRO-{zero_stage}; DeepSpeed cannot move a checkpoint "
+        f"between ZeRO-3 and ZeRO-1/2: keep the stage (the world size may change)"
+    )
 
 
 def make_universal(ckpt_dir: str | Path, run_dir: str | Path, log=print) -> Path:
@@ -442,6 +465,11 @@ def make_universal(ckpt_dir: str | Path, run_dir: str | Path, log=print) -> Path
     import torch.distributed as dist
 
     ckpt_dir = Path(ckpt_dir)
+    if read_meta(ckpt_dir)["zero_stage"] == 0:
+        raise CheckpointError(
+            f"{ckpt_dir} was written under zero_optimization.stage 0: DeepSpeed's universal conversion needs "
+            f"ZeRO files; a stage-0 checkpoint loads as it is on any world size"
+        )
     out = Path(run_dir) / CKPT_DIR / "universal" / ckpt_dir.name
     done = out / ".complete"
     error = None
@@ -474,11 +502,11 @@ def make_universal(ckpt_dir: str | Path, run_dir: str | Path, log=print) -> Path
 
 def load(engine, ckpt_dir: str | Path, meta: dict, *, universal_dir: Path | None, log=print) -> dict:
     """Restore the engine and this rank's RNG states; returns this rank's client state. For another
-    world size (universal_dir given): rank 0's loader state, RNG states only where the rank existed."""
+    world size: rank 0's loader state, RNG states only where the rank existed."""
     import torch.distributed as dist
 
     ckpt_dir = Path(ckpt_dir)
-    rank = dist.get_rank()
+    rank, same_world = dist.get_rank(), meta["world_size"] == dist.get_world_size()
     load_from = universal_dir or ckpt_dir
     try:
         got, _ = engine.load_checkpoint(
@@ -493,7 +521,7 @@ def load(engine, ckpt_dir: str | Path, meta: dict, *, universal_dir: Path | None
         raise CheckpointError(f"DeepSpeed found no checkpoint in {load_from}")
     zero_partition_padding(engine)  # checkpoints written before it was zeroed
     same_rank = ckpt_dir / "client" / f"rank_{rank:05d}.pt"
-    source = same_rank if universal_dir is None or same_rank.exists() else ckpt_dir / "client" / "rank_00000.pt"
+    source = same_rank if same_world or same_rank.exists() else ckpt_dir / "client" / "rank_00000.pt"
     try:
         client = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as e:

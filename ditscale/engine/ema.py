@@ -2,7 +2,8 @@
 
 Under DeepSpeed bf16 the true weights are the optimizer's fp32 master copy, flat and partitioned over the
 ranks (ZeRO-1/2: contiguous slices of a flat buffer per parameter group; ZeRO-3: one slice of every
-parameter). A `Shard` is this rank's piece [start, start + numel) of one flattened parameter, as a view
+parameter). Under stage 0 (plain data parallel, fp32) the module's own parameters are the master weights,
+whole on every rank: each rank follows one contiguous 1/world of their concatenation. A `Shard` is this rank's piece [start, start + numel) of one flattened parameter, as a view
 into that buffer; the EMA holds one fp32 tensor per shard and updates all of them with one foreach
 lerp after each optimizer step: no gather, no copy, no host sync, 1/world of the memory.
 
@@ -106,11 +107,38 @@ def _hp_mapping_shards(engine) -> list[Shard]:
     return shards
 
 
+def replica_shards(params: list[tuple[str, torch.nn.Parameter]], rank: int, world: int) -> list[Shard]:
+    """Stage 0: every rank holds all fp32 parameters; rank `rank` follows elements [lo, hi) of the
+    concatenation of `params` ((name, parameter) pairs), 1/world of the whole, as views into them."""
+    wrong = [(n, p.dtype) for n, p in params if p.dtype != torch.float32]
+    if wrong:
+        raise RuntimeError(
+            f"stage 0 keeps no fp32 master copy: the EMA needs fp32 parameters, {wrong[0][0]} is "
+            f"{wrong[0][1]} (set bf16.enabled false, or use ZeRO-1/2 for bf16)"
+        )
+    total = sum(p.numel() for _, p in params)
+    per_rank = -(-total // world)
+    lo, hi = rank * per_rank, min(total, (rank + 1) * per_rank)
+    shards, offset = [], 0
+    for name, p in params:
+        start, end = max(lo, offset), min(hi, offset + p.numel())
+        if start < end:
+            flat = p.detach().view(-1)  # (numel,): a view, never a copy
+            shards.append(Shard(name, start - offset, tuple(p.shape), flat.narrow(0, start - offset, end - start)))
+        offset += p.numel()
+    return shards
+
+
 def master_shards(engine) -> list[Shard]:
-    """This rank's pieces of the fp32 master weights of a DeepSpeed engine (ZeRO-1/2/3, bf16 optimizer).
-    Views: call again after `load_checkpoint`, which may rebuild the buffers."""
+    """This rank's pieces of the fp32 master weights of a DeepSpeed engine (ZeRO-1/2/3 with bf16 or fp32;
+    stage 0 with fp32). Views: call again after `load_checkpoint`, which may rebuild the buffers."""
     if engine.zero_optimization_stage() == 3:
         return _zero3_shards(engine)
+    if engine.zero_optimization_stage() == 0:
+        import torch.distributed as dist
+
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        return replica_shards(_followed(engine), rank, world)
     if not any(hasattr(p, "_hp_mapping") for p in engine.module.parameters()):
         raise RuntimeError(
             f"{type(engine.optimizer).__name__} keeps no fp32 master mapping: the EMA needs "

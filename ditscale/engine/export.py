@@ -5,8 +5,8 @@
     python -m ditscale.engine.export RUN_DIR --out big.safetensors --max-shard-size 5GB
 
 Works for a checkpoint of any ZeRO stage and world size: the EMA is assembled from the per-rank shard
-files, the raw weights are the optimizer's fp32 master copy (DeepSpeed's zero_to_fp32, lazily), a shard
-at a time. Training-only parameters (REPA's projector) are left out. Output is fp32, with the fixed
+files, the raw weights are the optimizer's fp32 master copy (DeepSpeed's zero_to_fp32, lazily; under
+stage 0 the module's fp32 state dict in rank 0's model file, memory-mapped), a shard at a time. Training-only parameters (REPA's projector) are left out. Output is fp32, with the fixed
 sin-cos `pos_embed`, so `DiT(**config).load_state_dict(..., strict=True)` takes it. Past --max-shard-size the weights go into numbered shards
 plus a `<name>.safetensors.index.json` (the Hugging Face layout), written one shard at a time: no
 process holds more than one shard (raw weights of ZeRO-1/2: the fp32 model, which zero_to_fp32 joins
@@ -74,6 +74,15 @@ def _zero_fp32(ckpt: Path) -> dict:
         return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name, lazy_mode=True)
 
 
+def _stage0_fp32(ckpt: Path) -> dict:
+    """A stage-0 checkpoint's fp32 module state dict (every rank saved the same: rank 0's file), mapped."""
+    f = ckpt / "mp_rank_00_model_states.pt"
+    try:
+        return torch.load(f, map_location="cpu", mmap=True, weights_only=True)["module"]
+    except Exception as e:
+        raise CheckpointError(f"cannot read the weights in {f}: {e}") from None
+
+
 def weight_reader(ckpt: Path, meta: dict, weights: str) -> tuple[dict[str, tuple], Callable[[list[str]], dict]]:
     """(shapes of the trained parameters, a reader of full fp32 parameters by name, a list at a time).
 
@@ -93,7 +102,7 @@ def weight_reader(ckpt: Path, meta: dict, weights: str) -> tuple[dict[str, tuple
         return {n: index.shapes[n] for n in index.names()}, lambda names: {n: index.full(n) for n in names}
     from ditscale.repa.model import is_training_only
 
-    lazy = _zero_fp32(ckpt)
+    lazy = _stage0_fp32(ckpt) if meta["zero_stage"] == 0 else _zero_fp32(ckpt)
     shapes = {n: tuple(t.shape) for n, t in lazy.items() if n != "pos_embed" and not is_training_only(n)}
     kept = lazy if meta["zero_stage"] < 3 else None
     del lazy

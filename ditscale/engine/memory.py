@@ -65,6 +65,8 @@ def rank_state(engine, ema, rss_before_model_gib: float | None = None) -> dict:
     zero3 = engine.zero_optimization_stage() == 3
     params = list(module.parameters())
     master, opt_state = _optimizer_tensors(opt)
+    own = {p.untyped_storage().data_ptr() for p in params}
+    master = [m for m in master if m.untyped_storage().data_ptr() not in own]  # stage 0 steps the module's own
     held_params = [p.ds_tensor for p in params] + [p.data for p in params] if zero3 else [p.data for p in params]
     grads = [p.grad for p in params] + [m.grad for m in master]
     if zero3:

@@ -154,9 +154,14 @@ N, TOTAL = 5, 12
 STAGE_EXTRA = {3: ["train.ema_decay=0.0", "model.checkpoint_every=1"]}
 
 
+def ds_config(stage: int) -> str:
+    """The reference runs' DeepSpeed JSON: bf16 for ZeRO-1/2/3; stage 0 is fp32 only."""
+    return "ds_configs/zero0_fp32_cpu.json" if stage == 0 else f"ds_configs/zero{stage}_bf16.json"
+
+
 def reference_overrides(stage: int, run_dir: str | Path, data: str, *extra: str) -> list[str]:
     return [
-        f"engine.ds_config=ds_configs/zero{stage}_bf16.json",
+        f"engine.ds_config={ds_config(stage)}",
         f"data.root={data}",
         f"run_dir={run_dir}",
         f"train.max_steps={TOTAL}",

@@ -1,4 +1,5 @@
-"""Resume on 2 CPU ranks: exact for ZeRO-1, 2 and 3; on another world size (2 → 1 → 2).
+"""Resume on 2 CPU ranks: exact for stage 0 (fp32, plain data parallel) and ZeRO-1, 2 and 3; on another world
+size (2 → 1 → 2 through the universal form; stage 0: 2 → 1, loaded as is).
 
 Exact: the reference run trains TOTAL steps and saves at N; a second run resumes from that checkpoint
 in another run_dir. Per-step losses (all-rank means as logged), gradient norms, the data order
@@ -17,9 +18,16 @@ from safetensors.torch import load_file
 from ds_launch import TOTAL, N, ckpt, metrics, reference_overrides, tensor_leaves, train
 
 
+def stage0_states(path: Path) -> dict:
+    """A stage-0 checkpoint's one DeepSpeed file: the fp32 module and the whole optimizer state."""
+    return torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
+
+
 def master_weights(path: Path) -> dict[str, torch.Tensor]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    if not list(path.glob("*optim_states.pt")):
+        return stage0_states(path)["module"]
     return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
 
 
@@ -29,7 +37,7 @@ def optimizer_tensors(path: Path) -> dict[str, torch.Tensor]:
     for f in sorted(path.glob("*optim_states.pt")):
         sd = torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
         out.update({f"{f.name}{k}": v for k, v in tensor_leaves(sd)})
-    return out
+    return out or dict(tensor_leaves(stage0_states(path)["optimizer"]))
 
 
 def ema_shards(path: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -59,7 +67,7 @@ def assert_same_state(a: Path, b: Path) -> None:
             assert torch.equal(ea[f][k], eb[f][k]), f"EMA {f}:{k} differs"
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_exact_resume(stage, reference_run, digits64, tmp_path):
     ref = reference_run(stage)
     run = tmp_path / "resumed"
@@ -73,6 +81,7 @@ def test_exact_resume(stage, reference_run, digits64, tmp_path):
         for key in ("loss", "mse", "vb", "grad_norm", "index_sum", "index_sqsum"):
             assert ma[step][key] == mb[step][key], (step, key, ma[step][key], mb[step][key])
     assert all(ma[s]["skipped_steps"] == 0 for s in ma)
+    assert all(ma[s]["grad_norm"] > 0 for s in ma)  # stage 0: computed by build.StepGradNorm
     assert len({ma[s]["index_sum"] for s in ma}) > 1 and ma[1]["loss"] > 0
     assert_same_state(ckpt(ref, TOTAL), ckpt(run, TOTAL))
     ema, raw = full_ema(ckpt(run, TOTAL)), master_weights(ckpt(run, TOTAL))
@@ -162,3 +171,32 @@ def test_flow_matching_resumes_exactly(digits64, tmp_path):
         for key in ma[step].keys() - timing:
             assert ma[step][key] == mb[step][key], (step, key, ma[step][key], mb[step][key])
     assert_same_state(ckpt(ref, TOTAL), ckpt(run, TOTAL))
+
+
+def test_stage0_resumes_on_another_world_size_as_is(reference_run, digits64, tmp_path):
+    """A stage-0 checkpoint of 2 ranks resumed on 1: no universal conversion (the one DeepSpeed file holds
+    the whole fp32 state); the data position is exact and the EMA is re-cut from the 2-rank layout (decay
+    1 - 1e-9: it stays the loaded EMA, equal to the reference's at the resume step)."""
+    ref = reference_run(0)
+    one = tmp_path / "one_rank"
+    slow_ema = ["train.ema_decay=0.999999999", "train.resume_ignore=[train.ema_decay]"]
+    r1 = train(1, reference_overrides(0, one, digits64, f"train.resume={ckpt(ref, N)}", *slow_ema), tmp_path / "1.log")
+    assert r1.returncode == 0, r1.output[-5000:]
+    assert f"at step {N} (stage 0, loaded as is: 2 -> 1 ranks" in r1.output
+    assert not (one / "ckpt" / "universal").exists()
+    mref, m1 = metrics(ref), metrics(one)
+    assert sorted(m1) == list(range(N + 1, TOTAL + 1))
+    for step, rec in m1.items():
+        assert (rec["index_sum"], rec["index_sqsum"]) == (mref[step]["index_sum"], mref[step]["index_sqsum"]), step
+        assert 0 < rec["loss"] < 2 * mref[step]["loss"] and rec["grad_norm"] > 0, step
+    expected, got = full_ema(ckpt(ref, N)), full_ema(ckpt(one, TOTAL))
+    assert got.keys() == expected.keys()
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=1e-6, atol=1e-7, msg=f"EMA {k}")
+
+    from ditscale.engine.export import export
+
+    (raw_file,) = export(ckpt(one, TOTAL), tmp_path / "raw.safetensors", weights="raw", log=lambda *_: None)
+    raw, module = load_file(str(raw_file)), master_weights(ckpt(one, TOTAL))
+    assert raw.keys() == module.keys()  # the DiT's parameters and its fixed pos_embed
+    assert all(torch.equal(raw[k], module[k]) for k in raw if k != "pos_embed")

@@ -15,12 +15,14 @@ from ditscale.engine.checkpoint import (
     abandon_newer,
     atomic_write,
     list_tags,
+    needs_universal,
     newest_complete,
     read_meta,
     resolve_resume,
     rng_state,
     rotate,
     set_rng_state,
+    stage_change_problem,
     tag_for,
 )
 
@@ -238,3 +240,26 @@ def test_files_are_split_over_ranks_by_bytes():
     assert sorted(sum(parts, [])) == sorted(files) and parts[0] == ["big"]
     assert assign(files, 1) == [["big", "a", "b", "c", "d"]]
     assert space_needed(0) == 0 and space_needed(100 << 20) == int(105 << 20) + (1 << 20)
+
+
+def test_stage0_checkpoints_load_on_any_world_size_and_never_change_stage():
+    """A stage-0 checkpoint holds the whole fp32 state: another world size loads it as is (no universal
+    conversion, which needs ZeRO files); moving to or from a ZeRO stage is refused naming the key."""
+    stage0 = {"world_size": 2, "zero_stage": 0}
+    assert not needs_universal(stage0, 1, 0) and not needs_universal(stage0, 2, 0)
+    assert needs_universal({"world_size": 2, "zero_stage": 2}, 1, 2)
+    assert needs_universal({"world_size": 2, "zero_stage": 2}, 2, 1)
+    assert stage_change_problem(stage0, 0) is None and stage_change_problem({"zero_stage": 1}, 2) is None
+    for saved, now in ((0, 1), (2, 0), (0, 3)):
+        assert "keep zero_optimization.stage" in stage_change_problem({"zero_stage": saved}, now)
+    assert "between ZeRO-3 and ZeRO-1/2" in stage_change_problem({"zero_stage": 3}, 1)
+
+
+def test_universal_conversion_of_a_stage0_checkpoint_is_refused(tmp_path):
+    from ditscale.engine.checkpoint import make_universal
+
+    path = make_ckpt(tmp_path, 5)
+    meta = json.loads((path / "meta.json").read_text())
+    (path / "meta.json").write_text(json.dumps({**meta, "zero_stage": 0}))
+    with pytest.raises(CheckpointError, match="stage 0.*loads as it is on any world size"):
+        make_universal(path, tmp_path)

@@ -16,7 +16,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ditscale.engine.ema import Shard, ShardedEMA, ShardIndex, assemble, gather_full, module_shards
+from ditscale.engine.ema import (
+    Shard,
+    ShardedEMA,
+    ShardIndex,
+    assemble,
+    gather_full,
+    module_shards,
+    replica_shards,
+)
 
 
 def zero3_layout(params: dict[str, torch.Tensor], world: int) -> list[list[Shard]]:
@@ -75,6 +83,30 @@ def test_ema_of_a_bf16_module_is_fp32():
     module = torch.nn.Linear(4, 3).to(torch.bfloat16)
     ema = ShardedEMA(module_shards(module), 0.9)
     assert all(e.dtype == torch.float32 for e in ema.ema) and len(ema.ema) == 2
+
+
+def test_stage0_ranks_follow_contiguous_views_of_the_modules_own_parameters():
+    """Stage 0: the module's fp32 parameters are the master weights, whole on every rank; each rank's EMA
+    follows one contiguous 1/world of them (the flat layout, so its files re-cut like ZeRO-1/2's)."""
+    module = torch.nn.Sequential(torch.nn.Linear(5, 3), torch.nn.Linear(3, 2))
+    params = list(module.named_parameters())
+    for world in (1, 2, 3):
+        ranks = [replica_shards(params, r, world) for r in range(world)]
+        expected = flat_layout(dict(params), world)
+        assert [[(s.name, s.start, s.numel) for s in r] for r in ranks] == [
+            [(s.name, s.start, s.numel) for s in r] for r in expected
+        ]
+    shards = replica_shards(params, 1, 2)
+    ema = ShardedEMA(shards, decay=0.5)
+    before = [e.clone() for e in ema.ema]
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(1.0)  # the optimizer steps the parameters in place: the views follow
+    ema.update()
+    for b, e in zip(before, ema.ema):
+        torch.testing.assert_close(e, b + 0.5)
+    with pytest.raises(RuntimeError, match="fp32 parameters.*bf16.enabled false"):
+        replica_shards(list(module.to(torch.bfloat16).named_parameters()), 0, 1)
 
 
 def test_save_load_roundtrip_and_layout_mismatch(tmp_path):

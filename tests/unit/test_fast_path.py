@@ -63,6 +63,24 @@ def test_async_nonfinite_check_turns_deepspeeds_overflow_check_off():
     assert build.skips_nonfinite_steps(complete_ds_config(read_ds_config("ds_configs/zero2_bf16.json"), cfg, 1))
 
 
+@pytest.mark.parametrize("max_norm", [0.0, 0.5])
+def test_stage0_grad_norm_hook_reports_the_norm_before_clipping_and_clips(max_norm):
+    """Stage 0: DeepSpeed computes no norm; the optimizer pre-hook leaves the global norm (before clipping,
+    as ZeRO reports it) where the engine reads it, and clips as optim.grad_clip says."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    opt.register_step_pre_hook(build.StepGradNorm(max_norm))
+    model(torch.randn(8, 4)).pow(2).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    norm = torch.linalg.vector_norm(torch.cat([g.reshape(-1) for g in grads]))
+    opt.step()
+    assert isinstance(opt._global_grad_norm, torch.Tensor) and torch.allclose(opt._global_grad_norm, norm)
+    scale = min(1.0, max_norm / float(norm)) if max_norm else 1.0
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(p.grad, g * scale)
+
+
 #################################################################################
 #                                The non-finite watch                           #
 #################################################################################
