@@ -143,7 +143,7 @@ def decode_image(source, size: int, channels: int, checks: ImageChecks | None = 
     with Image.open(source) as image:
         image.load()
         if checks.exif_orientation:
-            image = ImageOps.exif_transpose(image)
+            ImageOps.exif_transpose(image, in_place=True)  # no copy when there is nothing to turn
         notes = checks.notes(*image.size)
         image = to_rgb_or_l(image, channels)
     arr = center_crop_arr(image, size)

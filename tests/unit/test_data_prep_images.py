@@ -40,6 +40,20 @@ def test_exif_orientation_is_applied_unless_ignored():
     assert (as_stored[:, :4] == RED).all() and (as_stored[:, -4:] == BLUE).all()
 
 
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_matches_pil_exif_transpose(orientation):
+    from PIL import ImageOps
+
+    from ditscale.data.crop import center_crop_arr
+
+    rng = np.random.default_rng(orientation)
+    source = with_orientation(Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)), orientation)
+    with Image.open(source) as image:
+        expected = center_crop_arr(ImageOps.exif_transpose(image).convert("RGB"), 12)
+    source.seek(0)
+    np.testing.assert_array_equal(decode_image(source, 12, 3)[0], expected)
+
+
 @pytest.mark.parametrize(
     "mode,value,expected",
     [
