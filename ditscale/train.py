@@ -327,7 +327,9 @@ def make_loader(cfg: ExperimentConfig, micro_batch: int, device: torch.device, c
     from ditscale.data import build_dataloader, build_dataset
     from ditscale.data.shm import release_stale_loader_shm
 
-    release_stale_loader_shm(log=say)  # left by a killed job on this node, else "Reused local directory"
+    rank = runtime.rank_env().rank
+    # a killed job's segments on this node (else "Reused local directory"), told by the rank that frees them
+    release_stale_loader_shm(log=lambda msg: print(f"[ditscale.train] rank {rank}: {msg}", flush=True))
     seed = cfg.train.seed if cfg.data.shuffle_seed is None else cfg.data.shuffle_seed
     limit = cfg.data.cache_limit_bytes()
     dataset = build_dataset(

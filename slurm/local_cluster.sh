@@ -130,8 +130,8 @@ write_conf() {  # write_conf NODES CPUS > slurm.conf
     echo "SlurmdParameters=config_overrides"
     echo "ReturnToService=2"
     echo "JobRequeue=1"
-    echo "MinJobAge=30"
-    echo "KillWait=5"
+    echo "MinJobAge=1200"   # finished jobs stay in scontrol 20 min: tests read them after others ran
+    echo "KillWait=30"   # SIGTERM to SIGKILL, as SLURM's default: scancel or a requeue leave the trainer time to save
     echo "InactiveLimit=0"
     echo "SlurmctldTimeout=30"
     echo "SlurmdTimeout=60"

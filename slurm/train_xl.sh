@@ -48,6 +48,7 @@
 #                                              (CANCELLED,    limit or preempted for good; the log says
 #                                              TIMEOUT, ...)  "sbatch again to resume"
 #   ("-": any. "not started": a stop signal reached this shell before srun; the trainer never ran.)
+#   After its own `scontrol requeue` the script logs what SLURM then says of the job (Restarts, state).
 #   `slurm/train_xl.sh --decide RC SIGNAL NEW_CKPT SLURM RETRIES MAX UNSTARTED` prints a row's outcome.
 #
 #SBATCH --job-name=dit-xl-2-256
@@ -224,7 +225,10 @@ say "=== job $SLURM_JOB_ID restart $RESTART on $SLURM_JOB_NODELIST: $SLURM_JOB_N
 say "run: ${TRAIN[*]}"
 
 checkpoint_mark() { cat "$RUN_DIR/ckpt/latest" 2>/dev/null; }   # the newest complete checkpoint's tag
-job_field() { scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null | grep -o "$1=[^ ]*" | cut -d= -f2-; }
+# SLURM's record of this job, asked with the stop signals ignored (inherited by scontrol): a SIGTERM that
+# comes meanwhile (scancel, a requeue's) must not kill the question whose answer the log reports
+slurm_job() { ( trap '' USR1 TERM; exec scontrol show job -o "$SLURM_JOB_ID" ) 2>/dev/null; }
+job_field() { grep -o "$1=[^ ]*" <<<"${2-$(slurm_job)}" | cut -d= -f2-; }   # job_field NAME [RECORD]
 check_margin
 before=$(checkpoint_mark)
 if (( SIGNALLED )); then
@@ -251,10 +255,10 @@ progress=0
 [[ $before != "$(checkpoint_mark)" ]] && progress=1
 unstarted=0
 [[ $rc == none ]] && unstarted=$(( $(cat "$unstarted_file" 2>/dev/null || echo 0) + 1 ))
-info=$(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null)
+info=$(slurm_job)
 if [[ -z $info ]]; then slurm=unknown
-elif (( $(grep -o 'Restarts=[0-9]*' <<<"$info" | cut -d= -f2) > RESTART )); then slurm=requeued
-else slurm=ended:$(grep -o 'JobState=[A-Z_]*' <<<"$info" | cut -d= -f2); [[ $slurm == ended:RUNNING ]] && slurm=running
+elif (( $(job_field Restarts "$info") > RESTART )); then slurm=requeued
+else slurm=ended:$(job_field JobState "$info"); [[ $slurm == ended:RUNNING ]] && slurm=running
 fi
 read -r action retries why < <(decide "$rc" "$SIGNALLED" "$progress" "$slurm" \
                                       "$(cat "$retries_file" 2>/dev/null || echo 0)" "$MAX_RETRIES" "$unstarted")
@@ -267,10 +271,25 @@ case $action in
   fail) both "error: $why"; exit "$code" ;;
   leave) both "$why"; exit "$code" ;;
 esac
+# The decision is made: from here on a stop signal changes nothing. The requeue's own SIGTERM follows it at
+# once; ignored (in scontrol too), it cannot cut the requeue or the question after it short.
+trap '' USR1 TERM
 both "$why: requeueing job $SLURM_JOB_ID"
-scontrol requeue "$SLURM_JOB_ID" || { both "error: scontrol requeue failed; sbatch again to resume"; exit "$code"; }
-both "SLURM: job $SLURM_JOB_ID is $(job_field JobState) with Restarts=$(job_field Restarts): it starts again" \
-     "when nodes are free and resumes from $(checkpoint_mark || echo 'the start')"
-# the requeue ends this job step; should it return, do not report success
-sleep 60
+if ! err=$(scontrol requeue "$SLURM_JOB_ID" 2>&1); then
+  state=$(job_field JobState)
+  both "error: scontrol requeue failed (${err:-no message}); SLURM says the job is ${state:-unknown}: not" \
+       "requeued; sbatch again to resume"
+  exit "$code"
+fi
+info=$(slurm_job)
+state=$(job_field JobState "$info")
+restarts=$(job_field Restarts "$info")
+if [[ $restarts =~ ^[0-9]+$ ]] && (( restarts > RESTART )); then
+  both "SLURM: job $SLURM_JOB_ID is requeued (Restarts=$restarts; this allocation is $state): it starts again" \
+       "when nodes are free and resumes from $(checkpoint_mark || echo 'the start')"
+else
+  both "error: after scontrol requeue SLURM says job $SLURM_JOB_ID is ${state:-unknown} with" \
+       "Restarts=${restarts:-unknown} (was $RESTART): it may not start again; if squeue does not list it," \
+       "sbatch again to resume"
+fi
 exit "$code"

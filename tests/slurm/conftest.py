@@ -114,6 +114,7 @@ class Cluster:
     ) -> tuple[str, Path]:
         """sbatch slurm/train_xl.sh with the tiny config on CPU; returns (job id, the job's output file)."""
         out = run_dir.parent / f"{run_dir.name}-%j.out"
+        out.parent.mkdir(parents=True, exist_ok=True)  # SLURM creates the output file, not its folder
         job_env = {
             "CONFIG": "configs/tiny_test.yaml",
             "DATA": str(data),
@@ -135,6 +136,11 @@ class Cluster:
             umask=umask,
         )
         return job_id, Path(str(out).replace("%j", job_id))
+
+    def node_root(self, node: str) -> Path:
+        """The file system as the node's jobs see it (its slurmd's mount namespace: its own /dev/shm)."""
+        pid = (Path(self.env["DITSCALE_SLURM_DIR"]) / "run" / f"slurmd-{node}.pid").read_text().strip()
+        return Path(f"/proc/{pid}/root")
 
     @staticmethod
     def logs(run_dir: Path, out: Path, job_id: str) -> str:
@@ -161,7 +167,10 @@ def slurm_cluster(tmp_path_factory) -> Cluster:
     state = os.environ.get("DITSCALE_SLURM_TEST_DIR", "/tmp/ditscale-slurm-pytest")
     port = os.environ.get("DITSCALE_SLURM_TEST_PORT", "6917")  # apart from a default cluster (6817)
     env = {**os.environ, "DITSCALE_SLURM_DIR": state, "DITSCALE_SLURM_PORT": port}
-    start = subprocess.run([str(LOCAL_CLUSTER), "start", "--nodes", "2"], env=env, text=True, capture_output=True)
+    # 8 CPUs a node (on any machine): test_signals.py runs up to 7 one-CPU tasks at once, mostly waiting
+    start = subprocess.run(
+        [str(LOCAL_CLUSTER), "start", "--nodes", "2", "--cpus", "8"], env=env, text=True, capture_output=True
+    )
     if start.returncode != 0:
         subprocess.run([str(LOCAL_CLUSTER), "stop"], env=env, capture_output=True)
         pytest.fail(f"local_cluster.sh start failed:\n{start.stderr}")

@@ -201,7 +201,9 @@ def test_resubmitted_on_one_node_continues_and_scancel_stops_for_good(
     job = slurm_cluster.wait(job_id, timeout=120)
     time.sleep(5)  # a wrongly requeued job would be back by now
     job = slurm_cluster.wait(job_id, timeout=120)
-    text = slurm_cluster.logs(run_dir, out, job_id)
+    deadline = time.monotonic() + 60  # the batch shell logs its decision within KillWait (30 s) of the scancel
+    while "decision: exit" not in (text := slurm_cluster.logs(run_dir, out, job_id)) and time.monotonic() < deadline:
+        time.sleep(0.5)
     assert job.state == "CANCELLED" and job.restarts == 0, (job.fields, text)
     assert "not requeued; sbatch again to resume from the newest checkpoint" in text, text
     saved = (run_dir / "ckpt" / "latest").read_text().strip()
