@@ -197,10 +197,41 @@ class LatentMDSDataset(StreamingDataset):
                 self.__dict__.pop(name, None)
             self._shared_barrier.__dict__.pop("lock", None)
             self._pid = os.getpid()
-        yield from super().__iter__()
+        try:
+            yield from super().__iter__()
+        except Exception as e:
+            self._stop_threads()  # a read failed here: the fetch threads must not go on for it
+            failure = self.__dict__.pop("_failure", None)
+            if failure is None or isinstance(e, DataError):
+                raise
+            raise failure from e  # streaming's "Background thread failed": the thread's own error
         failure = self.__dict__.pop("_failure", None)  # streaming's threads stop quietly on an error
         if failure is not None:
             raise failure
+
+    # streaming counts an epoch's threads out as each returns, and waits for them (`_Iterator.exit`) at the
+    # end of the epoch and before the next one; a thread that raises is never counted, so the reader would
+    # wait forever (two threads fetching the same damaged shard both raise). Here a thread's failure is kept
+    # for `__iter__`, every thread is told to stop, and the failed thread is counted out.
+
+    def _prepare_thread(self, it) -> None:
+        self._counted_out(super()._prepare_thread, it)
+
+    def _ready_thread(self, it) -> None:
+        self._counted_out(super()._ready_thread, it)
+
+    def _counted_out(self, thread, it) -> None:
+        try:
+            thread(it)
+        except Exception as e:
+            self.__dict__.setdefault("_failure", e)
+            self._stop_threads()
+            it.on_exit()
+
+    def _stop_threads(self) -> None:
+        event = self.__dict__.get("_event")
+        if event is not None:
+            event.set()
 
     def _get_work(self, epoch: int, sample_in_epoch: int):
         self._epoch = epoch  # the epoch this process is iterating, for the flip

@@ -100,12 +100,7 @@ def test_damaged_shard_stops_the_read_naming_it(pristine, tmp_path, fmt, where, 
     assert bad in str(e.value) and "cache" not in str(e.value)
 
 
-@pytest.mark.timeout(180)
-@pytest.mark.xfail(
-    strict=False,
-    reason="known race (session 5 note): a DataError in streaming's background prepare thread can leave the "
-    "reader waiting on a PREPARING shard forever; it hung once in ~10 runs",
-)
+@pytest.mark.timeout(180)  # the race this once hung in (both fetch threads raising) now fails here, not at 600 s
 @pytest.mark.parametrize("fmt", ["mds", "wds"])
 def test_damaged_shard_in_a_loader_worker_is_a_data_error(pristine, tmp_path, fmt):
     root = copy_of(pristine, fmt, tmp_path)
@@ -113,6 +108,25 @@ def test_damaged_shard_in_a_loader_worker_is_a_data_error(pristine, tmp_path, fm
     truncate(bad)
     with pytest.raises(DataError, match=os.path.basename(bad)):
         read_all(root, str(tmp_path / "cache") if fmt == "mds" else None, workers=1)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("workers", [None, 1])
+def test_fetch_threads_that_both_fail_end_the_read_with_their_error(pristine, tmp_path, monkeypatch, workers):
+    """streaming waits for its fetch threads to be counted out, and a thread that raises never is: two
+    failing at once (both fetching one damaged shard) once hung the reader. The failure must end the read."""
+    from streaming import StreamingDataset
+
+    def failing(name):
+        def thread(self, it):
+            raise DataError(f"{name} thread: shard.00001.mds.zstd cannot be fetched")
+
+        return thread
+
+    monkeypatch.setattr(StreamingDataset, "_prepare_thread", failing("prepare"))
+    monkeypatch.setattr(StreamingDataset, "_ready_thread", failing("ready"))
+    with pytest.raises(DataError, match="thread: shard.00001.mds.zstd cannot be fetched"):
+        read_all(copy_of(pristine, "mds", tmp_path), str(tmp_path / "cache"), workers=workers)
 
 
 @pytest.mark.parametrize("fmt", ["mds", "wds"])
