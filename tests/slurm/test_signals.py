@@ -22,7 +22,7 @@ from test_train_xl import events, final_weights
 
 from ditscale.data.shm import _segments
 
-HANG_MIN = 0.25  # the hung-rank job's train.hang_timeout_min
+HANG_MIN = 0.5  # the hung-rank job's train.hang_timeout_min: well above a step's worst stall on 2 loaded cores
 SRUN_WAIT_S = 60  # train_xl.sh's srun --wait
 
 
@@ -251,8 +251,11 @@ def test_hung_rank_is_found_by_the_watchdog_and_the_run_resumes(slurm_cluster, u
     job = slurm_cluster.wait(job_id, timeout=600)
     text = slurm_cluster.logs(run_dir, out, job_id)
     assert job.state == "COMPLETED" and job.exit_code == 0 and job.restarts == 1, (job.fields, text)
-    assert "rank 1: test pause at step:60: SIGSTOP" in text, text
+    # rank 0 completed step 60 and waited in step 61's collective for the stopped rank 1; rank 1's own line
+    # may be lost with its killed step's output, so the proof that the watchdog found this hang (not a slow
+    # step of a loaded machine) is rank 0's last step
     assert "rank 0: error: no training step completed for" in text and "exiting with 5" in text, text
+    assert "(last: step 60; train.hang_timeout_min=" in text, text
     assert re.search(r"crashed \(exit \d+\): retry 1/3 \(a new checkpoint since the last start\): requeueing", text)
     assert f"SLURM: job {job_id} is requeued (Restarts=1;" in text, text
     seen = events(run_dir)
