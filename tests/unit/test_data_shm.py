@@ -99,3 +99,48 @@ def test_a_segment_of_the_same_name_in_another_mount_namespace_does_not_hold_our
         proc.kill()
         proc.wait()
         ours.unlink(missing_ok=True)
+
+
+@pytest.mark.skipif(not SHM_ROOT.is_dir(), reason="no /dev/shm")
+@pytest.mark.timeout(300)
+def test_readers_starting_together_on_a_node_take_turns_at_registering(tmp_path):
+    """streaming picks the first free prefix, then creates it: jobs starting at one moment on a node could
+    pick the same one (the later dies with FileExistsError '/00000N_locals'). The node's local leaders take
+    turns: while the lock is held none registers; released, all start, each with its own prefix."""
+    import select
+
+    from data_prep.testing import write_synthetic_latents
+    from ditscale.data.shm import prefix_registration
+
+    root = write_synthetic_latents(str(tmp_path / "data"), 8, latent_size=4, num_classes=2)
+    procs = []
+    with prefix_registration(True):
+        for k in range(3):
+            (tmp_path / f"tmp{k}").mkdir()
+            env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path / f"tmp{k}")}
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-c", READER, root, str(tmp_path / f"cache{k}")],
+                    stdout=subprocess.PIPE,
+                    text=True,
+                    env=env,
+                    cwd=REPO,
+                    start_new_session=True,
+                )
+            )
+        try:
+            ready, _, _ = select.select([p.stdout for p in procs], [], [], 20)  # imports done, then waiting
+            assert not ready, "a reader registered a prefix while another held the node's registration lock"
+        except BaseException:
+            for p in procs:
+                os.killpg(p.pid, signal.SIGKILL)
+            raise
+    try:
+        lines = [p.stdout.readline().strip() for p in procs]
+        assert all(line.isdigit() for line in lines), (lines, [p.poll() for p in procs])
+        assert len(set(lines)) == 3, lines
+    finally:
+        for p in procs:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+        release_stale_loader_shm()
