@@ -78,3 +78,36 @@ run_srun() {
   done
   trap note_signal USR1 TERM   # from here on, only remember a late signal
 }
+
+# slurm_job [ID]: SLURM's one-line record of a job (default: this one), asked with stop signals ignored (a
+# signal must not cut scontrol short); job_field NAME [RECORD]: one field of it.
+slurm_job() { ( trap '' USR1 TERM; exec scontrol show job -o "${1:-$SLURM_JOB_ID}" ) 2>/dev/null; }
+job_field() { grep -o "$1=[^ ]*" <<<"${2-$(slurm_job)}" | cut -d= -f2-; }
+
+# requeue_and_exit CODE RESUME [ID]: `scontrol requeue` the job (an array task: its own ID), say what SLURM
+# then makes of it, and exit CODE. RESUME says where the next allocation starts ("resumes from ...").
+# Messages go through REPORT (default: say). From here on stop signals are ignored: the decision is made,
+# and the requeue's own SIGTERM, which follows at once, cannot cut the requeue or the question after it.
+requeue_and_exit() {
+  local code=$1 resume=$2 id=${3:-$SLURM_JOB_ID} report=${REPORT:-say} restart=${SLURM_RESTART_COUNT:-0}
+  local err info state restarts
+  trap '' USR1 TERM
+  if ! err=$(scontrol requeue "$id" 2>&1); then
+    state=$(job_field JobState "$(slurm_job "$id")")
+    $report "error: scontrol requeue failed (${err:-no message}); SLURM says the job is ${state:-unknown}: not" \
+            "requeued; sbatch again to resume"
+    exit "$code"
+  fi
+  info=$(slurm_job "$id")
+  state=$(job_field JobState "$info")
+  restarts=$(job_field Restarts "$info")
+  if [[ $restarts =~ ^[0-9]+$ ]] && (( restarts > restart )); then
+    $report "SLURM: job $id is requeued (Restarts=$restarts; this allocation is $state): it starts again" \
+            "when nodes are free and $resume"
+  else
+    $report "error: after scontrol requeue SLURM says job $id is ${state:-unknown} with" \
+            "Restarts=${restarts:-unknown} (was $restart): it may not start again; if squeue does not list it," \
+            "sbatch again to resume"
+  fi
+  exit "$code"
+}

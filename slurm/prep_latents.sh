@@ -92,11 +92,10 @@ case ${1:-submit} in
 esac
 if [[ ${1:-submit} != submit ]]; then
   # an interrupted encode (preemption, node failure) is worth another try; bad input (2) never is
-  state=$(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null | grep -o 'JobState=[A-Z_]*')
-  if [[ $rc != 0 && $rc != 2 && $1 == encode && $state == JobState=RUNNING \
+  if [[ $rc != 0 && $rc != 2 && $1 == encode && $(job_field JobState) == RUNNING \
         && ${SLURM_RESTART_COUNT:-0} -lt ${MAX_RETRIES:-3} ]]; then
     say "encode exited with $rc: requeueing (restart ${SLURM_RESTART_COUNT:-0})"
-    scontrol requeue "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}" && sleep 60
+    requeue_and_exit "$rc" "skips the slices it finished" "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"
   fi
   exit "$rc"
 fi

@@ -73,9 +73,8 @@ case $rc in
   0) say "done: $(ls "$OUT"/samples_*.npz 2>/dev/null)"; exit 0 ;;
   2) fail 2 "bad input: not requeued" ;;
 esac
-state=$(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null | grep -o 'JobState=[A-Z_]*')   # scancel'ed: stay so
-if [[ $state == JobState=RUNNING ]] && (( SIGNALLED || ${SLURM_RESTART_COUNT:-0} < ${MAX_RETRIES:-3} )); then
+if [[ $(job_field JobState) == RUNNING ]] && (( SIGNALLED || ${SLURM_RESTART_COUNT:-0} < ${MAX_RETRIES:-3} )); then
   say "exit $rc$( ((SIGNALLED)) && echo ' after a signal'): requeueing; finished chunks are kept"
-  scontrol requeue "$SLURM_JOB_ID" && sleep 60
+  requeue_and_exit "$rc" "does only the chunks still missing"
 fi
 fail "$rc" "sampling failed (exit $rc) after ${SLURM_RESTART_COUNT:-0} restarts: not requeued"

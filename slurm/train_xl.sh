@@ -225,12 +225,14 @@ say "=== job $SLURM_JOB_ID restart $RESTART on $SLURM_JOB_NODELIST: $SLURM_JOB_N
 say "run: ${TRAIN[*]}"
 
 checkpoint_mark() { cat "$RUN_DIR/ckpt/latest" 2>/dev/null; }   # the newest complete checkpoint's tag
-# SLURM's record of this job, asked with the stop signals ignored (inherited by scontrol): a SIGTERM that
-# comes meanwhile (scancel, a requeue's) must not kill the question whose answer the log reports
-slurm_job() { ( trap '' USR1 TERM; exec scontrol show job -o "$SLURM_JOB_ID" ) 2>/dev/null; }
-job_field() { grep -o "$1=[^ ]*" <<<"${2-$(slurm_job)}" | cut -d= -f2-; }   # job_field NAME [RECORD]
 check_margin
 before=$(checkpoint_mark)
+# test hook (tests/slurm): DITSCALE_TEST_PAUSE "R:script" holds allocation R here, before srun, until a
+# stop signal has come (the trainer's own points are in ditscale/engine/signals.py)
+if [[ ,${DITSCALE_TEST_PAUSE:-}, == *",$RESTART:script,"* ]]; then
+  say "test pause before srun: waiting for a stop signal"
+  while (( ! SIGNALLED )); do sleep 0.1; done
+fi
 if (( SIGNALLED )); then
   rc=none
   say "got a stop signal before the trainer started: not starting it"
@@ -271,25 +273,5 @@ case $action in
   fail) both "error: $why"; exit "$code" ;;
   leave) both "$why"; exit "$code" ;;
 esac
-# The decision is made: from here on a stop signal changes nothing. The requeue's own SIGTERM follows it at
-# once; ignored (in scontrol too), it cannot cut the requeue or the question after it short.
-trap '' USR1 TERM
 both "$why: requeueing job $SLURM_JOB_ID"
-if ! err=$(scontrol requeue "$SLURM_JOB_ID" 2>&1); then
-  state=$(job_field JobState)
-  both "error: scontrol requeue failed (${err:-no message}); SLURM says the job is ${state:-unknown}: not" \
-       "requeued; sbatch again to resume"
-  exit "$code"
-fi
-info=$(slurm_job)
-state=$(job_field JobState "$info")
-restarts=$(job_field Restarts "$info")
-if [[ $restarts =~ ^[0-9]+$ ]] && (( restarts > RESTART )); then
-  both "SLURM: job $SLURM_JOB_ID is requeued (Restarts=$restarts; this allocation is $state): it starts again" \
-       "when nodes are free and resumes from $(checkpoint_mark || echo 'the start')"
-else
-  both "error: after scontrol requeue SLURM says job $SLURM_JOB_ID is ${state:-unknown} with" \
-       "Restarts=${restarts:-unknown} (was $RESTART): it may not start again; if squeue does not list it," \
-       "sbatch again to resume"
-fi
-exit "$code"
+REPORT=both requeue_and_exit "$code" "resumes from $(checkpoint_mark || echo 'the start')"
