@@ -45,6 +45,7 @@ def unattended_jobs(slurm_cluster, tiny_dataset, jobs_dir):
     """Submitted first, they end while the test of every moment runs (run dir, job id, output):
     - "time limit": 1 task held after its final checkpoint until the --signal=B:USR1@60 of its time limit;
     - "hang": 2 nodes x 1 task, rank 1 stops itself (SIGSTOP) at step 60, after the step-50 checkpoint;
+    - "past its time": 1 task held after step 5 until its time limit, lowered to end within a minute, ends it;
     - "non-finite": 1 task, the trainer exits 3 after the pre-flight check passed."""
     cluster, jobs = slurm_cluster, {}
 
@@ -66,6 +67,13 @@ def unattended_jobs(slurm_cluster, tiny_dataset, jobs_dir):
         tasks_per_node=1,
         overrides=(f"train.max_steps={cluster.steps}", "train.ckpt_every=50", f"train.hang_timeout_min={HANG_MIN}"),
         env={"DITSCALE_TEST_PAUSE": "0:step:60:hang:1"},
+    )
+    submit(
+        "past its time",
+        nodes=1,
+        tasks_per_node=1,
+        overrides=("train.max_steps=100000", "train.ckpt_every=100000"),
+        env={"DITSCALE_TEST_PAUSE": "0:step:5"},
     )
     submit(
         "non-finite",
@@ -106,6 +114,34 @@ def test_time_limit_signal_after_the_final_checkpoint_finishes_the_job(slurm_clu
     left = int(re.search(r"the stop signal came (-?\d+) s before the job's time limit", text).group(1))
     assert 0 < left <= 120, text  # --signal=B:USR1@60, which SLURM may send up to 60 s early (sbatch(1))
     assert events(run_dir)[-1]["event"] == "done"
+
+
+def test_past_its_time_limit_saves_and_is_left_for_sbatch(slurm_cluster, unattended_jobs):
+    """The time limit itself ends the job: the trainer is held after step 5, and the job's limit is lowered
+    to end within a minute (so the script's --signal=B:USR1@600 comes with the limit's SIGTERM, not before).
+    The trainer saves on the signal and exits 85; SLURM is already ending the job (it never requeues one
+    past its time limit), so the script does not requeue it and asks for an sbatch, to resume."""
+    cluster = slurm_cluster
+    run_dir, job_id, out = unattended_jobs["past its time"]
+
+    def logs() -> str:
+        return cluster.logs(run_dir, out, job_id)
+
+    wait_until(lambda: "test pause at step:5: waiting" in logs(), "pause after step 5", cluster, job_id, logs)
+    h, m, sec = map(int, re.split("[-:]", cluster.show(job_id)["RunTime"])[-3:])
+    cluster.run("scontrol", "update", f"JobId={job_id}", f"TimeLimit={(3600 * h + 60 * m + sec) // 60 + 1}")
+    job = cluster.wait(job_id, timeout=300)
+    text = logs()
+    assert job.state == "TIMEOUT" and job.restarts == 0, (job.fields, text)
+    assert f"JOB {job_id} ON node1 CANCELLED AT" in text and "DUE TO TIME LIMIT" in text, text
+    assert "rank 0: stop agreed at step 5" in text and "trainer exited with 85" in text, text
+    assert re.search(r"decision: exit 85, stop signal 1, new checkpoint 1, SLURM: ended:\w+ -> leave", text), text
+    assert (
+        "preempted after a complete checkpoint, but the job is" in text
+        and "SLURM will not requeue it: not requeued; sbatch again to resume from the newest checkpoint" in text
+        and "requeueing" not in text
+    ), text
+    assert [e["step"] for e in events(run_dir) if e["event"] == "checkpoint"] == [5], events(run_dir)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -145,6 +145,56 @@ def test_bad_input_fails_at_once_without_requeue(slurm_cluster, tiny_dataset, tm
     assert "train_xl: run:" not in text and not (run_dir / "ckpt").exists()
 
 
+def test_damaged_shard_found_by_the_trainer_fails_without_requeue(slurm_cluster, tiny_dataset, tmp_path):
+    """A byte flipped inside a shard passes the pre-flight check (the sizes match; hashes are --check=deep's);
+    the trainer finds it when it reads the shard: exit 2 naming the dataset's file, the job FAILED and
+    never requeued (the decision table's "2 during a run")."""
+    import json
+    import shutil
+
+    data = tmp_path / "ds"
+    shutil.copytree(tiny_dataset, data)
+    shard = json.loads((data / "index.json").read_text())["shards"][-1]
+    bad = data / (shard.get("zip_data") or shard["raw_data"])["basename"]
+    raw = bytearray(bad.read_bytes())
+    raw[len(raw) // 2] ^= 0x40
+    bad.write_bytes(raw)
+    run_dir = tmp_path / "run"
+    job_id, out = slurm_cluster.train(run_dir, data, nodes=1, tasks_per_node=1)
+    job = slurm_cluster.wait(job_id, timeout=300)
+    text = slurm_cluster.logs(run_dir, out, job_id)
+    assert job.state == "FAILED" and job.exit_code == 2 and job.restarts == 0, (job.fields, text)
+    assert "train_xl: trainer exited with 2" in text and str(bad) in text, text
+    assert "bad configuration or input, or no space for a checkpoint: not requeued" in text, text
+    assert "requeueing" not in text, text
+
+
+def test_stop_signal_before_srun_in_two_allocations_in_a_row_fails(slurm_cluster, tiny_dataset, tmp_path):
+    """A stop signal that reaches the batch shell before srun (the script held there by its test hook) is
+    requeued once with nothing lost; in the next allocation too, the job fails (is --time shorter than the
+    --signal margin?) instead of requeueing empty allocations for ever."""
+    run_dir = tmp_path / "run"
+    env = {"DITSCALE_TEST_PAUSE": "0:script,1:script"}
+    job_id, out = slurm_cluster.train(run_dir, tiny_dataset, nodes=1, tasks_per_node=1, env=env)
+
+    def logs() -> str:
+        return slurm_cluster.logs(run_dir, out, job_id)
+
+    for allocation in (1, 2):
+        deadline = time.monotonic() + 300
+        while logs().count("test pause before srun: waiting for a stop signal") < allocation:
+            assert time.monotonic() < deadline and slurm_cluster.show(job_id).get("JobState") != "FAILED", logs()
+            time.sleep(0.2)
+        slurm_cluster.run("scancel", "--signal=USR1", "--batch", job_id)
+    job = slurm_cluster.wait(job_id, timeout=120)
+    text = logs()
+    assert job.state == "FAILED" and job.restarts == 1, (job.fields, text)
+    requeued = "stopped by a signal before the trainer started (nothing to save): requeueing job"
+    assert text.count(requeued) == 2, text  # once: in the job's output and in the run's log
+    assert "a stop signal came before the trainer started in 2 allocations in a row" in text, text
+    assert "trainer exited with" not in text, text
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the crash is CUDA missing on a GPU-less node")
 def test_crash_at_start_requeues_a_bounded_number_of_times(slurm_cluster, tiny_dataset, tmp_path):
     """DITSCALE_DEVICE=cuda on a node without CUDA: the config check passes, every start crashes."""
