@@ -29,20 +29,20 @@ PROBE_PER_CLASS, PROBE_BAR = 5, 0.75
 
 
 def evaluate(run: Path, kind: str, classifier) -> list[dict]:
-    """Quality of every complete checkpoint of a run (<= its `latest`): its EMA exported and sampled as the
+    """Quality of every complete checkpoint of a run: its EMA exported and sampled as the
     quickstart does. Scores are kept in <run>/quality.json, so each checkpoint is sampled once."""
     from ditscale import quickstart_digits as qd
+    from ditscale.engine.checkpoint import CheckpointError, list_tags, read_meta
     from ditscale.engine.export import export
 
     cache_path = run / "quality.json"
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
-    pointer = run / "ckpt" / "latest"
-    if not pointer.exists():
-        return []
-    latest = int(pointer.read_text().strip().split("_")[1])
-    for ckpt in sorted((run / "ckpt").glob("step_*")):
-        step = int(ckpt.name.split("_")[1])
-        if step > latest or str(step) in cache:
+    for step, ckpt in list_tags(run / "ckpt"):
+        if str(step) in cache:
+            continue
+        try:
+            read_meta(ckpt)  # complete: every rank's files as written (the run may still be saving it)
+        except CheckpointError:
             continue
         out = run / "export" / f"{ckpt.name}.safetensors"
         if not out.exists():
