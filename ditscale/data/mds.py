@@ -28,14 +28,12 @@ from typing import Any
 import numpy as np
 import torch
 from streaming import Stream, StreamingDataset
-from streaming.base.world import World
 
 from ditscale.data.cache import claim_cache, content_cache_dir
 from ditscale.data.flip import flip_of
 from ditscale.data.image_column import ImageColumn, flipped
 from ditscale.data.integrity import DataError, check_shard, read_index
 from ditscale.data.schema import MDS_INDEX, mds_columns
-from ditscale.data.shm import prefix_registration
 from ditscale.data.storage import classify, is_remote, join, local_path, patiently
 
 # Attributes that belong to one process: StreamingDataset creates its locks, threads and events lazily,
@@ -77,18 +75,17 @@ def open_dataset(
         **{k: streaming_kwargs.pop(k) for k in stream_keys if k in streaming_kwargs},
     )
     try:
-        with prefix_registration(World.detect().is_local_leader):
-            return LatentMDSDataset(
-                metadata=meta,
-                source=root,
-                streams=[stream],
-                shuffle=shuffle,
-                shuffle_seed=seed,
-                batch_size=batch_size,
-                hflip=hflip,
-                image=image,
-                **streaming_kwargs,
-            )
+        return LatentMDSDataset(
+            metadata=meta,
+            source=root,
+            streams=[stream],
+            shuffle=shuffle,
+            shuffle_seed=seed,
+            batch_size=batch_size,
+            hflip=hflip,
+            image=image,
+            **streaming_kwargs,
+        )
     except ValueError as e:
         if "cache limit" in str(e).lower():  # streaming wants room for 4 of the largest shards
             raise DataError(f"data.cache_limit: {e}") from None

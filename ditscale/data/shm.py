@@ -9,24 +9,16 @@ on the node. `release_stale_loader_shm` removes a prefix only when no live proce
 segments open or mapped, and only segments owned by this user. Segments are matched by device and inode,
 not by name: a process in another mount namespace (a container, or a node of slurm/local_cluster.sh) maps
 a segment of the same name in its own /dev/shm, which says nothing about ours.
-
-streaming registers a prefix by looking for the first free number and then creating it: two jobs whose
-datasets start on one node at the same moment can pick the same number, and the later one dies
-(FileExistsError: '/00000N_locals'). `prefix_registration` makes the node's local leaders take turns.
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
 import re
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 SHM_ROOT = Path("/dev/shm")
-PREFIX_LOCK = "ditscale-streaming-prefix.lock"  # in shm_root: one per node, whatever each job's TMPDIR
 
 
 def _streaming_names() -> tuple[list[str], list[str]]:
@@ -110,23 +102,3 @@ def release_stale_loader_shm(
     if removed and log is not None:
         log(f"released shared memory of a dead data loader: {', '.join(removed)}")
     return removed
-
-
-@contextmanager
-def prefix_registration(leader: bool, shm_root: str | Path = SHM_ROOT) -> Iterator[None]:
-    """Held around building a StreamingDataset by the node's local leader (the rank that registers the prefix;
-    the others only wait for it in streaming's barriers, so they must not queue here): one registration at a
-    time on the node. Where the lock file cannot be made (a read-only shm_root), streaming's own behaviour."""
-    if not leader:
-        yield
-        return
-    try:
-        fd = os.open(Path(shm_root) / PREFIX_LOCK, os.O_RDONLY | os.O_CREAT, 0o666)  # any user may lock it
-    except OSError:
-        yield
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
