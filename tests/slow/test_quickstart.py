@@ -20,7 +20,7 @@ def test_quickstart_generates_recognisable_varied_digits(tmp_path):
         assert (out / png).stat().st_size > 1000
     q = json.loads((out / "quality.json").read_text())
     assert q["num_samples"] == 200
-    assert q["accuracy"] >= 0.90, q
+    assert q["accuracy"] >= 0.97, q  # the quickstart's own bar is 90 %; the shipped steps keep a margin over it
     assert q["diversity_mean"] >= 0.6, q
     assert q["diversity_min"] >= 0.4, q
     assert "quality: classifier accuracy" in proc.stdout
