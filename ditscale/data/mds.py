@@ -260,8 +260,8 @@ class LatentMDSDataset(StreamingDataset):
 
     def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
         """streaming's fetch / decompress, with any failure turned into a DataError naming the dataset's
-        file, the shard marked absent again (so no one waits for it) and the error kept for `__iter__`.
-        streaming's download thread calls this for every sample ahead of the reader, and streaming takes its
+        file and the shard marked absent again (so no one waits for it); in a fetch thread, `_counted_out`
+        keeps the error for `__iter__`. streaming's download thread calls this for every sample ahead of the reader, and streaming takes its
         cache file lock before it looks at the shard's state: with no cache limit (nothing is ever evicted) a
         shard whose decompressed file is on local disk (streaming renames it into place whole) returns at
         once, without that lock. LOCAL alone is not enough: it also means "only the zip is here"."""
@@ -277,14 +277,11 @@ class LatentMDSDataset(StreamingDataset):
             super().prepare_shard(shard_id, blocking)
         except Exception as e:
             self._forget(shard_id)
-            failure = self.__dict__["_failure"] = (
-                e
-                if isinstance(e, DataError)
-                else DataError(
-                    f"{self.dataset_file(shard_id)}: cannot be fetched or decompressed ({type(e).__name__}: {e})"
-                )
-            )
-            raise failure from e
+            if isinstance(e, DataError):
+                raise
+            raise DataError(
+                f"{self.dataset_file(shard_id)}: cannot be fetched or decompressed ({type(e).__name__}: {e})"
+            ) from e
 
     def _forget(self, shard_id: int) -> None:
         from streaming.base.dataset import _ShardState
