@@ -35,6 +35,13 @@ def wait_until(predicate, what: str, cluster, job_id: str, logs, timeout: float 
         time.sleep(0.05)
 
 
+def end_within(cluster, job_id: str, minutes: int) -> None:
+    """Lower a running job's time limit (whole minutes) so that it ends within `minutes` from now."""
+    h, m, sec = map(int, re.split("[-:]", cluster.show(job_id)["RunTime"])[-3:])
+    elapsed = 3600 * h + 60 * m + sec
+    cluster.run("scontrol", "update", f"JobId={job_id}", f"TimeLimit={elapsed // 60 + minutes}")
+
+
 @pytest.fixture(scope="module")
 def jobs_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("signals")
@@ -107,9 +114,7 @@ def test_time_limit_signal_after_the_final_checkpoint_finishes_the_job(slurm_clu
     wait_until(
         lambda: "test pause at done: waiting" in logs(), "pause after the final checkpoint", cluster, job_id, logs
     )
-    h, m, sec = map(int, re.split("[-:]", cluster.show(job_id)["RunTime"])[-3:])
-    elapsed = 3600 * h + 60 * m + sec
-    cluster.run("scontrol", "update", f"JobId={job_id}", f"TimeLimit={elapsed // 60 + 2}")  # 61..120 s left
+    end_within(cluster, job_id, minutes=2)  # 61..120 s left
     job = cluster.wait(job_id, timeout=300)
     text = logs()
     assert job.state == "COMPLETED" and job.exit_code == 0 and job.restarts == 0, (job.fields, text)
@@ -133,8 +138,7 @@ def test_past_its_time_limit_saves_and_is_left_for_sbatch(slurm_cluster, unatten
         return cluster.logs(run_dir, out, job_id)
 
     wait_until(lambda: "test pause at step:5: waiting" in logs(), "pause after step 5", cluster, job_id, logs)
-    h, m, sec = map(int, re.split("[-:]", cluster.show(job_id)["RunTime"])[-3:])
-    cluster.run("scontrol", "update", f"JobId={job_id}", f"TimeLimit={(3600 * h + 60 * m + sec) // 60 + 1}")
+    end_within(cluster, job_id, minutes=1)  # 1..60 s left
     job = cluster.wait(job_id, timeout=300)
     text = logs()
     assert job.state == "TIMEOUT" and job.restarts == 0, (job.fields, text)
