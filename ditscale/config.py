@@ -302,6 +302,7 @@ class TrainConfig:
     resume: str = "auto"  # auto (newest complete checkpoint, else fresh) | none | a checkpoint dir
     resume_ignore: list[str] = field(default_factory=list)  # keys allowed to differ from the checkpoint's
     stop_check_every: int = 1  # steps between the ranks' agreement on a stop signal
+    stop_data_wait_s: float = 10.0  # after a stop signal, a wait for data ends (no new checkpoint) after this
     hang_timeout_min: float = 10.0  # no step completed for this long: the rank exits 4 (0 = off; watchdog.py)
     deterministic: bool = False  # deterministic kernels (bit-exact resume on GPUs; slower)
 
@@ -324,6 +325,11 @@ class TrainConfig:
             self.hang_timeout_min >= 0,
             "train.hang_timeout_min",
             f"must be >= 0 (0 = no watchdog), got {self.hang_timeout_min}",
+        )
+        _require(
+            self.stop_data_wait_s >= 0,
+            "train.stop_data_wait_s",
+            f"must be >= 0 (0 = stop at once), got {self.stop_data_wait_s}",
         )
         _require(bool(self.resume), "train.resume", "must be auto, none or a checkpoint directory")
 
@@ -795,6 +801,7 @@ RESUME_MAY_CHANGE = (
     "train.resume",
     "train.resume_ignore",
     "train.stop_check_every",
+    "train.stop_data_wait_s",
     "train.hang_timeout_min",
     "train.micro_batch",
     "train.deterministic",

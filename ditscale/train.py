@@ -369,7 +369,7 @@ def train(cfg: ExperimentConfig, meta: dict, ds: dict, env, device: torch.device
     from ditscale.objectives import build_objective
 
     tc = cfg.train
-    stop = StopRequest(tc.stop_check_every)
+    stop = StopRequest(tc.stop_check_every, data_wait_s=tc.stop_data_wait_s)
     watchdog = StepWatchdog(tc.hang_timeout_min, env.rank)
     if tc.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -489,12 +489,13 @@ def train(cfg: ExperimentConfig, meta: dict, ds: dict, env, device: torch.device
                 t0 = time.perf_counter()
                 try:
                     with stop.waiting():
+                        pause_for_test(f"data:{step + 1}")
                         batch = next(batches)
                 except StopWaiting as e:
                     print(
-                        f"[ditscale.train] rank {env.rank}: {e} while waiting for data at step {step}: stopping "
-                        f"without a new checkpoint (resume from {last_checkpoint() or 'the start'}), "
-                        f"exit {EXIT_PREEMPTED}",
+                        f"[ditscale.train] rank {env.rank}: {e}, and no batch for step {step + 1} within "
+                        f"train.stop_data_wait_s={tc.stop_data_wait_s:g} s: stopping without a new checkpoint "
+                        f"(resume from {last_checkpoint() or 'the start'}), exit {EXIT_PREEMPTED}",
                         flush=True,
                     )
                     metrics.write_event(event="preempted", step=step, waiting_for_data=True)

@@ -69,6 +69,31 @@ def test_sigusr1_to_one_rank_stops_both_at_the_same_step_then_resumes_exactly(re
         assert mrun[step]["index_sum"] == mref[step]["index_sum"], step
 
 
+@pytest.mark.parametrize("loader", ["delivers", "stuck"])
+def test_stop_signal_in_a_data_wait_saves_unless_the_data_never_comes(loader, digits64, tmp_path):
+    """SIGUSR1 while the trainer waits for step 4's batch (a test pause inside the wait). A batch that comes
+    within train.stop_data_wait_s is trained on and the stop saves step 4 (SLURM's signal can land in any
+    data wait: losing the steps since the last checkpoint there was the old behaviour). A loader that never
+    delivers is given up after those seconds: exit 85 with the previous checkpoint kept."""
+    run_dir = tmp_path / "run"
+    pause = "0:data:4" if loader == "delivers" else "0:data:4:stuck"
+    overrides = reference_overrides(
+        0, run_dir, digits64, "train.max_steps=1000", "train.ckpt_every=2", "train.stop_data_wait_s=1"
+    )
+    run = start_training(1, overrides, tmp_path / "a.log", env={"DITSCALE_TEST_PAUSE": pause})
+    rank0 = run.rank_pid(0)
+    run.wait_for(lambda text: "test pause at data:4" in text, "the pause in the wait for step 4's batch")
+    os.kill(rank0, signal.SIGUSR1)
+    assert run.wait() == 85, run.text()[-5000:]
+    text = run.text()
+    if loader == "delivers":
+        assert "rank 0: stop agreed at step 4 (SIGUSR1)" in text, text[-3000:]
+        assert latest(run_dir) == "step_00000004" and max(metrics(run_dir)) == 4
+    else:
+        assert "SIGUSR1, and no batch for step 4 within train.stop_data_wait_s=1 s" in text, text[-3000:]
+        assert latest(run_dir) == "step_00000002" and max(metrics(run_dir)) == 3
+
+
 def test_kill_9_during_save_resumes_from_the_previous_checkpoint(digits64, tmp_path):
     run_dir = tmp_path / "run"
     overrides = reference_overrides(2, run_dir, digits64, f"train.max_steps={2 * N}")

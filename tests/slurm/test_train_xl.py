@@ -258,4 +258,4 @@ def test_resubmitted_on_one_node_continues_and_scancel_stops_for_good(
     assert "not requeued; sbatch again to resume from the newest checkpoint" in text, text
     saved = (run_dir / "ckpt" / "latest").read_text().strip()
     meta = json.loads((run_dir / "ckpt" / saved / "meta.json").read_text())
-    assert meta["step"] > slurm_cluster.steps and meta["world_size"] == 1, meta
+    assert meta["step"] > slurm_cluster.steps and meta["world_size"] == 1, (saved, text)

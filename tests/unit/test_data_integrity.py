@@ -17,6 +17,7 @@ from ditscale.data.cache import CACHE_MARKER, claim_cache, content_cache_dir
 from ditscale.data.check import batches_per_epoch, check_dataset, check_fills_batch
 from ditscale.data.integrity import index_key
 from ditscale.data.schema import MDS_INDEX, WDS_INDEX
+from ditscale.engine.signals import StopRequest, StopWaiting
 
 N = 40
 
@@ -253,23 +254,41 @@ def test_train_refuses_damaged_or_small_data_with_exit_2(pristine, tmp_path, cap
         next(endless(build_dataloader(ds, batch_size=32, num_workers=2)))
 
 
-# --- a stop signal cuts a data wait short ------------------------------------------------------------------
+# --- a stop signal cuts a data wait short, after its grace period ----------------------------------------
 
 
-def test_stop_signal_interrupts_a_data_wait():
-    from ditscale.engine.signals import StopRequest, StopWaiting
-
-    stop = StopRequest()
+def _timed_wait(stop, seconds: float, signal_first: bool = False) -> tuple[str, float]:
+    """A data wait of `seconds` with SIGTERM sent at its start (inside it, or just before): how it ended
+    ("batch" or StopWaiting's message) and after how long."""
+    start = time.monotonic()
     try:
-        start = time.monotonic()
-        with pytest.raises(StopWaiting, match="SIGTERM"):
-            with stop.waiting():
+        if signal_first:
+            os.kill(os.getpid(), signal.SIGTERM)
+        with stop.waiting():
+            if not signal_first:
                 os.kill(os.getpid(), signal.SIGTERM)
-                time.sleep(30)  # a data wait that would never end
-        assert time.monotonic() - start < 5 and stop.received == signal.SIGTERM
-        with pytest.raises(StopWaiting):  # a signal that came before the wait
-            with stop.waiting():
-                pass
+            time.sleep(seconds)
+        return "batch", time.monotonic() - start
+    except StopWaiting as e:
+        return str(e), time.monotonic() - start
+
+
+@pytest.mark.parametrize("signal_first", [False, True], ids=["during", "before"])
+def test_stop_signal_cuts_a_data_wait_short_after_its_grace_period(signal_first):
+    """A batch that comes within train.stop_data_wait_s of the signal is trained on (the stop is then agreed
+    at the step boundary, with a checkpoint); a wait still blocked then is cut short with StopWaiting. 0 cuts
+    it at once."""
+    stop = StopRequest(data_wait_s=1.0)
+    try:
+        assert _timed_wait(stop, 0.3, signal_first)[0] == "batch"
+        assert stop.received == signal.SIGTERM
+        how, took = _timed_wait(stop, 30, signal_first)  # a data wait that would never end
+        assert how == "SIGTERM" and 0.9 < took < 10, (how, took)
+        assert _timed_wait(stop, 0.01)[0] == "batch"  # each wait has its own grace
+        stop.data_wait_s = 0.0
+        how, took = _timed_wait(stop, 30, signal_first)
+        assert how == "SIGTERM" and took < 5, (how, took)
     finally:
         stop.restore()
+    time.sleep(1.5)  # no timer of an ended wait fires (the default SIGTERM would end this process)
     assert stop.agreed(1)
