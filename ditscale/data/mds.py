@@ -34,6 +34,7 @@ from ditscale.data.flip import flip_of
 from ditscale.data.image_column import ImageColumn, flipped
 from ditscale.data.integrity import DataError, check_shard, read_index
 from ditscale.data.schema import MDS_INDEX, mds_columns
+from ditscale.data.shm import use_node_lock
 from ditscale.data.storage import classify, is_remote, join, local_path, patiently
 
 # Attributes that belong to one process: StreamingDataset creates its locks, threads and events lazily,
@@ -174,6 +175,7 @@ class LatentMDSDataset(StreamingDataset):
         image: ImageColumn | None = None,
         **streaming_kwargs: Any,
     ):
+        use_node_lock()  # streaming's own prefix registration races with other jobs starting on the node
         super().__init__(**streaming_kwargs)
         self.metadata, self.source, self.hflip, self.image = metadata, str(source), hflip, image
         c, s = metadata["latent_channels"], metadata["latent_size"]

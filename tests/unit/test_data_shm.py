@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -72,7 +73,12 @@ def test_a_killed_readers_shm_is_released_and_its_cache_dir_works_again(tmp_path
     finally:
         os.killpg(live.pid, signal.SIGKILL)
         live.wait()
-    assert live_prefix in {n.split("_")[0] for n in release_stale_loader_shm()}  # now dead: released too
+    last = release_stale_loader_shm()
+    assert live_prefix in {n.split("_")[0] for n in last}, (
+        live_prefix,
+        last,
+        sorted(os.listdir(SHM_ROOT)),
+    )  # now dead: released too
 
 
 @pytest.mark.skipif(
@@ -99,3 +105,73 @@ def test_a_segment_of_the_same_name_in_another_mount_namespace_does_not_hold_our
         proc.kill()
         proc.wait()
         ours.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Registering a prefix: jobs that start on one node at the same moment
+# ----------------------------------------------------------------------------------------------------------
+
+REGISTER = """
+import json, os, sys, time
+from streaming.base.shared import prefix as sp
+from streaming.base.world import World
+from ditscale.data import shm
+
+def slowly(find):  # widen the window between finding a free number and taking it
+    def slow(*args, **kwargs):
+        found = find(*args, **kwargs)
+        time.sleep(0.01)
+        return found
+    return slow
+sp._check_and_find_retrying = slowly(sp._check_and_find_retrying)
+shm._free_prefix = slowly(shm._free_prefix)
+register = shm.register_prefix if sys.argv[1] == "ours" else sp.get_shm_prefix
+while not os.path.exists(sys.argv[2]):
+    time.sleep(0.001)
+held, got = [], []
+for i in range(6):
+    try:
+        prefix, mem = register([f"/no/such/dir/{os.getpid()}/{i}"], [None], World.detect())
+    except Exception as e:
+        got.append(type(e).__name__)
+        break
+    held.append(mem)
+    got.append(prefix)
+print(json.dumps(got), flush=True)
+open(sys.argv[2] + f".done-{os.getpid()}", "w").close()  # numbers are held until every process is done
+while len([f for f in os.listdir(os.path.dirname(sys.argv[2])) if ".done-" in f]) < int(sys.argv[3]):
+    time.sleep(0.01)
+for mem in held:
+    mem.cleanup()
+"""
+
+
+def _register_at_once(which: str, tmp_path: Path, processes: int = 4) -> list:
+    (tmp_path / which).mkdir()
+    go = tmp_path / which / "go"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", REGISTER, which, str(go), str(processes)], stdout=subprocess.PIPE, text=True, env=env
+        )
+        for _ in range(processes)
+    ]
+    import time
+
+    time.sleep(5)  # every process imported streaming and waits for the start
+    go.touch()
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    return [x for out in outs for x in json.loads(out.strip().splitlines()[-1])]
+
+
+@pytest.mark.skipif(not SHM_ROOT.is_dir(), reason="no /dev/shm")
+def test_jobs_starting_on_one_node_at_once_get_distinct_prefixes(tmp_path):
+    """4 processes register 6 prefixes each at the same moment. streaming's own registration (find the first
+    free number, then create it) hands one number to two of them, and the later create fails: the trainer's
+    FileExistsError '/00000N_locals' when two jobs start on a node together. `register_prefix` (find and
+    create under the node lock) gives all 24 distinct numbers."""
+    theirs = _register_at_once("streaming", tmp_path)
+    assert "FileExistsError" in theirs, theirs
+    ours = _register_at_once("ours", tmp_path)
+    assert len(ours) == 24 and all(isinstance(p, int) for p in ours) and len(set(ours)) == 24, ours
