@@ -147,7 +147,8 @@ def _free_prefix(streams_local, streams_remote, shm_root: Path) -> int:
     """The first prefix with no segment in shm_root and no file lock in the temp directory. Reads another
     dataset's _locals as a file, where streaming attaches every segment it passes and never detaches (its
     reader would then hold other jobs' segments, so that they are never released). ValueError as
-    streaming's: a local directory of a remote stream that another live dataset already uses."""
+    streaming's: a local directory of a remote stream that the segments of a prefix without file locks
+    (a dataset whose job died) still name."""
     from streaming.base.constant import LOCALS, SHM_TO_CLEAN
     from streaming.base.shared import prefix as sp
 
@@ -155,9 +156,10 @@ def _free_prefix(streams_local, streams_remote, shm_root: Path) -> int:
     temp = Path(tempfile.gettempdir())
     prefix = 0
     while True:
-        if not any((temp / sp._get_path(prefix, lock)).exists() for lock in locks) and not any(
-            (shm_root / sp._get_path(prefix, name)).exists() for name in SHM_TO_CLEAN
-        ):
+        if any((temp / sp._get_path(prefix, lock)).exists() for lock in locks):  # a live dataset: as streaming,
+            prefix += 1  # its directories are not compared (jobs reading one dataset share its cache)
+            continue
+        if not any((shm_root / sp._get_path(prefix, name)).exists() for name in SHM_TO_CLEAN):
             return prefix
         try:
             theirs, _ = sp._unpack_locals((shm_root / sp._get_path(prefix, LOCALS)).read_bytes())
