@@ -168,8 +168,9 @@ def _free_prefix(streams_local, streams_remote, shm_root: Path) -> int:
         reused = [d for d, remote in zip(streams_local, streams_remote) if remote is not None and d in theirs]
         if reused:
             raise ValueError(
-                f"Reused local directory: {reused} is the cache of the live dataset with shared memory prefix "
-                f"{prefix}; give this one another cache directory (data.cache)"
+                f"Reused local directory: {reused} is named by the shared memory of prefix {prefix}, a dataset "
+                f"without file locks (a job that died while its segments are still held, or one starting); give "
+                f"this one another cache directory (data.cache)"
             )
         prefix += 1
 
