@@ -47,7 +47,6 @@ def prepare(out, max_steps: int | None = None, net_steps: int = 300) -> Path:
     np.savez(out / "digits_ref.npz", arr_0=real_digit_images()[0])
     data = yaml.safe_load(SWEEP.read_text().replace("quickstart_out/", f"{out}/"))
     data["base_config"] = str(REPO / data["base_config"])
-    data["overrides"].append(f"engine.ds_config={REPO}/ds_configs/zero1_fp32_cpu.json")
     if max_steps is not None:
         data["max_steps"], data["eval_every"] = max_steps, max(1, max_steps // 3)
     sweep = out / "study.yaml"
