@@ -263,10 +263,11 @@ class LatentMDSDataset(StreamingDataset):
     def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
         """streaming's fetch / decompress, with any failure turned into a DataError naming the dataset's
         file and the shard marked absent again (so no one waits for it); in a fetch thread, `_counted_out`
-        keeps the error for `__iter__`. streaming's download thread calls this for every sample ahead of the reader, and streaming takes its
-        cache file lock before it looks at the shard's state: with no cache limit (nothing is ever evicted) a
-        shard whose decompressed file is on local disk (streaming renames it into place whole) returns at
-        once, without that lock. LOCAL alone is not enough: it also means "only the zip is here"."""
+        keeps the error for `__iter__`. streaming's download thread calls this for every sample ahead of the
+        reader, and streaming takes its cache file lock before it looks at the shard's state: with no cache
+        limit (nothing is ever evicted) a shard whose decompressed file is on local disk (streaming renames it
+        into place whole) returns at once, without that lock. LOCAL alone is not enough: it also means "only
+        the zip is here"."""
         from streaming.base.dataset import _ShardState
 
         if (

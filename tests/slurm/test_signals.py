@@ -79,8 +79,8 @@ def unattended_jobs(slurm_cluster, tiny_dataset, jobs_dir):
         "past its time",
         nodes=1,
         tasks_per_node=1,
-        # starts after the others: trainers starting on one node at one moment can pick the same streaming
-        # shared-memory prefix, and the later dies (a known race of streaming's, see the session 6 note).
+        # starts 30 s after the others (added when streaming's shared-memory prefix race could kill one of
+        # two trainers starting on a node at once; ditscale.data.shm.register_prefix now prevents it).
         # Its warning signal is one nobody acts on (URG), replacing the script's USR1@600: with the limit
         # lowered below 600 s, SLURM's USR1 could come before the limit and stop the job (requeued) first
         sbatch_args=("--time=30", "--begin=now+30", "--signal=B:URG@600"),

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -73,12 +74,8 @@ def test_a_killed_readers_shm_is_released_and_its_cache_dir_works_again(tmp_path
     finally:
         os.killpg(live.pid, signal.SIGKILL)
         live.wait()
-    last = release_stale_loader_shm()
-    assert live_prefix in {n.split("_")[0] for n in last}, (
-        live_prefix,
-        last,
-        sorted(os.listdir(SHM_ROOT)),
-    )  # now dead: released too
+    last = release_stale_loader_shm()  # now dead: released too
+    assert live_prefix in {n.split("_")[0] for n in last}, (live_prefix, last, sorted(os.listdir(SHM_ROOT)))
 
 
 @pytest.mark.skipif(
@@ -156,8 +153,6 @@ def _register_at_once(which: str, tmp_path: Path, processes: int = 4) -> list:
         )
         for _ in range(processes)
     ]
-    import time
-
     time.sleep(5)  # every process imported streaming and waits for the start
     go.touch()
     outs = [p.communicate(timeout=120)[0] for p in procs]
