@@ -211,14 +211,18 @@ def report_memory(engine, ema, metrics, step: int, rss_before_model_gib: float |
 
 
 def sample_grid(cfg: ExperimentConfig, meta: dict, ema, step: int, device, tb) -> None:
-    """An EMA sample grid in run_dir/samples (rank 0 samples; every rank contributes its EMA shards)."""
+    """An EMA sample grid in run_dir/samples (rank 0 samples; every rank contributes its EMA shards). A stop
+    signal cuts the sampling short at its next step (the other ranks wait in a barrier meanwhile): no grid
+    for this step, and the trainer saves and stops at the step boundary that follows."""
     from ditscale.engine.evaluation import ema_model
     from ditscale.objectives import build_objective
+    from ditscale.sampling.core import SamplingInterrupted
     from ditscale.sampling.grid import GridConfig, ema_grid
 
     model = ema_model(cfg, ema)
     if model is None:
         return
+    pause_for_test(f"grid:{step}")
     grid = GridConfig.from_dataset(
         meta,
         classes=cfg.sample.classes,
@@ -232,7 +236,18 @@ def sample_grid(cfg: ExperimentConfig, meta: dict, ema, step: int, device, tb) -
         objective=build_objective(cfg).record(),
         cfg_interval=tuple(cfg.sample.cfg_interval) if cfg.sample.cfg_interval else None,
     )
-    path = ema_grid(model.to(device), grid, step, Path(cfg.run_dir) / "samples", tb_writer=tb)
+    try:
+        path = ema_grid(
+            model.to(device),
+            grid,
+            step,
+            Path(cfg.run_dir) / "samples",
+            tb_writer=tb,
+            should_stop=lambda: stop_received() is not None,
+        )
+    except SamplingInterrupted as e:
+        say(f"sample grid of step {step} left unfinished: {signal_name(stop_received())}, {e}")
+        return
     say(f"sample grid {path}")
 
 

@@ -179,7 +179,7 @@ class StopRequest:
 def pause_for_test(point: str, timeout_s: float = 600.0) -> None:
     """For the SLURM tests only: DITSCALE_TEST_PAUSE="R:POINT,..." makes allocation R (SLURM_RESTART_COUNT,
     0 outside SLURM) wait at POINT (start, loop, data:N (in the wait for step N's batch), step:N, save:N,
-    done) until a stop signal has arrived, so a test signals at a known moment of the run (or lets the job's
+    grid:N (rank 0, before the sampling of step N's grid), done) until a stop signal has arrived, so a test signals at a known moment of the run (or lets the job's
     --time limit do it) without timing guesses; "R:POINT:hang:RANK" makes that rank stop itself there
     (SIGSTOP: a hung rank); "R:POINT:stuck" makes it wait there for timeout_s whatever comes (a loader
     that never delivers). Each rank prints a line when it starts waiting."""

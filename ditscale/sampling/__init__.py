@@ -3,6 +3,7 @@ multi-rank ADM .npz (npz)."""
 
 from ditscale.sampling.core import (
     GuidedSampler,
+    SamplingInterrupted,
     decode,
     index_labels,
     index_seeds,
@@ -19,6 +20,7 @@ __all__ = [
     "SAMPLERS",
     "GridConfig",
     "GuidedSampler",
+    "SamplingInterrupted",
     "check_fits",
     "decode",
     "ema_grid",

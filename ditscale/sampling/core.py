@@ -26,6 +26,10 @@ from ditscale.sampling.registry import Plan, check_fits, make_plan, sampler_info
 COMPILE_MODES = (False, True, "blocks", "step", "step-cudagraphs")
 
 
+class SamplingInterrupted(Exception):
+    """`should_stop()` answered True before a sampler step (e.g. a stop signal during a sample grid)."""
+
+
 # --------------------------------------------------------------------------------------------------
 # Schedules, seeds, labels
 # --------------------------------------------------------------------------------------------------
@@ -267,8 +271,15 @@ class GuidedSampler:
         self.process.p_mean_variance(dummy, x, torch.zeros_like(labels), model_kwargs={"y": labels})
 
     @torch.no_grad()
-    def __call__(self, noise: Callable[[int], torch.Tensor], labels: torch.Tensor, progress=False) -> torch.Tensor:
-        """Latents (N, C, H, W) fp32 from the noise source; labels (N,) int64 on the sampling device."""
+    def __call__(
+        self,
+        noise: Callable[[int], torch.Tensor],
+        labels: torch.Tensor,
+        progress=False,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> torch.Tensor:
+        """Latents (N, C, H, W) fp32 from the noise source; labels (N,) int64 on the sampling device.
+        should_stop: asked before every step; True raises SamplingInterrupted."""
         x = noise(0).float()
         n, device = x.shape[0], x.device
         labels = labels.to(device)
@@ -283,6 +294,8 @@ class GuidedSampler:
 
             steps = tqdm(steps, desc=self.sampler.upper(), unit="step", leave=False)
         for k in steps:
+            if should_stop is not None and should_stop():
+                raise SamplingInterrupted(f"stopped before step {k + 1} of {plan.num_steps}")
             t = torch.full((n,), plan.times[k], device=device, dtype=plan.time_dtype)
             t_next = torch.full((n,), plan.times[k + 1], device=device, dtype=plan.time_dtype)
             if plan.noisy_steps[k]:
@@ -319,6 +332,7 @@ def sample_latents(
     objective=None,
     cfg_interval=None,
     options=None,
+    should_stop=None,
 ) -> torch.Tensor:
     """Latents (N, C, H, W) fp32 for class `labels` (N,) from `model` (a DiT, in eval mode).
 
@@ -327,6 +341,7 @@ def sample_latents(
     (default 250 for ddpm / ddim, 50 for flow samplers); `steps`, if given with a respaced diffusion,
     must equal its num_timesteps. Noise: `seeds` (one int per sample, see `index_seeds`) or `generator`
     (None: the global RNG). device: default the model's. autocast: e.g. torch.bfloat16 on GPU.
+    should_stop: asked before every sampler step; True raises SamplingInterrupted.
     """
     if labels is None:
         raise ValueError("labels are required: class ids (N,)")
@@ -361,7 +376,7 @@ def sample_latents(
         if generator is not None and generator.device.type != device.type:
             raise ValueError(f"generator is on {generator.device}, sampling on {device}")
         noise = generator_noise(shape, generator, device)
-    return run(noise, labels, progress=progress)
+    return run(noise, labels, progress=progress, should_stop=should_stop)
 
 
 # --------------------------------------------------------------------------------------------------

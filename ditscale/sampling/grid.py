@@ -142,11 +142,12 @@ def vae_and_scale(vae: str | None, scale_factor, device):
     return module, module.config.scaling_factor if scale_factor is None else scale_factor
 
 
-def ema_grid(model, cfg, step: int, out_dir, tb_writer=None, tag: str = "samples/ema") -> Path:
+def ema_grid(model, cfg, step: int, out_dir, tb_writer=None, tag: str = "samples/ema", should_stop=None) -> Path:
     """Sample `cfg` (GridConfig or a dict of its fields) from `model` on its device (bf16 autocast on CUDA)
     with noise and labels fixed by cfg.seed, so grids of successive steps compare; write
     out_dir/grid_{step:08d}.png and, with a TensorBoard SummaryWriter, an image under `tag`. The model's
-    train/eval mode is restored. Returns the PNG path."""
+    train/eval mode is restored. Returns the PNG path. should_stop: asked before every sampler step; True
+    raises ditscale.sampling.core.SamplingInterrupted (no PNG written)."""
     cfg = cfg if isinstance(cfg, GridConfig) else GridConfig.from_dict(dict(cfg))
     device = next(model.parameters()).device
     labels = [c for c in cfg.class_ids(model.num_classes) for _ in range(cfg.num_per_class)]
@@ -166,6 +167,7 @@ def ema_grid(model, cfg, step: int, out_dir, tb_writer=None, tag: str = "samples
             sampler=cfg.sampler,
             steps=cfg.steps if flow else None,
             cfg_interval=cfg.cfg_interval,
+            should_stop=should_stop,
             seeds=index_seeds(cfg.seed, range(len(labels))),
             device=device,
             autocast=torch.bfloat16 if device.type == "cuda" else None,

@@ -94,6 +94,25 @@ def test_stop_signal_in_a_data_wait_saves_unless_the_data_never_comes(loader, di
         assert latest(run_dir) == "step_00000002" and max(metrics(run_dir)) == 3
 
 
+def test_stop_signal_during_a_sample_grid_cuts_it_short_and_saves(digits64, tmp_path):
+    """SIGUSR1 to rank 0 as it starts step 4's sample grid (rank 1 waits in the barrier after it): the grid
+    stops at its next sampler step, unwritten, and both ranks save step 4 and exit 85. Without the cut the
+    grid would run to its end first, however long SLURM's signal margin is."""
+    run_dir = tmp_path / "run"
+    overrides = reference_overrides(
+        2, run_dir, digits64, "train.max_steps=1000", "train.ckpt_every=100", "sample.every=4", "sample.steps=50"
+    )
+    run = start_training(2, overrides, tmp_path / "a.log", env={"DITSCALE_TEST_PAUSE": "0:grid:4"})
+    run.wait_for(lambda text: "test pause at grid:4" in text, "rank 0 at step 4's sample grid")
+    os.kill(run.rank_pid(0), signal.SIGUSR1)
+    assert run.wait() == 85, run.text()[-5000:]
+    text = run.text()
+    assert "sample grid of step 4 left unfinished: SIGUSR1, stopped before step 1 of 50" in text, text[-3000:]
+    assert "stop agreed at step 4 (SIGUSR1)" in text and "stop agreed at step 4 (a signal on another rank)" in text
+    assert latest(run_dir) == "step_00000004"
+    assert not (run_dir / "samples" / "grid_00000004.png").exists()
+
+
 def test_kill_9_during_save_resumes_from_the_previous_checkpoint(digits64, tmp_path):
     run_dir = tmp_path / "run"
     overrides = reference_overrides(2, run_dir, digits64, f"train.max_steps={2 * N}")

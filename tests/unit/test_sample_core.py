@@ -9,6 +9,7 @@ from ditscale.diffusion import cfg_wrapper, prepare_cfg_inputs
 from ditscale.models import build_dit
 from ditscale.sampling import (
     GuidedSampler,
+    SamplingInterrupted,
     decode,
     index_labels,
     index_seeds,
@@ -84,6 +85,26 @@ def test_seeds_make_each_sample_independent_of_its_batch(model):
     assert torch.equal(full, again)
     other = sample_latents(model, d, labels, seeds=index_seeds(8, range(4)))
     assert (full - other).abs().min() > 0
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "euler"])
+def test_should_stop_is_asked_before_every_step_and_interrupts(model, sampler):
+    """The trainer's sample grid passes its stop-signal check here: asked once per step, True stops before
+    the step, the model is not called again."""
+    steps, asked = 6, []
+    objective = {"kind": "flow", "path": "linear", "prediction": "velocity"} if sampler == "euler" else None
+    model_calls = []
+    hook = model.register_forward_pre_hook(lambda *_: model_calls.append(1))
+    try:
+        kw = dict(sampler=sampler, steps=steps, objective=objective, cfg_scale=1.0, seeds=index_seeds(0, range(3)))
+        done = sample_latents(model, None, Y, should_stop=lambda: asked.append(1) or False, **kw)
+        assert len(asked) == steps and done.shape == (3, 4, 8, 8)
+        asked.clear(), model_calls.clear()
+        with pytest.raises(SamplingInterrupted, match=f"before step 4 of {steps}"):
+            sample_latents(model, None, Y, should_stop=lambda: asked.append(1) or len(asked) > 3, **kw)
+        assert len(asked) == 4 and len(model_calls) == 3
+    finally:
+        hook.remove()
 
 
 def test_index_seeds_are_distinct_and_stable():
