@@ -31,12 +31,39 @@ find_python() {
   export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
 }
 
-# rendezvous_env: MASTER_ADDR = first node of the allocation, MASTER_PORT derived from the job id (two jobs
-# sharing a node do not collide; a requeued job keeps its port). Ranks come from SLURM_PROCID/NTASKS/LOCALID.
+# rendezvous_env: MASTER_ADDR = first node of the allocation; MASTER_PORT = 15000 + job id % 15000, or the
+# next port up (within 15000-29999) that can be bound on this node when that one is taken: two jobs sharing a
+# node, whose ids are a multiple of 15,000 apart, or any other server there. The batch script runs on the
+# allocation's first node, where rank 0 will listen. Ranks come from SLURM_PROCID/NTASKS/LOCALID.
 rendezvous_env() {
   unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE   # a launcher's leftovers would win over SLURM's ranks
   export MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
-  export MASTER_PORT=${MASTER_PORT:-$((15000 + SLURM_JOB_ID % 15000))}
+  if [[ -z ${MASTER_PORT:-} ]]; then
+    MASTER_PORT=$(free_port_from $((15000 + SLURM_JOB_ID % 15000)))
+    export MASTER_PORT
+  fi
+}
+
+# free_port_from P: P, or the first port after it (wrapping within 15000-29999) that nothing on this node
+# holds; P itself when none of the next 500 is free (the rendezvous then names the port in its error).
+free_port_from() {
+  "${PYTHON:-python3}" - "$1" <<'PY'
+import socket
+import sys
+
+base = int(sys.argv[1])
+for i in range(500):
+    port = 15000 + (base - 15000 + i) % 15000
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("", port))
+        except OSError:
+            continue
+    print(port)
+    break
+else:
+    print(base)
+PY
 }
 
 # accelerator_env: GPUS_PER_NODE (default: the allocation's GPUs, else 8; 0 = CPU with gloo) and the

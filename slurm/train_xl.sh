@@ -21,7 +21,7 @@
 #   MAX_RETRIES    requeues after real crashes without a new checkpoint before giving up (3)
 #   SIGNAL_MARGIN  the N of --signal=B:USR1@N (600, as below): set it with --signal so that the start-up
 #                  check can warn when the last checkpoint's save time leaves too little of it
-#   MASTER_PORT    rendezvous port (15000 + job id % 15000)
+#   MASTER_PORT    rendezvous port (15000 + job id % 15000, or the next free one on the first node)
 #   DITSCALE_REPO  the checkout, if you submit from elsewhere ($SLURM_SUBMIT_DIR)
 #
 # The trainer handles SIGUSR1/SIGTERM from its first line to its exit: in the loop it saves and exits 85,

@@ -1,9 +1,10 @@
 """Stop signals are recorded from the trainer's first line to its exit; the step watchdog; files follow the
-umask; slurm/train_xl.sh's decision table, row by row (the script's own `--decide`)."""
+umask; slurm/train_xl.sh's decision table, row by row (the script's own `--decide`); the rendezvous port."""
 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -177,3 +178,44 @@ def test_decision_table_rows():
 def test_decide_with_missing_arguments_is_exit_2():
     out = subprocess.run(["slurm/train_xl.sh", "--decide", "0", "1"], cwd=REPO, capture_output=True, text=True)
     assert out.returncode == 2 and "--decide takes RC SIGNAL NEW_CKPT SLURM RETRIES MAX UNSTARTED" in out.stderr
+
+
+def test_rendezvous_port_skips_one_taken_on_the_node():
+    """Two jobs on one node whose ids are 15,000 apart derive the same port: the second one (or any job whose
+    port another server holds) takes the next free one instead of failing its rendezvous."""
+
+    def port_for(job_id: int, **env) -> int:
+        out = subprocess.run(
+            ["bash", "-c", 'source slurm/common.sh && rendezvous_env && echo "$MASTER_PORT"'],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={
+                **os.environ,
+                "SLURM_JOB_ID": str(job_id),
+                "MASTER_ADDR": "localhost",
+                "PYTHON": sys.executable,
+                **env,
+            },
+        )
+        assert out.returncode == 0, out.stderr
+        return int(out.stdout)
+
+    held = socket.socket()
+    for k in range(7919, 15000, 13):  # a port of the range that is free here, held like a live rendezvous
+        try:
+            held.bind(("", 15000 + k))
+            break
+        except OSError:
+            continue
+    with held:
+        held.listen()
+        taken = held.getsockname()[1]
+        job = taken - 15000 + 3 * 15000  # 15000 + job % 15000 == taken
+        got = port_for(job)
+        assert got != taken and 15000 <= got < 30000, got
+        with socket.socket() as probe:
+            probe.bind(("", got))  # free indeed
+        assert port_for(job, MASTER_PORT="23456") == 23456  # the user's choice is kept
+    assert port_for(job) == taken  # free again: the job's own port
