@@ -210,10 +210,11 @@ def report_memory(engine, ema, metrics, step: int, rss_before_model_gib: float |
 #################################################################################
 
 
-def sample_grid(cfg: ExperimentConfig, meta: dict, ema, step: int, device, tb) -> None:
-    """An EMA sample grid in run_dir/samples (rank 0 samples; every rank contributes its EMA shards). A stop
-    signal cuts the sampling short at its next step (the other ranks wait in a barrier meanwhile): no grid
-    for this step, and the trainer saves and stops at the step boundary that follows."""
+def sample_grid(cfg: ExperimentConfig, meta: dict, ema, step: int, device, tb, should_stop=None) -> None:
+    """An EMA sample grid in run_dir/samples (rank 0 samples; every rank contributes its EMA shards).
+    should_stop (the trainer's: a stop signal arrived) is asked before every sampler step; True leaves the
+    grid unwritten (the other ranks wait in a barrier meanwhile), and the trainer saves and stops at the step
+    boundary that follows."""
     from ditscale.engine.evaluation import ema_model
     from ditscale.objectives import build_objective
     from ditscale.sampling.core import SamplingInterrupted
@@ -243,7 +244,7 @@ def sample_grid(cfg: ExperimentConfig, meta: dict, ema, step: int, device, tb) -
             step,
             Path(cfg.run_dir) / "samples",
             tb_writer=tb,
-            should_stop=lambda: stop_received() is not None,
+            should_stop=should_stop,
         )
     except SamplingInterrupted as e:
         say(f"sample grid of step {step} left unfinished: {signal_name(stop_received())}, {e}")
@@ -561,7 +562,7 @@ def train(cfg: ExperimentConfig, meta: dict, ds: dict, env, device: torch.device
                 save(step)
             if cfg.sample.every and step % cfg.sample.every == 0:
                 with watchdog.paused("sample grid"):
-                    sample_grid(cfg, meta, ema, step, device, metrics.tb)
+                    sample_grid(cfg, meta, ema, step, device, metrics.tb, lambda: stop_received() is not None)
                     torch.distributed.barrier()  # the other ranks wait here, not in the next step
             hooks.step_end(step, record)
             if not evaluated() or (stop.agreed(step) and step < tc.max_steps):

@@ -185,6 +185,45 @@ def test_foreign_cache_is_cleared_and_a_damaged_copy_fetched_again(pristine, tmp
     assert content_cache_dir("/d", b"a") != content_cache_dir("/d", b"b")
 
 
+def test_a_cache_another_live_process_reads_is_shared_or_refused_never_cleared(pristine, tmp_path):
+    """Two jobs on one node given one data.cache: the same dataset shares it; another dataset would clear
+    the live job's shards, so it is refused (DataError naming data.cache) until that job has ended."""
+    import subprocess
+    import sys
+
+    cache = str(tmp_path / "cache")
+    mds = copy_of(pristine, "mds", tmp_path)
+    other = write_synthetic_latents(str(tmp_path / "other"), 12, latent_channels=1, latent_size=8, num_classes=10)
+    reader = (
+        "import sys, time\n"
+        "from ditscale.data import build_dataset\n"
+        "ds = build_dataset(sys.argv[1], batch_size=4, seed=0, shuffle=False, local=sys.argv[2], hflip=False)\n"
+        "print(sum(1 for _ in ds), flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    live = subprocess.Popen(
+        [sys.executable, "-c", reader, other, cache],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    try:
+        assert live.stdout.readline().strip() == "12"  # the other job has read its dataset through the cache
+        kept = sorted(os.listdir(cache))
+        index = open(os.path.join(mds, MDS_INDEX), "rb").read()
+        with pytest.raises(DataError, match=r"data.cache .*another live process on this node is reading"):
+            claim_cache(cache, os.path.abspath(mds), index)
+        with pytest.raises(DataError, match="data.cache"):
+            read_all(mds, cache)
+        assert sorted(os.listdir(cache)) == kept  # nothing removed under the live reader
+        assert len(read_all(other, cache)) == 12  # its own dataset: shared
+    finally:
+        live.kill()
+        live.wait()
+    assert claim_cache(cache, os.path.abspath(mds), index)  # that job has ended: cleared and taken
+    assert len(read_all(mds, cache)) == N
+
+
 # --- train --check: index and shard list ---------------------------------------------------------------
 
 
