@@ -31,9 +31,9 @@ find_python() {
   export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
 }
 
-# rendezvous_env: MASTER_ADDR = first node of the allocation; MASTER_PORT = 15000 + job id % 15000, or the
-# next port up (within 15000-29999) that can be bound on this node when that one is taken: two jobs sharing a
-# node, whose ids are a multiple of 15,000 apart, or any other server there. The batch script runs on the
+# rendezvous_env: MASTER_ADDR = first node of the allocation; MASTER_PORT = 15000 + job id % 15000, or when
+# a socket on this node already listens there (two jobs sharing a node whose ids are a multiple of 15,000
+# apart, or any other server) the next free port up (`free_port_from`). The batch script runs on the
 # allocation's first node, where rank 0 will listen. Ranks come from SLURM_PROCID/NTASKS/LOCALID.
 rendezvous_env() {
   unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE   # a launcher's leftovers would win over SLURM's ranks
@@ -44,26 +44,26 @@ rendezvous_env() {
   fi
 }
 
-# free_port_from P: P, or the first port after it (wrapping within 15000-29999) that nothing on this node
-# holds; P itself when none of the next 500 is free (the rendezvous then names the port in its error).
+# free_port_from P: P, or the first port after it (wrapping within 15000-29999) that no socket on this node
+# listens on (from /proc/net/tcp{,6}: no interpreter runs here, not even $PYTHON); P itself when none of the
+# next 500 is free (the rendezvous then names the port in its error).
 free_port_from() {
-  "${PYTHON:-python3}" - "$1" <<'PY'
-import socket
-import sys
-
-base = int(sys.argv[1])
-for i in range(500):
-    port = 15000 + (base - 15000 + i) % 15000
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind(("", port))
-        except OSError:
-            continue
-    print(port)
-    break
-else:
-    print(base)
-PY
+  local base=$1 f addr state port i
+  local -A listening=()
+  for f in /proc/net/tcp /proc/net/tcp6; do
+    [[ -r $f ]] || continue
+    while read -r _ addr _ state _; do
+      if [[ $state == 0A ]]; then listening[$((16#${addr##*:}))]=1; fi
+    done < <(tail -n +2 "$f")
+  done
+  for ((i = 0; i < 500; i++)); do
+    port=$((15000 + (base - 15000 + i) % 15000))
+    if [[ -z ${listening[$port]:-} ]]; then
+      echo "$port"
+      return
+    fi
+  done
+  echo "$base"
 }
 
 # accelerator_env: GPUS_PER_NODE (default: the allocation's GPUs, else 8; 0 = CPU with gloo) and the
