@@ -608,6 +608,7 @@ def main(argv=None) -> int:
     from ditscale.data import DataError
     from ditscale.engine.checkpoint import CheckpointError, SaveError
 
+    code = None
     try:
         code = train(cfg, meta, ds, env, device)
         if code == EXIT_OK and stop_received():
@@ -617,7 +618,7 @@ def main(argv=None) -> int:
         print(f"[ditscale.train] rank {env.rank}: error: {last_line(e)}", file=sys.stderr, flush=True)
         return EXIT_SAVE_FAILED if isinstance(e, SaveError) and not e.no_space else EXIT_BAD_INPUT
     finally:
-        launch.shutdown()
+        launch.shutdown(together=code == EXIT_OK)
 
 
 if __name__ == "__main__":

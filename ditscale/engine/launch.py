@@ -110,6 +110,16 @@ def _unlink_shm_buffer(dist_env: DistEnv) -> None:
         pass
 
 
-def shutdown() -> None:
+def shutdown(*, together: bool = False) -> None:
+    """Destroy the process groups. together: every rank got here the same way (a finished run), so a barrier
+    first lets them tear down at once: rank 0, which hosts the rendezvous store, does not exit while the
+    others still destroy their groups (a rank exited with SIGABRT, "terminate called without an active
+    exception", after a finished run on a loaded CI machine). Never after an error: a peer may be inside
+    a collective that will not complete."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if together and torch.distributed.get_world_size() > 1:
+            try:
+                torch.distributed.barrier()
+            except RuntimeError:  # a peer already gone: nothing left to wait for
+                pass
         torch.distributed.destroy_process_group()
