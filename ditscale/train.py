@@ -622,4 +622,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    import faulthandler
+
+    from ditscale.engine import launch
+
+    faulthandler.enable(all_threads=True)  # a rank killed by SIGSEGV/SIGABRT/SIGBUS prints every thread's stack
+    launch.exit_process(main())

@@ -8,10 +8,14 @@ torch names (RANK, LOCAL_WORLD_SIZE, ...) so every library (DeepSpeed, mosaicml-
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import socket
+import sys
+import threading
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 
@@ -123,3 +127,21 @@ def shutdown(*, together: bool = False) -> None:
             except RuntimeError:  # a peer already gone: nothing left to wait for
                 pass
         torch.distributed.destroy_process_group()
+
+
+def exit_process(code: int) -> NoReturn:
+    """End this process with `code` after the interpreter's Python-level exit work (non-daemon threads
+    joined, atexit handlers such as streaming's shared-memory cleanup, output flushed) but without its
+    finalization, which destroys torch.distributed's C++ objects while their threads (gloo's run loops, the
+    rendezvous store's server on rank 0) still run. Finished 2-rank CPU runs now and then lost a rank to
+    SIGABRT there ("terminate called without an active exception", after the run's last line): a complete
+    run reported as a crash, which the SLURM script requeues. The kernel releases what is left (sockets,
+    mappings, file locks)."""
+    threading._shutdown()  # type: ignore[attr-defined]  # the interpreter's first exit step (private, since 3.4)
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed, or a pipe whose reader is gone
+            pass
+    os._exit(code)

@@ -1,5 +1,6 @@
-"""Stop signals are recorded from the trainer's first line to its exit; the step watchdog; files follow the
-umask; slurm/train_xl.sh's decision table, row by row (the script's own `--decide`); the rendezvous port."""
+"""Stop signals are recorded from the trainer's first line to its exit; the trainer's process exit; the step
+watchdog; files follow the umask; slurm/train_xl.sh's decision table, row by row (the script's own
+`--decide`); the rendezvous port."""
 
 from __future__ import annotations
 
@@ -45,6 +46,29 @@ print(signals.signal_name(signals.stop_received()), signals.stop_received() == s
     assert out.stdout.splitlines()[-1] == "SIGUSR1 True", out.stdout
     assert "rank 0: test pause at start: waiting for a stop signal" in out.stdout
     assert "test pause at loop" not in out.stdout
+
+
+def test_exit_process_runs_the_python_exit_work_and_skips_finalization():
+    """The trainer's exit: a running non-daemon thread is joined, atexit handlers run, buffered output
+    reaches the pipe, the code is kept; objects are not finalized (no __del__ at exit)."""
+    code = r"""
+import atexit, sys, threading, time
+from ditscale.engine.launch import exit_process
+
+class Finalized:
+    def __del__(self):
+        print("finalized", flush=True)
+
+keep = Finalized()
+atexit.register(print, "atexit ran")
+threading.Thread(target=lambda: (time.sleep(0.3), print("thread done"))).start()
+sys.stdout.write("buffered, no newline ")
+exit_process(7)
+"""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 7, out.stderr
+    assert out.stdout.split() == ["buffered,", "no", "newline", "thread", "done", "atexit", "ran"], out.stdout
 
 
 # ----------------------------------------------------------------------------------------------------------
