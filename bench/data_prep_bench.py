@@ -16,10 +16,11 @@ twice (itself and its mirror). Rows, in one run:
 same JPEGs through a plain loop (PIL open + ADM crop + numpy to [-1, 1], one process, then 2 processes),
 through data_prep's decode path alone (FolderImages in 1 and 2 DataLoader workers: open, EXIF, checks,
 crop, value counts, batching, hand-over to the main process), and through the whole pixel-mode job
-(`--vae none`: decode, mirror, statistics, MDS shards with hashes) with 0, 1 and 2 decode workers, side
-by side in one run. Each row has images/s (job rows: the summary's rate, worker start included) and CPU
-time per image over all its processes and threads: the ratio of the latter does not depend on what else
-the machine runs, the former does.
+(`--vae none`: decode, statistics, uint8 pixel records into MDS shards with hashes) with 0, 1 and 2
+decode workers, and with 2 and zstd shards, side by side, in `--rounds` interleaved rounds (medians).
+Each row has images/s (job rows: the summary's rate, worker start included; the one-off imports of
+streaming are done before, their cost is in bench/RESULTS.md's import figures) and CPU time per image
+over all its processes and threads: the ratio of the latter depends less on what else the machine runs.
 """
 
 from __future__ import annotations
@@ -163,31 +164,21 @@ def plain_loop(root: str, res: int, processes: int) -> float:
 
 
 def vs_plain_loop(args, jpegs: str, work: str) -> list[tuple[str, float, float]]:
-    """(setting, images/s, CPU ms per image) rows."""
+    """(setting, images/s, CPU ms per image) rows: medians over `args.rounds` rounds of every setting."""
+    import statistics
+
+    import streaming  # noqa: F401  (its import, seconds, would land on the first job row)
+
     count = len(image_io.list_image_folder(jpegs)[0])
-    rows = []
+    rows: dict[str, list[tuple[float, float]]] = {}
 
     def measure(name: str, images: int, fn, *fn_args, **fn_kwargs) -> None:
         cpu = cpu_seconds()
         rate = fn(*fn_args, **fn_kwargs)
-        rows.append((name, rate, 1e3 * (cpu_seconds() - cpu) / images))
+        rows.setdefault(name, []).append((rate, 1e3 * (cpu_seconds() - cpu) / images))
 
-    measure("plain loop: PIL open + ADM crop + numpy, 1 process", count, plain_loop, jpegs, args.resolution, 1)
-    measure("plain loop, 2 processes", count + 2, plain_loop, jpegs, args.resolution, 2)
-    for workers in (1, 2):
-        measure(
-            f"data_prep decode path only, {workers} DataLoader worker(s)",
-            count,
-            decode_only,
-            jpegs,
-            args.resolution,
-            32,
-            workers,
-            float("inf"),
-            histograms=True,
-        )
-    for workers in (0, 1, 2):
-        out = os.path.join(work, f"pixel-{workers}")
+    def job(workers: int, compression: str) -> float:
+        out = os.path.join(work, f"pixel-{workers}-{compression}")
         shutil.rmtree(out, ignore_errors=True)
         cfg = EncodeConfig(
             input=jpegs,
@@ -196,14 +187,36 @@ def vs_plain_loop(args, jpegs: str, work: str) -> list[tuple[str, float, float]]
             resolution=args.resolution,
             format=args.format,
             decode_workers=workers,
+            compression=compression,
             worker=0,
             num_workers=1,
             progress=False,
         )
-        measure(
-            f"data_prep encode --vae none, {workers} decode worker(s)", count, lambda c: run(c)[0]["images_per_s"], cfg
-        )
-    return rows
+        return run(cfg)[0]["images_per_s"]
+
+    for _ in range(args.rounds):
+        measure("plain loop: PIL open + ADM crop + numpy, 1 process", count, plain_loop, jpegs, args.resolution, 1)
+        measure("plain loop, 2 processes", count + 2, plain_loop, jpegs, args.resolution, 2)
+        for workers in (1, 2):
+            measure(
+                f"data_prep decode path only, {workers} DataLoader worker(s)",
+                count,
+                decode_only,
+                jpegs,
+                args.resolution,
+                32,
+                workers,
+                float("inf"),
+                histograms=True,
+            )
+        for workers in (0, 1, 2):
+            measure(f"data_prep encode --vae none, {workers} decode worker(s)", count, job, workers, "auto")
+        if args.format == "mds":
+            measure("data_prep encode --vae none --compression zstd, 2 decode workers", count, job, 2, "zstd")
+    return [
+        (name, statistics.median(r for r, _ in runs), statistics.median(c for _, c in runs))
+        for name, runs in rows.items()
+    ]
 
 
 def main() -> None:
@@ -221,6 +234,7 @@ def main() -> None:
     p.add_argument("--out", help="directory for data_prep_bench.md and .json")
     p.add_argument("--keep", help="keep inputs and outputs in this directory")
     p.add_argument("--vs-plain-loop", action="store_true", help="CPU pixel mode against a plain PIL loop")
+    p.add_argument("--rounds", type=int, default=3, help="--vs-plain-loop: rounds of every setting (medians)")
     args = p.parse_args()
     if args.vs_plain_loop:
         work = args.keep or tempfile.mkdtemp(prefix="data-prep-bench-")
@@ -230,7 +244,8 @@ def main() -> None:
         rows = vs_plain_loop(args, jpegs, work)
         title = (
             f"data_prep vs a plain loop: {args.images or 200} JPEGs, {args.resolution}px, {args.format}, "
-            f"{os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at the end, {time.strftime('%Y-%m-%d %H:%M')}"
+            f"{os.cpu_count()} cores, medians of {args.rounds} rounds, load average {os.getloadavg()[0]:.1f} at the "
+            f"end, {time.strftime('%Y-%m-%d %H:%M')}"
         )
         lines = [
             title,

@@ -17,6 +17,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -33,6 +34,7 @@ from data_prep.writers import BackgroundWriter, SliceOutput, open_slice_writer, 
 from ditscale import runtime
 from ditscale.data.image_column import CODECS as IMAGE_CODECS
 from ditscale.data.image_column import ImageColumn
+from ditscale.data.records import PIXEL_VALUES, PIXELS, POSTERIOR
 from ditscale.data.schema import FORMATS, REPORT_JSON, SUMMARY_JSON, slice_name
 
 DEFAULT_SCALE = 0.18215  # SD VAE (sd-vae-ft-ema / -mse); used when a VAE config lacks scaling_factor
@@ -57,7 +59,7 @@ class EncodeConfig:
     scale_factor: str = "auto"  # auto (the VAE's scaling_factor) | measure | a number
     image_channels: int | None = None  # pixel mode only: 3 (RGB) or 1 (grey); a VAE sets its own
     batch_size: int | None = None  # images per encoder call (default: default_batch_size)
-    decode_workers: int | None = None  # DataLoader workers decoding images (default: cores - 1)
+    decode_workers: int | None = None  # DataLoader workers decoding images (default: cores - 1; pixel mode: cores)
     device: str = "auto"
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
     compile: bool = False  # torch.compile the encoder
@@ -75,6 +77,7 @@ class EncodeConfig:
     progress: bool = True
     keep_image: str | None = None  # also store the cropped image: png (lossless) | jpeg
     image_quality: int = 95  # JPEG quality for keep_image=jpeg
+    compression: str = "auto"  # MDS shards: auto (zstd for posteriors, none for pixels) | zstd | zstd:N | none
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -109,10 +112,21 @@ class EncodeConfig:
             raise DataPrepError(f"--keep-image {self.keep_image!r}: expected one of {IMAGE_CODECS}")
         if not 1 <= self.image_quality <= 100:
             raise DataPrepError(f"--image-quality {self.image_quality}: expected 1..100")
+        if not re.fullmatch(r"auto|none|zstd(:([1-9]|1[0-9]|2[0-2]))?", self.compression):
+            raise DataPrepError(f"--compression {self.compression!r}: expected auto, none, zstd or zstd:1 … zstd:22")
+        if self.format != "mds" and self.compression not in ("auto", "none"):
+            raise DataPrepError(
+                f"--compression {self.compression}: only MDS shards are compressed (--format {self.format})"
+            )
         try:
             self.image_checks()
         except ValueError as e:
             raise DataPrepError(str(e)) from None
+
+    @property
+    def record(self) -> str:
+        """What a record holds (ditscale.data.records): the pixels in pixel mode, else the posterior."""
+        return PIXELS if self.vae == "none" else POSTERIOR
 
     def image_checks(self) -> images.ImageChecks:
         return images.ImageChecks(
@@ -136,25 +150,18 @@ def to_unit_range(images_u8: torch.Tensor) -> torch.Tensor:
 
 
 class PixelEncoder:
-    """`--vae none`: the image itself is the "latent" (std 0: logvar = -inf). A table of the 256 values
-    `to_unit_range` gives in fp16 replaces its arithmetic (same bits, a fraction of the work), and every
-    batch shares one read-only logvar."""
+    """`--vae none`: the image itself is the "latent", stored as its uint8 pixels (records.py's "pixels"
+    record: readers give mean = PIXEL_VALUES[pixels], logvar = -inf). Statistics come from the decode
+    workers' value counts and `values`."""
 
     downsample, scaling_factor = 1, 1.0
+    values = PIXEL_VALUES
 
     def __init__(self, channels: int):
         self.in_channels = self.latent_channels = channels
-        self.values = to_unit_range(torch.arange(256, dtype=torch.uint8).view(1, 1, 256, 1)).half().flatten().numpy()
-        self._logvar: np.ndarray | None = None  # (1, 2, C, H, W) -inf
 
-    def __call__(self, images_u8: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        x = images_u8.numpy().transpose(0, 3, 1, 2)  # (n, C, H, W)
-        mean = np.empty((x.shape[0], 2, *x.shape[1:]), np.float16)  # (n, 2, C, H, W)
-        np.take(self.values, x, out=mean[:, 0], mode="clip")
-        mean[:, 1] = mean[:, 0, ..., ::-1]
-        if self._logvar is None or self._logvar.shape[1:] != mean.shape[1:]:
-            self._logvar = np.full((1, *mean.shape[1:]), -np.inf, np.float16)
-        return mean, np.broadcast_to(self._logvar, mean.shape)
+    def __call__(self, images_u8: torch.Tensor) -> dict[str, np.ndarray]:
+        return {"pixels": images_u8.numpy()}  # (n, H, W, C) uint8
 
 
 def check_vae_dir(path: str) -> tuple[str, dict]:
@@ -236,14 +243,14 @@ class VaeEncoder:
     values = None  # not a function of the pixel value: statistics come from the posteriors
 
     @torch.inference_mode()
-    def __call__(self, images_u8: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, images_u8: torch.Tensor) -> dict[str, np.ndarray]:
         n = images_u8.shape[0]
         x = to_unit_range(images_u8.to(self.device, non_blocking=True))  # (n, C, H, W)
         x = torch.cat([x, x.flip(-1)]).to(self.dtype)  # (2n, C, H, W)
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         dist = self.encode(x).latent_dist
-        return _by_image(dist.mean, n), _by_image(dist.logvar, n)
+        return {"mean": _by_image(dist.mean, n), "logvar": _by_image(dist.logvar, n)}
 
 
 def _by_image(t: torch.Tensor, n: int) -> np.ndarray:
@@ -386,15 +393,20 @@ def settings_of(cfg: EncodeConfig, inputs: Inputs, vae_id: str, num_slices: int)
         "exif_orientation": cfg.exif_orientation,
         "keep_image": cfg.keep_image,
         "image_quality": cfg.image_quality if cfg.keep_image == "jpeg" else None,
+        "record": cfg.record,
+        "compression": cfg.compression,
     }
 
 
 def _decode_workers(cfg: EncodeConfig) -> int:
+    """--decode-workers, else this worker's share of the cores, less one for the VAE's process (pixel mode's
+    main process only hands batches to the writer: with one worker per core it ran 1.4x faster on 2 cores
+    than with cores - 1, bench/RESULTS.md)."""
     if cfg.decode_workers is not None:
         return cfg.decode_workers
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     cores //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    return max(0, min(16, cores - 1))
+    return max(0, min(16, cores - (cfg.record == POSTERIOR)))
 
 
 def run(cfg: EncodeConfig) -> list[dict[str, Any]]:
@@ -493,7 +505,16 @@ def encode_slice(
     )
     latent_size = cfg.resolution // encoder.downsample
     writer = BackgroundWriter(
-        open_slice_writer(cfg.format, output, encoder.latent_channels, latent_size, cfg.shard_size, kept)
+        open_slice_writer(
+            cfg.format,
+            output,
+            encoder.latent_channels,
+            latent_size,
+            cfg.shard_size,
+            kept,
+            cfg.record,
+            cfg.compression,
+        )
     )
     stats, bad, notes, good, max_label = LatentStats(encoder.latent_channels), [], [], 0, -1
     image_bytes = 0
@@ -510,12 +531,12 @@ def encode_slice(
             if total is not None and len(bad) > bad_limit(total, cfg.max_bad_fraction):
                 _fail(writer, output, report_path, total, bad, cfg)
             if batch["images"] is not None:
-                mean, logvar = encoder(batch["images"])  # (n, 2, C, h, w) fp16
+                arrays = encoder(batch["images"])  # records.py's columns, batched
                 if histograms:
                     stats.update_from_histogram(batch["histogram"], encoder.values)
                 else:
-                    stats.update(mean, logvar)
-                writer.put(mean, logvar, batch["labels"].tolist(), batch["keys"], batch["kept"])
+                    stats.update(arrays["mean"], arrays["logvar"])
+                writer.put(arrays, batch["labels"].tolist(), batch["keys"], batch["kept"])
                 image_bytes += sum(map(len, batch["kept"] or ()))
                 good += len(batch["keys"])
                 max_label = max(max_label, int(batch["labels"].max()))
@@ -536,6 +557,7 @@ def encode_slice(
         "latent_size": latent_size,
         "image_channels": encoder.in_channels,
         "vae": cfg.vae,
+        "record": cfg.record,
         "scale_factor": (
             cfg.scale_factor
             if cfg.scale_factor == "measure"
@@ -660,11 +682,19 @@ def add_args(p: argparse.ArgumentParser) -> None:
         type=int,
         help="images per encoder call (default 64 on GPU; on CPU 1 with a VAE, 32 in pixel mode)",
     )
-    p.add_argument("--decode-workers", type=int, help="DataLoader workers decoding images (default cores-1)")
+    p.add_argument(
+        "--decode-workers", type=int, help="DataLoader workers decoding images (default: cores - 1; pixel mode: cores)"
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"))
     p.add_argument("--compile", action="store_true", help="torch.compile the VAE encoder")
     p.add_argument("--shard-size", type=int, default=1 << 26, help="bytes per shard before compression")
+    p.add_argument(
+        "--compression",
+        default="auto",
+        help="MDS shards: auto (zstd for VAE posteriors; none for pixel mode, whose photographs shrink by "
+        "a fifth at three times the writing cost), zstd, zstd:1 … zstd:22, none",
+    )
     p.add_argument("--worker", type=int, help="this worker's index (default: torchrun / SLURM array / srun)")
     p.add_argument("--num-workers", type=int, help="number of workers")
     p.add_argument(

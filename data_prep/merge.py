@@ -22,6 +22,7 @@ import numpy as np
 from data_prep.encode import scale_from_stats
 from data_prep.errors import DataPrepError
 from data_prep.report import human_bytes, make_report, to_json
+from ditscale.data.records import POSTERIOR
 from ditscale.data.schema import (
     DATASET_JSON,
     MDS_INDEX,
@@ -147,6 +148,7 @@ def merge(out: str) -> dict[str, Any]:
         "image_channels": first["image_channels"],
         "scale_factor": scale,
         "vae": first["vae"],
+        "record": first.get("record", POSTERIOR),
         "classes": classes,
         "image": first.get("image"),
         "num_samples": sum(s["num_samples"] for s in summaries),

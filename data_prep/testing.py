@@ -161,7 +161,8 @@ def write_synthetic_latents(
             for j, i in enumerate(indices[lo : lo + n]):
                 if i in nan_samples:
                     mean[j] = np.nan
-            writer.put(mean, logvar, labels[lo : lo + n].tolist(), [f"synthetic/{i:09d}" for i in indices[lo : lo + n]])
+            keys = [f"synthetic/{i:09d}" for i in indices[lo : lo + n]]
+            writer.put({"mean": mean, "logvar": logvar}, labels[lo : lo + n].tolist(), keys)
         shards = writer.finish()
         publish_slice(
             output,

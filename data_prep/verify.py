@@ -22,6 +22,7 @@ import numpy as np
 from ditscale.data import read_metadata
 from ditscale.data.image_column import ImageColumn
 from ditscale.data.integrity import shard_problems
+from ditscale.data.records import as_posterior, columns, record_kind
 from ditscale.data.schema import data_format
 from ditscale.data.storage import join, read_bytes
 from ditscale.data.tario import tar_samples
@@ -40,8 +41,12 @@ class VerifyResult:
 
 
 def check_record(name: str, rec: dict[str, Any], meta: dict) -> list[str]:
-    """Shape, dtype, values and label of one decoded record."""
+    """Shape, dtype, values and label of one decoded record (of either kind: records.py)."""
     shape = (2, meta["latent_channels"], meta["latent_size"], meta["latent_size"])
+    try:
+        rec = as_posterior(rec, record_kind(meta), meta["latent_channels"], meta["latent_size"])
+    except ValueError as e:
+        return [f"{name}: record {rec['key']!r}: {e}"]
     problems = []
     for col in ("mean", "logvar"):
         a = rec[col]
@@ -143,6 +148,7 @@ def verify_wds_shard(root: str, shard: dict, meta: dict, k: int, rng: random.Ran
     if len(samples) != shard["samples"]:
         return [f"{name}: holds {len(samples)} samples, the index says {shard['samples']}"], 0
     decoded = 0
+    array_columns = columns(record_kind(meta), meta["latent_channels"], meta["latent_size"])
     for i in _pick(len(samples), k, rng):
         key, members = samples[i]
         try:
@@ -150,7 +156,7 @@ def verify_wds_shard(root: str, shard: dict, meta: dict, k: int, rng: random.Ran
                 "key": key,
                 "label": int(members["cls"].decode()),
                 "image": _wds_image(members, meta),
-                **{c: np.load(io.BytesIO(members[f"{c}.npy"]), allow_pickle=False) for c in ("mean", "logvar")},
+                **{c: np.load(io.BytesIO(members[f"{c}.npy"]), allow_pickle=False) for c in array_columns},
             }
         except Exception as e:
             problems.append(f"{name}: sample {key!r} does not decode ({type(e).__name__}: {e})")

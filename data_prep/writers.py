@@ -27,6 +27,7 @@ import numpy as np
 
 from ditscale.data.image_column import ImageColumn
 from ditscale.data.integrity import digest
+from ditscale.data.records import POSTERIOR
 from ditscale.data.schema import HASHES, SLICE_RE, SUMMARY_JSON, WDS_INDEX, data_format, mds_columns, wds_key
 from ditscale.data.storage import exists, is_remote, join, local_path, read_bytes
 
@@ -113,7 +114,9 @@ def npy_bytes(array: np.ndarray) -> bytes:
 
 
 class MdsSliceWriter:
-    """MDSWriter: zstd-compressed shards with sha1 + xxh64 per shard, the slice's index.json."""
+    """MDSWriter: shards with sha1 + xxh64 per shard, the slice's index.json. compression: streaming's codec
+    name (zstd, zstd:N), "none", or "auto": zstd for posteriors, none for pixels (photographs' pixels
+    shrink by a fifth under zstd at three times the cost of writing them: bench/RESULTS.md)."""
 
     def __init__(
         self,
@@ -122,22 +125,23 @@ class MdsSliceWriter:
         latent_size: int,
         shard_size: int,
         image: ImageColumn | None = None,
-        compression: str = "zstd",
+        record: str = POSTERIOR,
+        compression: str = "auto",
     ):
         from streaming import MDSWriter  # imported here: `import streaming` costs seconds (it imports transformers)
 
         out = (output.local, output.final) if output.staged else output.local
         self.writer = MDSWriter(
             out=out,
-            columns=mds_columns(latent_channels, latent_size, image is not None),
-            compression=compression,
+            columns=mds_columns(latent_channels, latent_size, image is not None, record),
+            compression=_mds_codec(compression, record),
             hashes=HASHES,
             size_limit=shard_size,
             keep_local=False,
         )
 
-    def write(self, mean: np.ndarray, logvar: np.ndarray, label: int, key: str, image: bytes | None) -> None:
-        record = {"mean": mean, "logvar": logvar, "label": int(label), "key": key}
+    def write(self, arrays: dict[str, np.ndarray], label: int, key: str, image: bytes | None) -> None:
+        record = {**arrays, "label": int(label), "key": key}
         self.writer.write(record if image is None else {**record, "image": image})
 
     def finish(self) -> list[dict[str, Any]]:
@@ -156,9 +160,16 @@ class MdsSliceWriter:
         return shards
 
 
+def _mds_codec(compression: str, record: str) -> str | None:
+    if compression == "auto":
+        return "zstd" if record == POSTERIOR else None
+    return None if compression == "none" else compression
+
+
 class WdsSliceWriter:
-    """webdataset ShardWriter: uncompressed tars (mean.npy, logvar.npy, cls, __key__, optionally
-    image.png | image.jpg), the slice's wds_index.json with per-shard sample counts and hashes."""
+    """webdataset ShardWriter: uncompressed tars (`<column>.npy` per array column: mean.npy and
+    logvar.npy, or pixels.npy; cls, __key__, optionally image.png | image.jpg), the slice's wds_index.json
+    with per-shard sample counts and hashes."""
 
     def __init__(
         self,
@@ -167,7 +178,11 @@ class WdsSliceWriter:
         latent_size: int,
         shard_size: int,
         image: ImageColumn | None = None,
+        record: str = POSTERIOR,
+        compression: str = "auto",
     ):
+        if compression not in ("auto", "none"):
+            raise ValueError(f"--compression {compression}: webdataset tars are written uncompressed")
         from webdataset import ShardWriter
 
         self.output, self.shards, self.count = output, [], 0
@@ -196,11 +211,10 @@ class WdsSliceWriter:
         if self.upload is not None:
             self.upload.upload_file(basename)
 
-    def write(self, mean: np.ndarray, logvar: np.ndarray, label: int, key: str, image: bytes | None) -> None:
+    def write(self, arrays: dict[str, np.ndarray], label: int, key: str, image: bytes | None) -> None:
         sample = {
             "__key__": wds_key(key),
-            "mean.npy": npy_bytes(mean),
-            "logvar.npy": npy_bytes(logvar),
+            **{f"{name}.npy": npy_bytes(a) for name, a in arrays.items()},
             "cls": str(int(label)).encode(),
         }
         if image is not None:
@@ -224,10 +238,13 @@ def open_slice_writer(
     latent_size: int,
     shard_size: int,
     image: ImageColumn | None = None,
+    record: str = POSTERIOR,
+    compression: str = "auto",
 ):
-    """The registered writer of format `fmt` (`ditscale.data.schema.FORMATS`) for one slice."""
+    """The registered writer of format `fmt` (`ditscale.data.schema.FORMATS`) for one slice; `record`
+    and `compression` are the record kind (records.py) and `--compression` as given."""
     writer = data_format(fmt, "--format").load("writer")
-    return writer(output, latent_channels, latent_size, shard_size, image)
+    return writer(output, latent_channels, latent_size, shard_size, image, record, compression)
 
 
 class BackgroundWriter:
@@ -250,9 +267,10 @@ class BackgroundWriter:
             if self.error is not None:
                 continue
             try:
-                means, logvars, labels, keys, images = batch
-                for i, (mean, logvar, label, key) in enumerate(zip(means, logvars, labels, keys)):
-                    self.writer.write(mean, logvar, label, key, images[i] if images is not None else None)
+                arrays, labels, keys, images = batch
+                for i, (label, key) in enumerate(zip(labels, keys)):
+                    one = {name: a[i] for name, a in arrays.items()}
+                    self.writer.write(one, label, key, images[i] if images is not None else None)
             except BaseException as e:  # handed to the main thread
                 self.error = e
 
@@ -262,15 +280,15 @@ class BackgroundWriter:
 
     def put(
         self,
-        means: np.ndarray,
-        logvars: np.ndarray,
+        arrays: dict[str, np.ndarray],
         labels: list[int],
         keys: list[str],
         images: list[bytes] | None = None,
     ) -> None:
-        """One batch: means/logvars (n, 2, C, h, w) fp16; images: the encoded image column, or None."""
+        """One batch: arrays, the record's columns with a leading batch axis (records.py: mean/logvar
+        (n, 2, C, h, w) fp16, or pixels (n, H, W, C) uint8); images: the encoded image column, or None."""
         self._check()
-        self.queue.put((means, logvars, labels, keys, images))
+        self.queue.put((arrays, labels, keys, images))
 
     def abort(self) -> None:
         """Stop after the batches already queued, without finishing the shards."""

@@ -19,6 +19,7 @@ before iterating): the state counts samples handed to the trainer over all ranks
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import struct
@@ -33,7 +34,8 @@ from ditscale.data.cache import claim_cache, content_cache_dir
 from ditscale.data.flip import flip_of
 from ditscale.data.image_column import ImageColumn, flipped
 from ditscale.data.integrity import DataError, check_shard, read_index
-from ditscale.data.schema import MDS_INDEX, mds_columns
+from ditscale.data.records import as_posterior, columns, posterior_of, record_kind
+from ditscale.data.schema import DATASET_JSON, MDS_INDEX, mds_columns
 from ditscale.data.shm import use_node_lock
 from ditscale.data.storage import classify, is_remote, join, local_path, patiently
 
@@ -154,7 +156,8 @@ class _Layout:
 
 
 class LatentMDSDataset(StreamingDataset):
-    """Items `{"mean": (C, h, w) fp16, "logvar": (C, h, w) fp16, "label": int, "index": int}`.
+    """Items `{"mean": (C, h, w) fp16, "logvar": (C, h, w) fp16, "label": int, "index": int}`, from a
+    posterior or a pixels record (records.py).
 
     The flip is `flip_of(shuffle_seed, epoch, index)`; shuffle_seed comes back with a loaded state
     dict, so a resumed run shows every sample with the same flip. `record(index)` returns the stored
@@ -179,9 +182,10 @@ class LatentMDSDataset(StreamingDataset):
         super().__init__(**streaming_kwargs)
         self.metadata, self.source, self.hflip, self.image = metadata, str(source), hflip, image
         c, s = metadata["latent_channels"], metadata["latent_size"]
-        self._shape = (c, s, s)
-        self._plane = c * s * s  # fp16 elements of one flip
-        self._columns = {k: v for k, v in mds_columns(c, s, image is not None).items() if k != "key"}
+        self._size = (c, s)
+        self._record = record_kind(metadata, join(str(source), DATASET_JSON))
+        self._arrays = columns(self._record, c, s)  # name -> (dtype, shape)
+        self._columns = {k: v for k, v in mds_columns(c, s, image is not None, self._record).items() if k != "key"}
         self._layouts: dict[int, _Layout] = {}
         self._epoch = 0
 
@@ -361,24 +365,23 @@ class LatentMDSDataset(StreamingDataset):
         if self.cache_limit:  # shards may be evicted under us: take streaming's guarded path
             self._check_cached(self.spanner[index][0])
             rec = super().get_item(index, retry)
-            return self._item(
-                rec["mean"][flip], rec["logvar"][flip], rec["label"], index, self._image(rec.get("image"), flip)
-            )
+            mean, logvar = posterior_of(rec, self._record, flip)
+            return self._item(mean, logvar, rec["label"], index, self._image(rec.get("image"), flip))
         shard_id, j = self.spanner[index]
         layout, mm = self._layout(shard_id), self._map(shard_id)
         (begin,) = struct.unpack_from("<I", mm, 4 + 4 * j)
         header = struct.unpack_from(f"<{layout.num_var}I", mm, begin) if layout.num_var else ()
-        plane_bytes = 2 * self._plane
-        out = []
-        for name in ("mean", "logvar"):
-            at = begin + layout.offset(name, header) + flip * plane_bytes
-            out.append(np.frombuffer(mm, np.float16, self._plane, at).reshape(self._shape))
+        arrays = {  # views of the mapped shard
+            name: np.frombuffer(mm, dtype, math.prod(shape), begin + layout.offset(name, header)).reshape(shape)
+            for name, (dtype, shape) in self._arrays.items()
+        }
+        mean, logvar = posterior_of(arrays, self._record, flip)
         (label,) = struct.unpack_from("<q", mm, begin + layout.offset("label", header))
         image = None
         if self.image is not None:
             at, size = layout.variable_span("image", header)
             image = self._image(mm[begin + at : begin + at + size], flip)
-        return self._item(out[0], out[1], label, index, image)
+        return self._item(mean, logvar, label, index, image)
 
     def _image(self, data, flip: int) -> torch.Tensor | None:
         """The kept image of the chosen flip, (C, H, W) uint8, when the run asked for images."""
@@ -391,13 +394,14 @@ class LatentMDSDataset(StreamingDataset):
         mean: np.ndarray, logvar: np.ndarray, label: int, index: int, image: torch.Tensor | None = None
     ) -> dict[str, Any]:
         item = {
-            "mean": torch.from_numpy(np.array(mean)),
-            "logvar": torch.from_numpy(np.array(logvar)),
+            "mean": torch.from_numpy(mean),
+            "logvar": torch.from_numpy(logvar),
             "label": int(label),
             "index": index,
         }
         return item if image is None else {**item, "image": image}
 
     def record(self, index: int) -> dict[str, Any]:
-        """The stored record: mean/logvar (2, C, h, w) fp16 (0 = image, 1 = mirror), label, key."""
-        return super().get_item(int(index))
+        """The stored record (its columns, records.py), with mean/logvar (2, C, h, w) fp16 (0 = image,
+        1 = mirror) whatever its kind, label, key."""
+        return as_posterior(super().get_item(int(index)), self._record, *self._size)

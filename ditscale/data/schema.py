@@ -10,7 +10,8 @@ One place names every file and column, so the two sides cannot drift apart:
         shard.00000.mds.zstd …     (MDS) or shard-000000.tar … (webdataset)
         index.json | wds_index.json, report.json, summary.json (written last: the completion marker)
 
-A record holds the posterior of the image and of its horizontal mirror (index 0 = image, 1 = mirror).
+A record holds the posterior of the image and of its horizontal mirror (index 0 = image, 1 = mirror), or in
+pixel mode the image's pixels (records.py; dataset.json's "record").
 
 Formats are registered by name (`register_format`): what a format's index file is called and where its
 reader (ditscale.data), slice writer, merge and shard check (data_prep) live. Adding a format is one
@@ -31,7 +32,6 @@ MDS_INDEX = "index.json"  # streaming's fixed name
 WDS_INDEX = "wds_index.json"
 HASHES = ["sha1", "xxh64"]  # sorted, as MDSWriter requires
 SLICE_RE = re.compile(r"^slice-(\d{5})-of-(\d{5})$")
-WDS_FIELDS = ("mean.npy", "logvar.npy", "cls")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -45,8 +45,9 @@ class DataFormat:
     imports neither streaming, webdataset nor data_prep):
     - reader(root, meta, *, batch_size, seed, shuffle, hflip, local, shuffle_buffer, image, **options)
       → a torch IterableDataset of reader items;
-    - writer(SliceOutput, latent_channels, latent_size, shard_size, image column or None) → a slice writer
-      (`write(mean, logvar, label, key, image)`, `finish() -> shard entries`) that leaves `index` in the slice;
+    - writer(SliceOutput, latent_channels, latent_size, shard_size, image column or None, record kind
+      (records.py), `--compression` as given) → a slice writer (`write(arrays, label, key, image)`, arrays: records.py's columns of one record; `finish() -> shard
+      entries`) that leaves `index` in the slice;
     - merge(root, slice names) → None: the root's `index` over all slices;
     - verify(root, shard entry, meta, records, rng) → (problems, records decoded) for one shard."""
 
@@ -113,19 +114,19 @@ def slice_name(index: int, count: int) -> str:
     return f"slice-{index:05d}-of-{count:05d}"
 
 
-def mds_columns(latent_channels: int, latent_size: int, image: bool = False) -> dict[str, str]:
-    """MDS column encodings: static shapes, so a record decodes without parsing headers. `image`: the
-    optional encoded image column (image_column.py)."""
+def mds_columns(
+    latent_channels: int, latent_size: int, image: bool = False, record: str = "posterior"
+) -> dict[str, str]:
+    """MDS column encodings: static shapes, so a record decodes without parsing headers. `record`: what a
+    record holds (records.py); `image`: the optional encoded image column (image_column.py)."""
     from ditscale.data.image_column import MDS_ENCODING
+    from ditscale.data.records import columns
 
-    shape = f"2,{latent_channels},{latent_size},{latent_size}"
-    return {
-        "mean": f"ndarray:float16:{shape}",
-        "logvar": f"ndarray:float16:{shape}",
-        "label": "int",
-        "key": "str",
-        **({"image": MDS_ENCODING} if image else {}),
+    arrays = {
+        name: f"ndarray:{dtype.name}:{','.join(map(str, shape))}"
+        for name, (dtype, shape) in columns(record, latent_channels, latent_size).items()
     }
+    return {**arrays, "label": "int", "key": "str", **({"image": MDS_ENCODING} if image else {})}
 
 
 def wds_key(source_id: str) -> str:
@@ -160,6 +161,9 @@ def validate_metadata(meta: Any, where: str) -> dict:
         if not isinstance(meta[key], kind) or isinstance(meta[key], bool):
             raise ValueError(f"{where}: key '{key}' has type {type(meta[key]).__name__}")
     data_format(meta["format"], f"{where}: 'format'")
+    from ditscale.data.records import record_kind
+
+    record_kind(meta, where)
     scale = meta["scale_factor"]
     if isinstance(scale, list) and len(scale) != meta["latent_channels"]:
         raise ValueError(

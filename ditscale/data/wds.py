@@ -31,7 +31,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 from ditscale.data.flip import flip_of
 from ditscale.data.image_column import ImageColumn, flipped
 from ditscale.data.integrity import DataError, check_shard, read_index
-from ditscale.data.schema import WDS_INDEX
+from ditscale.data.records import columns, posterior_of, record_kind
+from ditscale.data.schema import DATASET_JSON, WDS_INDEX
 from ditscale.data.storage import is_remote, join, local_path, patiently, read_bytes
 from ditscale.data.tario import tar_samples
 
@@ -100,7 +101,8 @@ def _world() -> tuple[int, int]:
 
 
 class LatentWdsDataset(IterableDataset):
-    """Items `{"mean": (C, h, w) fp16, "logvar": (C, h, w) fp16, "label": int, "index": int}`.
+    """Items `{"mean": (C, h, w) fp16, "logvar": (C, h, w) fp16, "label": int, "index": int}`, from a
+    posterior or a pixels record (records.py).
 
     A worker reads each of its shards whole and checks its size and xxh64 against wds_index.json before
     parsing it (ditscale.data.integrity); a mismatch, a bad tar or a short shard raises DataError naming
@@ -126,9 +128,13 @@ class LatentWdsDataset(IterableDataset):
         self.infos = [{"bytes": s.get("bytes"), "hashes": s.get("hashes")} for s in shards]
         self.counts = [int(s["samples"]) for s in shards]
         self.offsets = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64).tolist()
-        c, size = metadata["latent_channels"], metadata["latent_size"]
-        self._shape, self._plane = (c, size, size), c * size * size
-        self._npy_header = _npy_header((2, c, size, size))
+        self._record = record_kind(metadata, join(root, DATASET_JSON))
+        self._arrays = {  # name -> (dtype, shape, the .npy header data_prep writes for it)
+            name: (dtype, shape, _npy_header(dtype, shape))
+            for name, (dtype, shape) in columns(
+                self._record, metadata["latent_channels"], metadata["latent_size"]
+            ).items()
+        }
         self.next_epoch = 0
         self._resume: tuple[int, int] | None = None  # (epoch, samples consumed over all ranks)
         self._active: tuple[int, int, int, bool] | None = None  # (epoch, consumed, batch size, drop_last)
@@ -226,15 +232,15 @@ class LatentWdsDataset(IterableDataset):
 
     def _decode(self, index: int, sample: dict, epoch: int) -> dict[str, Any]:
         flip = flip_of(self.seed, epoch, index) if self.hflip else 0
-        out = {}
-        for name in ("mean", "logvar"):
+        arrays = {}
+        for name, (dtype, shape, header) in self._arrays.items():
             data = sample[f"{name}.npy"]
-            if data.startswith(self._npy_header) and len(data) == len(self._npy_header) + 4 * self._plane:
-                at = len(self._npy_header) + flip * 2 * self._plane  # straight to the chosen flip
-                array = np.frombuffer(data, np.float16, self._plane, at).reshape(self._shape)
+            if data.startswith(header) and len(data) == len(header) + dtype.itemsize * math.prod(shape):
+                arrays[name] = np.frombuffer(data, dtype, math.prod(shape), len(header)).reshape(shape)
             else:  # written by another numpy: parse the header (never unpickling)
-                array = np.load(io.BytesIO(data), allow_pickle=False)[flip]
-            out[name] = torch.from_numpy(array.copy())
+                arrays[name] = np.load(io.BytesIO(data), allow_pickle=False)
+        mean, logvar = posterior_of(arrays, self._record, flip)
+        out = {"mean": torch.from_numpy(mean), "logvar": torch.from_numpy(logvar)}
         if self.image is not None:
             data = sample.get(self.image.wds_field)
             if data is None:
@@ -301,11 +307,11 @@ def _fetch(url: str, remote_wait_s: float) -> bytes:
         raise DataError(f"{url}: cannot be read ({e})") from None
 
 
-def _npy_header(shape: tuple[int, ...]) -> bytes:
-    """The .npy header numpy writes for a float16 array of `shape` (data_prep's records)."""
+def _npy_header(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
+    """The .npy header numpy writes for an array of `dtype` and `shape` (data_prep's record columns)."""
     buf = io.BytesIO()
-    np.lib.format.write_array(buf, np.zeros(shape, np.float16), allow_pickle=False)
-    return buf.getvalue()[: -2 * int(np.prod(shape))]
+    np.lib.format.write_array(buf, np.zeros(shape, dtype), allow_pickle=False)
+    return buf.getvalue()[: -dtype.itemsize * math.prod(shape)]
 
 
 def _buffer_shuffle(stream: Iterator, size: int, rng: random.Random) -> Iterator:

@@ -57,7 +57,7 @@ def encode(src, out, **kw):
 
 
 def read_records(root):
-    """{key: (mean, logvar, label)} through the libraries' own readers, not ditscale.data."""
+    """{key: (stored array columns, label)} through the libraries' own readers, not ditscale.data."""
     meta = json.load(open(os.path.join(root, "dataset.json")))
     out = {}
     if meta["format"] == "mds":
@@ -68,7 +68,7 @@ def read_records(root):
         )
         for r in ds:
             assert r["key"] not in out, f"duplicate {r['key']}"
-            out[r["key"]] = (r["mean"], r["logvar"], r["label"])
+            out[r["key"]] = ({k: v for k, v in r.items() if isinstance(v, np.ndarray)}, r["label"])
     else:
         import webdataset as wds
 
@@ -78,7 +78,8 @@ def read_records(root):
             key = s["__key__"].replace("%2E", ".").replace("%25", "%")
             assert key not in out, f"duplicate {key}"
             load = lambda b: np.load(__import__("io").BytesIO(b), allow_pickle=False)  # noqa: E731
-            out[key] = (load(s["mean.npy"]), load(s["logvar.npy"]), int(s["cls"]))
+            arrays = {k.removesuffix(".npy"): load(v) for k, v in s.items() if k.endswith(".npy")}
+            out[key] = (arrays, int(s["cls"]))
     return out
 
 
@@ -134,7 +135,8 @@ def test_vae_round_trip_equals_direct_encoding(src, vae_mds):
         with torch.no_grad():
             dist = vae.encode(torch.stack([x, TF.hflip(x)])).latent_dist  # (2, 4, h, w): image, mirror
         direct[rel] = (dist.mean, dist.logvar, label)
-        mean, logvar, stored_label = records[rel]
+        stored, stored_label = records[rel]
+        mean, logvar = stored["mean"], stored["logvar"]
         assert stored_label == label and classes[label] == rel.split("/")[0]
         assert mean.dtype == np.float16 and mean.shape == (2, 4, RES // 2, RES // 2)
         np.testing.assert_allclose(mean.astype(np.float32), dist.mean.numpy(), atol=2e-3, rtol=2e-3)
@@ -164,20 +166,33 @@ def test_pixel_mode_stores_the_image(src, tmp_path, fmt, channels):
         src["images"], str(tmp_path / "px"), resolution=RES, format=fmt, image_channels=channels, decode_workers=0
     )
     records = read_records(root)
-    rel = sorted(records)[0]
-    with Image.open(os.path.join(src["images"], rel)) as im:
-        crop = images.center_crop_arr(im.convert("RGB" if channels == 3 else "L"), RES).astype(np.float32)
-    x = crop.reshape(RES, RES, channels).transpose(2, 0, 1) / 127.5 - 1.0
-    mean, logvar, _ = records[rel]
-    np.testing.assert_allclose(mean[0], x, atol=1e-3)
-    np.testing.assert_allclose(mean[1], x[:, :, ::-1], atol=1e-3)
-    assert np.isneginf(logvar).all()
+    crops = {}
+    for rel, (arrays, _) in records.items():  # the crop itself, once: (H, W, C) uint8
+        with Image.open(os.path.join(src["images"], rel)) as im:
+            crops[rel] = images.center_crop_arr(im.convert("RGB" if channels == 3 else "L"), RES)
+        assert sorted(arrays) == ["pixels"] and arrays["pixels"].dtype == np.uint8
+        np.testing.assert_array_equal(arrays["pixels"], crops[rel].reshape(RES, RES, channels))
     meta = json.load(open(os.path.join(root, "dataset.json")))
-    assert meta["vae"] == "none" and meta["scale_factor"] == 1.0 and meta["latent_channels"] == channels
-    # the statistics (taken from value counts in the decode workers) are those of the stored values
-    stored = np.stack([r[0] for r in records.values()]).astype(np.float64)  # (N, 2, C, H, W)
-    np.testing.assert_allclose(meta["latent_stats"]["mean"], stored.mean((0, 1, 3, 4)), rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(meta["latent_stats"]["std"], stored.std((0, 1, 3, 4)), rtol=1e-9)
+    assert meta["vae"] == "none" and meta["record"] == "pixels" and meta["scale_factor"] == 1.0
+    assert meta["latent_channels"] == channels
+    # the trainer's view: the image in [-1, 1] (ToTensor + Normalize) of the item's flip, std 0
+    from ditscale.data import build_dataset, flip_of
+
+    ds = build_dataset(root, batch_size=4, seed=5, local=str(tmp_path / "cache"))
+    keys, means = list(records), []  # keys in the order the dataset numbers them
+    for item in ds:
+        rel = keys[item["index"]]
+        x = torch.from_numpy(crops[rel].reshape(RES, RES, channels).copy()).permute(2, 0, 1).float() / 255
+        x = ((x - 0.5) / 0.5).half()  # (C, H, W)
+        flip = flip_of(5, 0, item["index"])
+        assert torch.equal(item["mean"], x.flip(-1) if flip else x), rel
+        assert item["mean"].dtype == torch.float16 and torch.isneginf(item["logvar"]).all()
+        means += [x, x.flip(-1)]
+    assert len(means) == 2 * len(records)
+    # the statistics (taken from value counts in the decode workers) are those of the values trained on
+    stored = torch.stack(means).double()  # (2N, C, H, W)
+    np.testing.assert_allclose(meta["latent_stats"]["mean"], stored.mean((0, 2, 3)), rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(meta["latent_stats"]["std"], stored.std((0, 2, 3), unbiased=False), rtol=1e-9)
 
 
 def test_webdataset_image_input(src, tmp_path):
@@ -197,7 +212,7 @@ def test_webdataset_image_input(src, tmp_path):
     assert meta["classes"] == ["zero", "one", "two"] and meta["num_samples"] == 12
     items, _ = images.list_image_folder(src["images"])
     labels = {os.path.splitext(rel.replace("/", "_"))[0]: label for rel, label in items}
-    for key, (_, _, label) in from_tars.items():
+    for key, (_, label) in from_tars.items():
         assert labels[key.split("/", 1)[1]] == label
 
 
@@ -214,8 +229,10 @@ def test_two_workers_and_merge_equal_one_worker(src, vae_mds, tmp_path):
     two, one = read_records(str(out)), read_records(vae_mds)
     assert sorted(two) == sorted(one)
     for key in one:
-        np.testing.assert_array_equal(two[key][0], one[key][0])
-        assert two[key][2] == one[key][2]
+        assert sorted(two[key][0]) == ["logvar", "mean"]
+        for name in ("mean", "logvar"):
+            np.testing.assert_array_equal(two[key][0][name], one[key][0][name])
+        assert two[key][1] == one[key][1]
     assert verify(str(out)).ok
 
 
@@ -363,8 +380,8 @@ def test_measured_scale_factor_whitens_sampled_latents(src, tmp_path):
     scale = json.load(open(os.path.join(root, "dataset.json")))["scale_factor"]
     assert isinstance(scale, list) and len(scale) == 4
     recs = read_records(root).values()
-    mean = torch.from_numpy(np.concatenate([r[0] for r in recs]))  # (2N, 4, h, w)
-    logvar = torch.from_numpy(np.concatenate([r[1] for r in recs]))
+    mean = torch.from_numpy(np.concatenate([r[0]["mean"] for r in recs]))  # (2N, 4, h, w)
+    logvar = torch.from_numpy(np.concatenate([r[0]["logvar"] for r in recs]))
     gen = torch.Generator().manual_seed(0)
     z = torch.cat([sample_latents(mean, logvar, scale, gen) for _ in range(20)])
     np.testing.assert_allclose(z.std(dim=(0, 2, 3)).numpy(), 1.0, atol=0.03)
@@ -376,7 +393,7 @@ def test_measured_scale_factor_whitens_sampled_latents(src, tmp_path):
 @pytest.mark.parametrize("fmt", ["mds", "wds"])
 def test_verify_names_the_shard_with_a_flipped_byte(src, tmp_path, fmt):
     root = tmp_path / fmt
-    encode(src, root, format=fmt, num_slices=2, shard_size=20_000)
+    encode(src, root, format=fmt, num_slices=2, shard_size=2_500)  # pixel records: 3 * RES**2 bytes
     merge(str(root))
     assert verify(str(root)).ok
     shard_files = sorted(p for p in root.glob("slice-*/shard*") if not p.name.endswith(".json"))

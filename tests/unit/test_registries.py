@@ -26,11 +26,13 @@ TOY_INDEX = "toy_index.json"
 
 
 class ToyWriter:
-    def __init__(self, output, latent_channels, latent_size, shard_size, image=None):
+    def __init__(
+        self, output, latent_channels, latent_size, shard_size, image=None, record="posterior", compression="auto"
+    ):
         self.dir, self.records = output.local, []
 
-    def write(self, mean, logvar, label, key, image=None):
-        self.records.append((mean, logvar, label, key))
+    def write(self, arrays, label, key, image=None):
+        self.records.append((arrays["mean"], arrays["logvar"], label, key))
 
     def finish(self):
         os.makedirs(self.dir, exist_ok=True)
