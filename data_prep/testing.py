@@ -121,10 +121,12 @@ def write_synthetic_latents(
     shard_size: int = 1 << 26,
     seed: int = 0,
     nan_samples: tuple[int, ...] = (),
+    compression: str = "auto",
 ) -> str:
     """A merged dataset of random posteriors (no images, no VAE) through the real writers and merge:
     loader benchmarks and trainer tests at ImageNet-latent shapes in seconds. The posterior means of
-    `nan_samples` (indices) are NaN, for the trainer's fault tests. Returns `out`."""
+    `nan_samples` (indices) are NaN, for the trainer's fault tests. compression: `--compression`'s values
+    (auto: MDS shards in zstd). Returns `out`."""
     import time
 
     from data_prep.encode import LatentStats, publish_slice
@@ -150,7 +152,9 @@ def write_synthetic_latents(
     for k in range(num_slices):
         output = SliceOutput(out, slice_name(k, num_slices))
         output.reset()
-        writer = BackgroundWriter(open_slice_writer(format, output, latent_channels, latent_size, shard_size))
+        writer = BackgroundWriter(
+            open_slice_writer(format, output, latent_channels, latent_size, shard_size, compression=compression)
+        )
         stats, start, indices = LatentStats(latent_channels), time.time(), take_slice(range(num_samples), num_slices, k)
         labels = rng.integers(0, num_classes, len(indices))
         for lo in range(0, len(indices), 256):

@@ -203,6 +203,7 @@ class LatentMDSDataset(StreamingDataset):
                 self.__dict__.pop(name, None)
             self._shared_barrier.__dict__.pop("lock", None)
             self._pid = os.getpid()
+        self._cache_lock()  # before streaming's fetch threads start: each would create its own
         try:
             yield from super().__iter__()
         except Exception as e:
@@ -264,6 +265,22 @@ class LatentMDSDataset(StreamingDataset):
         shard = self.shards[shard_id]
         return join(self.source, (shard.zip_data or shard.raw_data).basename)
 
+    def _cache_lock(self):
+        """streaming's cache file lock, one object per process (thread-local holds: it still excludes the
+        fetch threads from each other)."""
+        from filelock import FileLock
+
+        if "_cache_filelock" not in self.__dict__:
+            self._cache_filelock = FileLock(self._cache_filelock_path)
+        return self._cache_filelock
+
+    @property
+    def cache_filelock(self):
+        """streaming 0.13 asks `hasattr(self, "cache_filelock")` before it makes `_cache_filelock`, a name it
+        never sets, so it made a new lock object on every call, from any thread; the lock a failing thread
+        held was then not the one left on the dataset. With this the check finds `_cache_lock()`."""
+        return self._cache_lock()
+
     def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
         """streaming's fetch / decompress, with any failure turned into a DataError naming the dataset's
         file and the shard marked absent again (so no one waits for it); in a fetch thread, `_counted_out`
@@ -280,12 +297,22 @@ class LatentMDSDataset(StreamingDataset):
             and os.path.isfile(self._local_file(shard_id))
         ):
             return
+        lock = self._cache_lock()
         try:
             super().prepare_shard(shard_id, blocking)
         except Exception as e:
+            if lock.is_locked:  # this thread's hold (thread-local): streaming raised inside it (eviction)
+                lock.release(force=True)  # else every reader of the cache, on every rank, waits for it forever
             self._forget(shard_id)
             if isinstance(e, DataError):
                 raise
+            if "no shards present locally to evict" in str(e):
+                shard = self.shards[shard_id]
+                raise DataError(
+                    f"data.cache_limit={self.cache_limit}: too small for {self.dataset_file(shard_id)} "
+                    f"({shard.get_max_size()} bytes fetched and decompressed) beside what the cache holds and "
+                    f"cannot evict ({self.cache_usage} bytes: the index, shards in use); raise it"
+                ) from None
             raise DataError(
                 f"{self.dataset_file(shard_id)}: cannot be fetched or decompressed ({type(e).__name__}: {e})"
             ) from e

@@ -83,6 +83,8 @@ def bucket_dataset(s3, digits64, tmp_path_factory) -> str:
         str(SLICES),
         "--decode-workers",
         "0",
+        "--compression",
+        "zstd",  # as VAE posteriors are stored: the cache then holds compressed and decompressed shards
         "--no-progress",
         "--staging",
         str(tmp_path_factory.mktemp("staging")),
@@ -221,11 +223,12 @@ def test_train_from_the_bucket_resumes_exactly_and_a_warm_cache_fetches_no_shard
 
 
 def test_cache_limit_evicts_and_an_outage_of_the_store_is_waited_out(s3, bucket_dataset, tmp_path):
-    """A cache at streaming's minimum (4 x the largest shard's compressed + decompressed size) holds about
+    """A cache with room for the index and four of the largest shards (compressed + decompressed) holds about
     four of the eight shards: shards are evicted and fetched again every epoch. The
     store goes down right after the second shard is fetched (early in epoch 1): the loader waits, saying so and
     naming the endpoint; the store comes back; the run finishes every step."""
-    index = json.loads(s3.client().get_object(Bucket=BUCKET, Key=f"{PREFIX}/index.json")["Body"].read())
+    body = s3.client().get_object(Bucket=BUCKET, Key=f"{PREFIX}/index.json")["Body"].read()
+    index = json.loads(body)
     raw = max(sh["raw_data"]["bytes"] for sh in index["shards"])
     zipped = max(sh["zip_data"]["bytes"] for sh in index["shards"])
     s3.reset()
@@ -238,7 +241,7 @@ def test_cache_limit_evicts_and_an_outage_of_the_store_is_waited_out(s3, bucket_
             run_dir,
             URL,
             f"data.cache={tmp_path / 'cache'}",
-            f"data.cache_limit={4 * (raw + zipped)}",
+            f"data.cache_limit={len(body) + 4 * (raw + zipped)}",
             "data.remote_wait_s=300",
             f"train.max_steps={steps}",
             f"train.ckpt_every={steps}",

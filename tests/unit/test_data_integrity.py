@@ -27,14 +27,24 @@ pytestmark = pytest.mark.usefixtures("streaming_shm")
 
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory):
-    """40 records of (2, 1, 8, 8) in shards of ~10 records, both formats."""
+    """40 records of (2, 1, 8, 8) in shards of ~10 records, both formats; "mds-raw": MDS uncompressed (pixel
+    mode's default)."""
     base = tmp_path_factory.mktemp("integrity")
-    return {
-        fmt: write_synthetic_latents(
-            str(base / fmt), N, latent_channels=1, latent_size=8, num_classes=10, format=fmt, shard_size=6000
+    made = {
+        name: write_synthetic_latents(
+            str(base / name),
+            N,
+            latent_channels=1,
+            latent_size=8,
+            num_classes=10,
+            format=name.split("-")[0],
+            shard_size=6000,
+            compression="none" if name == "mds-raw" else "auto",
         )
-        for fmt in ("mds", "wds")
+        for name in ("mds", "wds", "mds-raw")
     }
+    assert all(s["zip_data"] is None for s in json.load(open(os.path.join(made["mds-raw"], MDS_INDEX)))["shards"])
+    return made
 
 
 def copy_of(pristine, fmt, tmp_path, seed=None) -> str:
@@ -87,6 +97,9 @@ def read_all(root, local=None, workers=None):
         ("mds", "cache", flip_byte),
         ("mds", "in place", flip_byte),
         ("mds", "cache", truncate),
+        ("mds-raw", "cache", flip_byte),
+        ("mds-raw", "in place", flip_byte),
+        ("mds-raw", "cache", truncate),
         ("wds", None, flip_byte),
         ("wds", None, truncate),
     ],
@@ -102,6 +115,29 @@ def test_damaged_shard_stops_the_read_naming_it(pristine, tmp_path, fmt, where, 
 
 
 @pytest.mark.timeout(180)  # the race this once hung in (both fetch threads raising) now fails here, not at 600 s
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("workers", [None, 1])
+def test_a_cache_limit_too_small_for_the_index_and_one_shard_is_an_error_not_a_hang(tmp_path, workers):
+    """streaming accepts a cache_limit above the index's size; a fetch that then needs room and finds nothing
+    to evict makes streaming raise while it holds its cache file lock, and every other reader of the cache
+    (the other fetch thread, every rank) waited for that lock forever, silently (seen with a bucket
+    dataset of tiny shards)."""
+    root = write_synthetic_latents(
+        str(tmp_path / "tiny"), 24, latent_channels=1, latent_size=2, num_classes=2, shard_size=64
+    )  # a record per shard: the index outweighs three shards
+    index_bytes = os.path.getsize(os.path.join(root, MDS_INDEX))
+    shards = json.load(open(os.path.join(root, MDS_INDEX)))["shards"]
+    shard = max(s["raw_data"]["bytes"] + s["zip_data"]["bytes"] for s in shards)
+    limit = max(index_bytes + 1, 4 * shard)  # streaming's two minimums
+    assert limit < index_bytes + shard  # no room for the index and one shard
+    ds = build_dataset(root, batch_size=4, seed=0, local=str(tmp_path / "cache"), cache_limit=limit)
+    with pytest.raises(DataError, match=rf"data.cache_limit={limit}: too small for {root}/slice-.*; raise it"):
+        if workers is None:
+            list(ds)
+        else:
+            list(build_dataloader(ds, batch_size=4, num_workers=workers))
+
+
 @pytest.mark.parametrize("fmt", ["mds", "wds"])
 def test_damaged_shard_in_a_loader_worker_is_a_data_error(pristine, tmp_path, fmt):
     root = copy_of(pristine, fmt, tmp_path)
