@@ -25,6 +25,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from ditscale.data.records import POSTERIOR, columns, record_kind
+
 DATASET_JSON = "dataset.json"
 SUMMARY_JSON = "summary.json"  # per slice; its presence marks the slice complete
 REPORT_JSON = "report.json"
@@ -46,8 +48,8 @@ class DataFormat:
     - reader(root, meta, *, batch_size, seed, shuffle, hflip, local, shuffle_buffer, image, **options)
       → a torch IterableDataset of reader items;
     - writer(SliceOutput, latent_channels, latent_size, shard_size, image column or None, record kind
-      (records.py), `--compression` as given) → a slice writer (`write(arrays, label, key, image)`, arrays: records.py's columns of one record; `finish() -> shard
-      entries`) that leaves `index` in the slice;
+      (records.py), `--compression` as given) → a slice writer (`write(arrays, label, key, image)`, arrays:
+      records.py's columns of one record; `finish() -> shard entries`) that leaves `index` in the slice;
     - merge(root, slice names) → None: the root's `index` over all slices;
     - verify(root, shard entry, meta, records, rng) → (problems, records decoded) for one shard."""
 
@@ -114,13 +116,10 @@ def slice_name(index: int, count: int) -> str:
     return f"slice-{index:05d}-of-{count:05d}"
 
 
-def mds_columns(
-    latent_channels: int, latent_size: int, image: bool = False, record: str = "posterior"
-) -> dict[str, str]:
+def mds_columns(latent_channels: int, latent_size: int, image: bool = False, record: str = POSTERIOR) -> dict[str, str]:
     """MDS column encodings: static shapes, so a record decodes without parsing headers. `record`: what a
     record holds (records.py); `image`: the optional encoded image column (image_column.py)."""
     from ditscale.data.image_column import MDS_ENCODING
-    from ditscale.data.records import columns
 
     arrays = {
         name: f"ndarray:{dtype.name}:{','.join(map(str, shape))}"
@@ -161,8 +160,6 @@ def validate_metadata(meta: Any, where: str) -> dict:
         if not isinstance(meta[key], kind) or isinstance(meta[key], bool):
             raise ValueError(f"{where}: key '{key}' has type {type(meta[key]).__name__}")
     data_format(meta["format"], f"{where}: 'format'")
-    from ditscale.data.records import record_kind
-
     record_kind(meta, where)
     scale = meta["scale_factor"]
     if isinstance(scale, list) and len(scale) != meta["latent_channels"]:
